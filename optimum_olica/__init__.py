@@ -1,0 +1,41 @@
+"""optimum-olica: Olica structured pruning for Hugging Face causal language models.
+
+Importing the package registers the pruned architectures with transformers' Auto classes, so pruned checkpoints load
+with ``AutoModelForCausalLM.from_pretrained``. It touches no GPU.
+"""
+
+from .checkpoint import (
+    SUPPORTED_MODEL_TYPES,
+    UnsupportedArchitectureError,
+    convert_to_olica,
+    save_pruned_model,
+    to_stock_model,
+)
+from .modeling import (
+    OlicaLlamaConfig,
+    OlicaLlamaForCausalLM,
+    OlicaMistralConfig,
+    OlicaMistralForCausalLM,
+    OlicaQwen2Config,
+    OlicaQwen2ForCausalLM,
+    OlicaQwen3Config,
+    OlicaQwen3ForCausalLM,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "OlicaLlamaConfig",
+    "OlicaLlamaForCausalLM",
+    "OlicaMistralConfig",
+    "OlicaMistralForCausalLM",
+    "OlicaQwen2Config",
+    "OlicaQwen2ForCausalLM",
+    "OlicaQwen3Config",
+    "OlicaQwen3ForCausalLM",
+    "UnsupportedArchitectureError",
+    "convert_to_olica",
+    "save_pruned_model",
+    "to_stock_model",
+]

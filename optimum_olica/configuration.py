@@ -1,0 +1,423 @@
+"""`OlicaConfig`: the pruning recipe.
+
+A plain dataclass in the style of peft's configs: every field carries a
+``help`` string in its metadata, user input is validated in ``__post_init__``
+with ``ValueError`` (the message names the field, the bad value and what is
+allowed), and the config round-trips through sorted JSON
+(``olica_config.json``) with a format version so that a file written by a
+newer release is refused with a clear message instead of being misread.
+
+This module imports only the standard library: reading a config never pulls
+in torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, get_args
+
+__all__ = ["CONFIG_NAME", "OlicaConfig"]
+
+CONFIG_NAME = "olica_config.json"
+
+StatisticsDtype = Literal["float64", "float32"]
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int; `skip_layers=[True]` is a mistake, not layer 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class OlicaConfig:
+    """The settings of one Olica pruning run.
+
+    The target is `ratio`, the fraction of all model parameters to remove
+    (embeddings and LM head included, tied weights counted once). By default
+    the pruner splits it between attention (Q/K low rank, V/O neurons) and the
+    FFN with the reference allocation of the paper; `qk_ratio`, `vo_ratio` and
+    `ffn_ratio` pin a part explicitly. When all three are given the split is
+    fully fixed and `ratio` is only informative: the achieved reduction is
+    whatever those per-part ratios produce (the pruner reports it).
+
+    Calibration data is described by `calibration_source` (the bundled Austen
+    text, a local file or folder, or a Hub dataset name). In-memory sources
+    (a list of strings, a `datasets.Dataset`, a tensor of token ids) are not
+    stored in the config: pass them to the pruner directly.
+
+    Example:
+        ```python
+        >>> config = OlicaConfig(ratio=0.25, num_samples=256)
+        >>> config.save_pretrained("pruned")  # writes pruned/olica_config.json
+        >>> OlicaConfig.from_pretrained("pruned") == config
+        True
+        ```
+    """
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    # -- Target -------------------------------------------------------------
+    ratio: float = field(
+        default=0.2,
+        metadata={
+            "help": (
+                "Fraction of ALL model parameters to remove, embeddings and LM head included "
+                "(tied weights counted once), in (0, 1). Split between attention and FFN by the "
+                "reference allocation unless per-part ratios are given; only informative when "
+                "qk_ratio, vo_ratio and ffn_ratio are all set."
+            )
+        },
+    )
+    qk_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optional explicit ratio for the Q/K projections, in [0, 1): the parameter "
+                "reduction of their activation-weighted low-rank factorisation. None: allocated "
+                "from `ratio`."
+            )
+        },
+    )
+    vo_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optional explicit ratio for V/O, in [0, 1): the fraction of value neurons "
+                "(per KV group, after the orthogonal rotation) removed. None: allocated from `ratio`."
+            )
+        },
+    )
+    ffn_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optional explicit ratio for the FFN, in [0, 1): the fraction of intermediate "
+                "neurons removed. None: allocated from `ratio`."
+            )
+        },
+    )
+
+    # -- Calibration data ---------------------------------------------------
+    calibration_source: str = field(
+        default="austen",
+        metadata={
+            "help": (
+                "Where calibration text comes from: 'austen' (the bundled public-domain Jane "
+                "Austen text), a local .txt/.json/.jsonl/.parquet/.csv file or a folder of them, "
+                "or a Hub dataset name ('wikitext2' and 'c4' are shortcuts). Lists of strings and "
+                "datasets.Dataset objects are passed to the pruner directly, not stored here."
+            )
+        },
+    )
+    num_samples: int = field(
+        default=128,
+        metadata={"help": "Number of calibration sequences (token windows), >= 1."},
+    )
+    sequence_length: int = field(
+        default=128,
+        metadata={"help": "Length in tokens of each calibration sequence, >= 8."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed for drawing the calibration windows, >= 0. Same seed, same windows."},
+    )
+
+    # -- Linear calibration -------------------------------------------------
+    calibration_rank_ratio: float = field(
+        default=0.03,
+        metadata={
+            "help": (
+                "Rank of the linear-calibration branch as a fraction of the hidden size, in [0, 1] "
+                "(reference: 0.03, i.e. floor(0.03 * d))."
+            )
+        },
+    )
+    num_calibrated_layers: int = field(
+        default=6,
+        metadata={
+            "help": (
+                "Number of decoder layers that get a linear-calibration branch, >= 0 "
+                "(0 disables linear calibration). Needs calibration_rank_ratio > 0."
+            )
+        },
+    )
+    ridge_strength: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Ridge damping of the linear-calibration fit, > 0: lambda = ridge_strength * "
+                "mean(diag(X^T X)) * 16384 / n_tokens (reference: 0.5)."
+            )
+        },
+    )
+
+    # -- Scope and numerics -------------------------------------------------
+    skip_layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": (
+                "Indices of decoder layers left dense (integers >= 0, no duplicates; stored "
+                "sorted). Their parameters stay, so the other layers are pruned harder to meet "
+                "`ratio`."
+            )
+        },
+    )
+    statistics_dtype: StatisticsDtype = field(
+        default="float64",
+        metadata={
+            "help": (
+                "Dtype in which activation statistics (second moments, X^T X, X^T E) are "
+                "accumulated: 'float64' (default, robust to massive activations) or 'float32'."
+            )
+        },
+    )
+
+    # -- Resources ----------------------------------------------------------
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Compute device for the layer-by-layer pass, e.g. 'cpu', 'cuda', 'cuda:1'. "
+                "None: 'cuda' if available, else 'cpu'."
+            )
+        },
+    )
+    offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the calibration activations on the CPU between layers (saves accelerator memory)."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Load one decoder layer at a time from the safetensors checkpoint instead of the "
+                "whole model (for models larger than memory)."
+            )
+        },
+    )
+
+    format_version: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "Version of the olica_config.json format. Written by save_pretrained; a file with "
+                "a newer version than this release understands is refused."
+            )
+        },
+    )
+
+    # ----------------------------------------------------------------------
+    # Validation
+    # ----------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self._check_format_version(self.format_version)
+
+        self.ratio = self._real("ratio", self.ratio)
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"`ratio` must be in (0, 1) (exclusive), got {self.ratio!r}.")
+
+        for name in ("qk_ratio", "vo_ratio", "ffn_ratio"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = self._real(name, value, optional=True)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be None or in [0, 1), got {value!r}.")
+            setattr(self, name, value)
+
+        if isinstance(self.calibration_source, os.PathLike):
+            self.calibration_source = os.fspath(self.calibration_source)
+        if not isinstance(self.calibration_source, str):
+            raise ValueError(
+                "`calibration_source` must be a string ('austen', a local path or a Hub dataset "
+                f"name), got {type(self.calibration_source).__name__}. Lists of strings and "
+                "datasets.Dataset objects are not stored in the config: pass them to the pruner directly."
+            )
+        if not self.calibration_source.strip():
+            raise ValueError("`calibration_source` must be a non-empty string, got ''. Use 'austen' for the bundled text.")
+
+        self._check_int("num_samples", self.num_samples, minimum=1)
+        self._check_int("sequence_length", self.sequence_length, minimum=8)
+        self._check_int("seed", self.seed, minimum=0)
+
+        self.calibration_rank_ratio = self._real("calibration_rank_ratio", self.calibration_rank_ratio)
+        if not 0.0 <= self.calibration_rank_ratio <= 1.0:
+            raise ValueError(
+                f"`calibration_rank_ratio` must be in [0, 1], got {self.calibration_rank_ratio!r}."
+            )
+        self._check_int("num_calibrated_layers", self.num_calibrated_layers, minimum=0)
+        if self.num_calibrated_layers > 0 and self.calibration_rank_ratio == 0.0:
+            raise ValueError(
+                f"`num_calibrated_layers={self.num_calibrated_layers}` needs `calibration_rank_ratio` > 0, "
+                "got 0.0: a rank-0 calibration branch adds nothing. Set num_calibrated_layers=0 to "
+                "disable linear calibration, or give calibration_rank_ratio a value in (0, 1]."
+            )
+        self.ridge_strength = self._real("ridge_strength", self.ridge_strength)
+        if not self.ridge_strength > 0.0:
+            raise ValueError(f"`ridge_strength` must be > 0 (finite), got {self.ridge_strength!r}.")
+
+        self.skip_layers = self._check_skip_layers(self.skip_layers)
+
+        allowed_dtypes = get_args(StatisticsDtype)
+        if self.statistics_dtype not in allowed_dtypes:
+            raise ValueError(
+                f"`statistics_dtype` must be one of {list(allowed_dtypes)}, got {self.statistics_dtype!r}."
+            )
+
+        if self.device is not None and not isinstance(self.device, str):
+            # Accept a torch.device without importing torch here; store its string form (JSON-safe).
+            if type(self.device).__module__ == "torch" and type(self.device).__name__ == "device":
+                self.device = str(self.device)
+            else:
+                raise ValueError(
+                    f"`device` must be None or a device string such as 'cpu' or 'cuda:0', got {self.device!r}."
+                )
+        if self.device is not None and not self.device.strip():
+            raise ValueError("`device` must be None (auto) or a non-empty device string such as 'cpu', got ''.")
+
+        for name in ("offload_activations", "streaming"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
+
+    @staticmethod
+    def _real(name: str, value: Any, optional: bool = False) -> float:
+        if not _is_real(value) or not math.isfinite(value):
+            expected = "None or a finite number" if optional else "a finite number"
+            raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+        return float(value)
+
+    @staticmethod
+    def _check_int(name: str, value: Any, minimum: int) -> None:
+        if not _is_int(value):
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        if value < minimum:
+            raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+
+    @staticmethod
+    def _check_skip_layers(value: Any) -> list[int]:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ValueError(f"`skip_layers` must be a list of layer indices (integers >= 0), got {value!r}.")
+        layers = list(value)
+        bad = [index for index in layers if not _is_int(index) or index < 0]
+        if bad:
+            raise ValueError(f"`skip_layers` must contain integers >= 0, got invalid entries {bad!r}.")
+        duplicates = sorted({index for index in layers if layers.count(index) > 1})
+        if duplicates:
+            raise ValueError(f"`skip_layers` must not contain duplicates, got {duplicates!r} more than once.")
+        return sorted(layers)
+
+    @classmethod
+    def _check_format_version(cls, version: Any) -> None:
+        if not _is_int(version) or version < 1:
+            raise ValueError(f"`format_version` must be an integer in [1, {cls.FORMAT_VERSION}], got {version!r}.")
+        if version > cls.FORMAT_VERSION:
+            raise ValueError(
+                f"This Olica config has format_version={version}, but this optimum-olica understands "
+                f"format_version <= {cls.FORMAT_VERSION}: it was written by a newer optimum-olica. "
+                "Upgrade with `pip install -U optimum-olica`."
+            )
+
+    # ----------------------------------------------------------------------
+    # Serialisation
+    # ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as a JSON-safe dict (plain str/int/float/bool/None/list values)."""
+        config_dict = {}
+        for config_field in dataclasses.fields(self):
+            value = getattr(self, config_field.name)
+            config_dict[config_field.name] = list(value) if isinstance(value, list) else value
+        return config_dict
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "OlicaConfig":
+        """Builds a config from a dict, as written by `to_dict`.
+
+        Args:
+            config_dict: Field names to values. Keys this release does not know
+                (e.g. from a newer release) are dropped with a warning.
+
+        Raises:
+            ValueError: if the dict was written by a newer format version, or a
+                value has the wrong type or is out of range (the message names
+                the field).
+        """
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"An Olica config must be a dict of field values, got {type(config_dict).__name__}.")
+        # Check the version first: a newer file's unknown keys are explained by its version.
+        cls._check_format_version(config_dict.get("format_version", 1))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(key for key in config_dict if key not in known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown OlicaConfig keys {unknown}: they may come from a different "
+                "optimum-olica version.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**{key: value for key, value in config_dict.items() if key in known})
+
+    def to_json_string(self) -> str:
+        """Returns the config as JSON with sorted keys and an indent of 2."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Writes `to_json_string()` to `json_file_path`."""
+        with open(json_file_path, "w", encoding="utf-8") as file:
+            file.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, json_file_path: str | os.PathLike) -> "OlicaConfig":
+        """Reads a config written by `to_json_file`."""
+        with open(json_file_path, encoding="utf-8") as file:
+            try:
+                config_dict = json.load(file)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{os.fspath(json_file_path)!r} is not valid JSON: {error}") from error
+        return cls.from_dict(config_dict)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Writes the config to `save_directory/olica_config.json`, creating the folder.
+
+        Returns:
+            The path of the written file.
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; give a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        self.to_json_file(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str | os.PathLike) -> "OlicaConfig":
+        """Loads a config from a directory holding `olica_config.json`, or from the file itself.
+
+        Raises:
+            FileNotFoundError: if neither exists.
+        """
+        path = os.fspath(path_or_dir)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"No {CONFIG_NAME} in directory {os.fspath(path_or_dir)!r}: was it saved with "
+                    "OlicaConfig.save_pretrained (or by the Olica pruner)?"
+                )
+        elif not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path!r} is neither a directory containing {CONFIG_NAME} nor a config file."
+            )
+        return cls.from_json_file(path)

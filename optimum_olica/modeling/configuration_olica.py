@@ -1,0 +1,270 @@
+"""Configurations of Olica-pruned decoder models.
+
+Each supported base family (Llama, Mistral, Qwen2, Qwen3) gets a config class that is the base family's config plus
+the per-layer dimensions Olica produces. Every per-layer list has one entry per decoder layer:
+
+- ``query_ranks`` / ``key_ranks``: rank of the factored ``q_proj`` / ``k_proj`` (``None``: the projection is dense).
+- ``value_head_dims``: width of each value head (at most ``head_dim``); ``o_proj`` reads ``num_attention_heads *
+  value_head_dim`` inputs. Query/key heads keep ``head_dim`` so RoPE and the key cache are unchanged.
+- ``intermediate_sizes``: width of the SwiGLU feed-forward block.
+- ``calibration_ranks``: rank of the linear-calibration branch added to the feed-forward output (0: no branch).
+
+This module is saved beside the weights of a pruned checkpoint (``trust_remote_code`` loading): it imports nothing
+from optimum_olica, only transformers and the standard library.
+"""
+
+from dataclasses import dataclass
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+
+PER_LAYER_FIELDS = ("query_ranks", "key_ranks", "value_head_dims", "intermediate_sizes", "calibration_ranks")
+
+
+@dataclass(repr=False, eq=False)
+class OlicaDimensionsMixin:
+    """Per-layer dimensions of an Olica-pruned decoder, shared by every family's config."""
+
+    query_ranks: list[int | None] | None = None
+    key_ranks: list[int | None] | None = None
+    value_head_dims: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
+    calibration_ranks: list[int] | None = None
+    olica_recipe: dict | None = None
+
+    # Set by each family: the stock config class this one extends, and what its modules carry.
+    base_config_class = None
+
+    @property
+    def attention_head_dim(self) -> int:
+        # Qwen2Config has no head_dim field; its attention derives it from the hidden size.
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_qkv_bias(self) -> bool:
+        return bool(getattr(self, "attention_bias", False))
+
+    @property
+    def attention_output_bias(self) -> bool:
+        return bool(getattr(self, "attention_bias", False))
+
+    @property
+    def mlp_projection_bias(self) -> bool:
+        return bool(getattr(self, "mlp_bias", False))
+
+    @property
+    def use_qk_norm(self) -> bool:
+        return False
+
+    def attention_layer_types(self) -> list[str]:
+        """``"full_attention"`` or ``"sliding_attention"`` for each layer, as the base family decides it."""
+        return ["full_attention"] * self.num_hidden_layers
+
+    def _fill_default_dimensions(self) -> None:
+        # A config built without per-layer dims describes the unpruned model.
+        n = self.num_hidden_layers
+        if self.query_ranks is None:
+            self.query_ranks = [None] * n
+        if self.key_ranks is None:
+            self.key_ranks = [None] * n
+        if self.value_head_dims is None:
+            self.value_head_dims = [self.attention_head_dim] * n
+        if self.intermediate_sizes is None:
+            self.intermediate_sizes = [self.intermediate_size] * n
+        if self.calibration_ranks is None:
+            self.calibration_ranks = [0] * n
+
+    def validate_olica_dimensions(self):
+        """Part of the ``@strict`` validation: every per-layer list is complete and within its module's bounds."""
+        n = self.num_hidden_layers
+        for name in PER_LAYER_FIELDS:
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != n:
+                raise ValueError(f"`{name}` has {len(values)} entries but the model has num_hidden_layers={n}.")
+        head_dim = self.attention_head_dim
+        q_out = self.num_attention_heads * head_dim
+        k_out = self.num_key_value_heads * head_dim
+        for layer in range(n):
+            for name, out_features in (("query_ranks", q_out), ("key_ranks", k_out)):
+                values = getattr(self, name)
+                rank = None if values is None else values[layer]
+                if rank is not None and not 1 <= rank <= min(self.hidden_size, out_features):
+                    raise ValueError(
+                        f"layer {layer}: `{name}[{layer}]`={rank} must be between 1 and "
+                        f"{min(self.hidden_size, out_features)} (or null for a dense projection)."
+                    )
+            bounds = {
+                "value_head_dims": (1, head_dim),
+                "intermediate_sizes": (1, None),
+                "calibration_ranks": (0, self.hidden_size),
+            }
+            for name, (low, high) in bounds.items():
+                values = getattr(self, name)
+                if values is None:
+                    continue
+                value = values[layer]
+                if not isinstance(value, int) or value < low or (high is not None and value > high):
+                    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+                    raise ValueError(f"layer {layer}: `{name}[{layer}]`={value!r} must be {allowed}.")
+
+    # ---- parameter accounting -------------------------------------------------------------------------------
+
+    def _projection_parameters(self, in_features: int, out_features: int, rank: int | None, bias: bool) -> int:
+        weights = in_features * out_features if rank is None else rank * (in_features + out_features)
+        return weights + (out_features if bias else 0)
+
+    def layer_parameter_count(self, layer: int) -> int:
+        """Parameters of decoder layer ``layer``, from the config alone."""
+        d, h, g, d_h = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.attention_head_dim
+        d_v, d_ff = self.value_head_dims[layer], self.intermediate_sizes[layer]
+        qkv_bias = self.attention_qkv_bias
+        count = self._projection_parameters(d, h * d_h, self.query_ranks[layer], qkv_bias)
+        count += self._projection_parameters(d, g * d_h, self.key_ranks[layer], qkv_bias)
+        count += self._projection_parameters(d, g * d_v, None, qkv_bias)
+        count += self._projection_parameters(h * d_v, d, None, self.attention_output_bias)
+        if self.use_qk_norm:
+            count += 2 * d_h
+        mlp_bias = self.mlp_projection_bias
+        count += 2 * self._projection_parameters(d, d_ff, None, mlp_bias)
+        count += self._projection_parameters(d_ff, d, None, mlp_bias)
+        count += 2 * d * self.calibration_ranks[layer]
+        count += 2 * d  # input_layernorm and post_attention_layernorm
+        return count
+
+    def count_parameters(self) -> int:
+        """Parameters of the whole causal LM (tied embeddings counted once), from the config alone."""
+        embeddings = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embeddings
+        layers = sum(self.layer_parameter_count(layer) for layer in range(self.num_hidden_layers))
+        return embeddings + head + layers + self.hidden_size  # final norm
+
+    # ---- conversion to and from the stock architecture ------------------------------------------------------
+
+    @classmethod
+    def from_base_config(cls, base_config, **dimensions):
+        """The Olica config of ``base_config`` with the given per-layer dimensions (full dimensions by default)."""
+        values = base_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
+            values.pop(key, None)
+        values.update(dimensions)
+        return cls(**values)
+
+    def stock_incompatibilities(self) -> list[str]:
+        """Why this config cannot be saved as the plain base architecture (empty list: it can)."""
+        reasons = []
+        if any(rank is not None for rank in self.query_ranks + self.key_ranks):
+            reasons.append("some q_proj/k_proj are factored")
+        if any(d_v != self.attention_head_dim for d_v in self.value_head_dims):
+            reasons.append("some value heads are narrower than head_dim")
+        if len(set(self.intermediate_sizes)) > 1:
+            reasons.append("FFN widths differ between layers")
+        if any(rank > 0 for rank in self.calibration_ranks):
+            reasons.append("some layers have a linear-calibration branch")
+        return reasons
+
+    def to_base_config(self):
+        """The equivalent stock config (e.g. a ``LlamaConfig`` with a smaller ``intermediate_size``).
+
+        Raises:
+            ValueError: if the pruned model uses a module the stock architecture cannot express.
+        """
+        reasons = self.stock_incompatibilities()
+        if reasons:
+            raise ValueError(f"This pruned model cannot be saved as a stock {self.base_config_class.__name__}: "
+                             + "; ".join(reasons) + ".")
+        values = self.to_dict()
+        for key in (*PER_LAYER_FIELDS, "olica_recipe", "model_type", "architectures", "auto_map",
+                    "transformers_version"):
+            values.pop(key, None)
+        values["intermediate_size"] = self.intermediate_sizes[0]
+        return self.base_config_class(**values)
+
+
+@strict
+class OlicaLlamaConfig(OlicaDimensionsMixin, LlamaConfig):
+    """Llama (Llama 2/3, SmolLM2, ...) pruned with Olica. ``attention_bias`` applies to q/k/v/o, ``mlp_bias`` to the FFN."""
+
+    model_type = "olica_llama"
+    base_config_class = LlamaConfig
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._fill_default_dimensions()
+
+
+@strict
+class OlicaMistralConfig(OlicaDimensionsMixin, MistralConfig):
+    """Mistral pruned with Olica: no biases; every layer uses ``sliding_window`` when it is set."""
+
+    model_type = "olica_mistral"
+    base_config_class = MistralConfig
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._fill_default_dimensions()
+
+    def attention_layer_types(self) -> list[str]:
+        kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+        return [kind] * self.num_hidden_layers
+
+
+@strict
+class OlicaQwen2Config(OlicaDimensionsMixin, Qwen2Config):
+    """Qwen2 pruned with Olica: q/k/v carry a bias, o_proj does not; per-layer ``layer_types``."""
+
+    model_type = "olica_qwen2"
+    base_config_class = Qwen2Config
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._fill_default_dimensions()
+
+    @property
+    def attention_qkv_bias(self) -> bool:
+        return True
+
+    @property
+    def attention_output_bias(self) -> bool:
+        return False
+
+    def attention_layer_types(self) -> list[str]:
+        return list(self.layer_types)
+
+
+@strict
+class OlicaQwen3Config(OlicaDimensionsMixin, Qwen3Config):
+    """Qwen3 pruned with Olica: RMSNorm on each query/key head (``q_norm``/``k_norm``); per-layer ``layer_types``."""
+
+    model_type = "olica_qwen3"
+    base_config_class = Qwen3Config
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._fill_default_dimensions()
+
+    @property
+    def use_qk_norm(self) -> bool:
+        return True
+
+    def attention_layer_types(self) -> list[str]:
+        return list(self.layer_types)
+
+
+OLICA_CONFIG_FOR_BASE_MODEL_TYPE = {
+    "llama": OlicaLlamaConfig,
+    "mistral": OlicaMistralConfig,
+    "qwen2": OlicaQwen2Config,
+    "qwen3": OlicaQwen3Config,
+}
+
+__all__ = [
+    "OLICA_CONFIG_FOR_BASE_MODEL_TYPE",
+    "OlicaDimensionsMixin",
+    "OlicaLlamaConfig",
+    "OlicaMistralConfig",
+    "OlicaQwen2Config",
+    "OlicaQwen3Config",
+]

@@ -223,7 +223,7 @@ class OlicaConfig:
     def __post_init__(self) -> None:
         self._check_format_version(self.format_version)
 
-        self.ratio = self._real("ratio", self.ratio)
+        self.ratio = self._real("ratio", self.ratio, "a number in (0, 1)")
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"`ratio` must be in (0, 1) (exclusive), got {self.ratio!r}.")
 
@@ -231,7 +231,7 @@ class OlicaConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            value = self._real(name, value, optional=True)
+            value = self._real(name, value, "None or a number in [0, 1)")
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be None or in [0, 1), got {value!r}.")
             setattr(self, name, value)
@@ -251,7 +251,9 @@ class OlicaConfig:
         self._check_int("sequence_length", self.sequence_length, minimum=8)
         self._check_int("seed", self.seed, minimum=0)
 
-        self.calibration_rank_ratio = self._real("calibration_rank_ratio", self.calibration_rank_ratio)
+        self.calibration_rank_ratio = self._real(
+            "calibration_rank_ratio", self.calibration_rank_ratio, "a number in [0, 1]"
+        )
         if not 0.0 <= self.calibration_rank_ratio <= 1.0:
             raise ValueError(
                 f"`calibration_rank_ratio` must be in [0, 1], got {self.calibration_rank_ratio!r}."
@@ -263,7 +265,7 @@ class OlicaConfig:
                 "got 0.0: a rank-0 calibration branch adds nothing. Set num_calibrated_layers=0 to "
                 "disable linear calibration, or give calibration_rank_ratio a value in (0, 1]."
             )
-        self.ridge_strength = self._real("ridge_strength", self.ridge_strength)
+        self.ridge_strength = self._real("ridge_strength", self.ridge_strength, "a finite number > 0")
         if not self.ridge_strength > 0.0:
             raise ValueError(f"`ridge_strength` must be > 0 (finite), got {self.ridge_strength!r}.")
 
@@ -292,10 +294,10 @@ class OlicaConfig:
                 raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
 
     @staticmethod
-    def _real(name: str, value: Any, optional: bool = False) -> float:
+    def _real(name: str, value: Any, allowed: str) -> float:
+        """Checks that `value` is a finite real number (not a bool) and returns it as a float."""
         if not _is_real(value) or not math.isfinite(value):
-            expected = "None or a finite number" if optional else "a finite number"
-            raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+            raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
         return float(value)
 
     @staticmethod

@@ -163,6 +163,10 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
             if not _is_complete(staging):
                 missing = [name for name in _REQUIRED_FILES if not os.path.isfile(os.path.join(staging, name))]
                 raise RuntimeError(f"Converting {gguf_path} did not produce {missing}.")
+            # mkdtemp creates a private (0700) folder; the cache is meant to be readable like any HF cache.
+            os.chmod(staging, 0o755)
+            for name in os.listdir(staging):
+                os.chmod(os.path.join(staging, name), 0o644)
             os.replace(staging, target)
         finally:
             if os.path.exists(staging):

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+# name -> (config class, model class, family-specific config values)
+TINY_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 4}),
+    "llama_gqa": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "llama_bias": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"num_key_value_heads": 2, "sliding_window": 6}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"num_key_value_heads": 2, "head_dim": 16, "attention_bias": False}),
+}
+
+
+def make_tiny_model(family: str = "llama_gqa", seed: int = 0, num_hidden_layers: int = 3, **overrides):
+    """A random stock model of ``family`` small enough for unit tests (float32, eval mode).
+
+    Weights are drawn with a larger standard deviation than the default 0.02, so logits are far from uniform and
+    greedy decoding is not decided by rounding noise.
+    """
+    config_class, model_class, family_values = TINY_FAMILIES[family]
+    values = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(family_values)
+    values.update(overrides)
+    config = config_class(**values)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        # RMSNorm weights start at one; perturb them so tests notice a norm applied to the wrong tensor.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(params=list(TINY_FAMILIES))
+def tiny_family(request) -> str:
+    return request.param

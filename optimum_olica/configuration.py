@@ -245,7 +245,9 @@ class OlicaConfig:
                 "datasets.Dataset objects are not stored in the config: pass them to the pruner directly."
             )
         if not self.calibration_source.strip():
-            raise ValueError("`calibration_source` must be a non-empty string, got ''. Use 'austen' for the bundled text.")
+            raise ValueError(
+                "`calibration_source` must be a non-empty string, got ''. Use 'austen' for the bundled text."
+            )
 
         self._check_int("num_samples", self.num_samples, minimum=1)
         self._check_int("sequence_length", self.sequence_length, minimum=8)

@@ -91,7 +91,9 @@ def _text_column(dataset: Any, text_column: str | None, source_name: str) -> str
     columns = list(dataset.column_names)
     if text_column is not None:
         if text_column not in columns:
-            raise ValueError(f"text_column={text_column!r} is not a column of {source_name}; its columns are {columns}.")
+            raise ValueError(
+                f"text_column={text_column!r} is not a column of {source_name}; its columns are {columns}."
+            )
         return text_column
     if "text" in columns:
         return "text"
@@ -318,7 +320,7 @@ def get_calibration_dataset(
     text = _join_documents(texts, max(_MIN_CHARS, _CHARS_PER_NEEDED_TOKEN * needed_tokens), seed)
     token_ids = torch.tensor(_token_ids(tokenizer, text), dtype=torch.long)  # (n_tokens,)
     n_tokens = token_ids.numel()
-    source_name = source if isinstance(source, str) else type(source).__name__
+    source_name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if n_tokens < sequence_length:
         raise ValueError(
             f"Calibration source {source_name!r} has {n_tokens} tokens, need at least {sequence_length} "

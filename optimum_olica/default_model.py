@@ -143,7 +143,10 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> str:
     """
     from filelock import FileLock  # a dependency of huggingface_hub, hence always present
 
-    cache_root = os.path.abspath(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else default_cache_dir()
+    if cache_dir is None:
+        cache_root = default_cache_dir()
+    else:
+        cache_root = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
     target = os.path.join(cache_root, DEFAULT_MODEL_NAME)
     if _is_complete(target):
         return target

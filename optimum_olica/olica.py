@@ -1,0 +1,256 @@
+"""The Olica algorithm for one decoder layer: which statistics to collect, and how to build the pruned layer.
+
+A thin stateful shell over the pure functions of ``olica_math``: hooks feed ``StreamingMoments``; ``prune`` turns
+the moments and the dense weights into the weights of an ``OlicaDecoderLayer``; the linear-calibration fit is
+observed on the pruned layer's own FFN inputs. The pipeline decides where layers and activations live.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import init_empty_weights
+
+from . import olica_math as om
+from .modeling import OlicaDecoderLayer, OlicaLowRankLinear
+
+
+@dataclass
+class _DenseStatistics:
+    attention_input: om.StreamingMoments
+    value_head_gram: torch.Tensor  # (heads, head_dim, head_dim), sum over tokens of o_proj's input per head
+    attention_output: om.StreamingMoments
+    mlp_input: om.StreamingMoments
+    intermediate: om.StreamingMoments
+    value_tokens: int = 0
+
+
+@dataclass
+class CalibrationCandidate:
+    """A fitted linear-calibration branch for one layer, kept until the layers that get one are chosen."""
+
+    layer_idx: int
+    fit: om.LinearCalibrationFit
+    residual_energy: float  # mean squared norm of the residual the branch models, per token
+
+
+@dataclass
+class OlicaLayerPruner:
+    """Prunes decoder layers one at a time to the dimensions of ``plan_config`` (an Olica config).
+
+    Args:
+        plan_config: Olica config whose per-layer lists hold the target dimensions.
+        calibration_rank: rank of the linear-calibration branch fitted for each layer (0: none).
+        ridge_strength: ridge factor of the least-squares fit (method §3).
+        statistics_dtype: dtype of the accumulated statistics.
+    """
+
+    plan_config: object
+    calibration_rank: int = 0
+    ridge_strength: float = 0.5
+    statistics_dtype: torch.dtype = torch.float64
+    candidates: list[CalibrationCandidate] = field(default_factory=list)
+    _stats: _DenseStatistics | None = None
+    _calibration: om.StreamingMoments | None = None
+
+    # ---- statistics of the dense layer ----------------------------------------------------------------------
+
+    @contextmanager
+    def observe_dense(self, layer, layer_idx: int):
+        attention, mlp = layer.self_attn, layer.mlp
+        device = next(layer.parameters()).device
+        d, heads, head_dim = self.plan_config.hidden_size, self.plan_config.num_attention_heads, attention.head_dim
+        stats = _DenseStatistics(
+            attention_input=om.StreamingMoments(d, device=device),
+            value_head_gram=torch.zeros(heads, head_dim, head_dim, dtype=torch.float64, device=device),
+            attention_output=om.StreamingMoments(d, device=device),
+            mlp_input=om.StreamingMoments(d, device=device),
+            intermediate=om.StreamingMoments(mlp.down_proj.in_features, device=device),
+        )
+
+        def on_attention_input(module, args):
+            stats.attention_input.update(args[0])
+
+        def on_value_output(module, args, output):
+            values = args[0].reshape(-1, heads, head_dim).double()  # (tokens, heads, head_dim)
+            stats.value_head_gram += torch.einsum("thi,thj->hij", values, values)
+            stats.value_tokens += values.shape[0]
+            stats.attention_output.update(output)
+
+        def on_mlp_input(module, args):
+            stats.mlp_input.update(args[0])
+
+        def on_intermediate(module, args):
+            stats.intermediate.update(args[0])
+
+        handles = [
+            attention.q_proj.register_forward_pre_hook(on_attention_input),
+            attention.o_proj.register_forward_hook(on_value_output),
+            mlp.gate_proj.register_forward_pre_hook(on_mlp_input),
+            mlp.down_proj.register_forward_pre_hook(on_intermediate),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._stats = stats
+
+    # ---- the pruned layer -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prune(self, layer, layer_idx: int) -> OlicaDecoderLayer:
+        stats, config = self._stats, self.plan_config
+        attention, mlp = layer.self_attn, layer.mlp
+        dtype, device = attention.o_proj.weight.dtype, attention.o_proj.weight.device
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
+        s_attention = stats.attention_input.second_moment
+        state: dict[str, torch.Tensor] = {}
+
+        # §1a: activation-weighted low rank for Q and K (head count and head dim unchanged: RoPE-safe).
+        for name, rank in (("q_proj", config.query_ranks[layer_idx]), ("k_proj", config.key_ranks[layer_idx])):
+            projection = getattr(attention, name)
+            if rank is None:
+                state[f"self_attn.{name}.weight"] = projection.weight
+                if projection.bias is not None:
+                    state[f"self_attn.{name}.bias"] = projection.bias
+                continue
+            down, up = om.activation_weighted_low_rank(projection.weight, s_attention, rank)
+            state[f"self_attn.{name}.down.weight"] = down
+            state[f"self_attn.{name}.up.weight"] = up
+            if projection.bias is not None:
+                state[f"self_attn.{name}.up.bias"] = projection.bias
+
+        # §1b: rotate each KV group's value neurons by importance (fast OND), then drop the weakest.
+        v_proj, o_proj = attention.v_proj, attention.o_proj
+        rotations = om.value_output_rotation(
+            o_proj.weight, stats.attention_output.second_moment, heads, kv_heads, head_dim
+        )
+        v_weight, v_bias, o_weight = om.rotate_value_output(
+            v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
+        )
+        value_second_moment = om.rotated_value_second_moment(
+            stats.value_head_gram / max(stats.value_tokens, 1), rotations, heads, kv_heads
+        )
+        value_scores = om.value_neuron_scores(
+            v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
+        )
+        keep_values = om.keep_top_neurons(value_scores, config.value_head_dims[layer_idx])
+        v_weight, v_bias, o_weight = om.prune_value_output(
+            v_weight, v_bias, o_weight, keep_values, heads, kv_heads, head_dim
+        )
+        state["self_attn.v_proj.weight"] = v_weight
+        if v_bias is not None:
+            state["self_attn.v_proj.bias"] = v_bias
+        state["self_attn.o_proj.weight"] = o_weight
+        if o_proj.bias is not None:
+            state["self_attn.o_proj.bias"] = o_proj.bias
+
+        # §2: FFN neuron pruning.
+        ffn_scores = om.ffn_neuron_scores(
+            mlp.gate_proj.weight,
+            mlp.up_proj.weight,
+            mlp.down_proj.weight,
+            stats.mlp_input.second_moment,
+            stats.intermediate.second_moment,
+        )
+        keep_ffn = om.keep_top_neurons(ffn_scores, config.intermediate_sizes[layer_idx])
+        gate, up, down, gate_bias, up_bias = om.prune_ffn(
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, keep_ffn,
+            mlp.gate_proj.bias, mlp.up_proj.bias,
+        )
+        state.update({"mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up, "mlp.down_proj.weight": down})
+        if gate_bias is not None:
+            state.update({"mlp.gate_proj.bias": gate_bias, "mlp.up_proj.bias": up_bias})
+        if mlp.down_proj.bias is not None:
+            state["mlp.down_proj.bias"] = mlp.down_proj.bias
+
+        for name, tensor in layer.state_dict().items():
+            if "norm" in name:
+                state[name] = tensor
+
+        with init_empty_weights():
+            pruned = OlicaDecoderLayer(config, layer_idx)
+        pruned.load_state_dict(
+            {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()},
+            strict=True,
+            assign=True,
+        )
+        self._stats = None
+        return pruned.eval()
+
+    # ---- linear calibration, observed on the pruned layer ---------------------------------------------------
+
+    @contextmanager
+    def observe_pruned(self, dense, pruned, layer_idx: int):
+        if self.calibration_rank <= 0:
+            yield
+            return
+        d = self.plan_config.hidden_size
+        device = next(pruned.parameters()).device
+        moments = om.StreamingMoments(d, gram=True, target_dim=d, device=device)
+
+        def on_pruned_mlp(module, args, output):
+            # The FFN input the pruned layer really produces (pruned attention included); the target is what the
+            # dense FFN would add on that same input, so the branch models the FFN pruning error there.
+            pruned_input = args[0]
+            residual = dense.mlp(pruned_input) - output
+            moments.update(pruned_input, residual)
+
+        handle = pruned.mlp.register_forward_hook(on_pruned_mlp)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self._calibration = moments
+
+    def finish_layer(self, pruned, layer_idx: int) -> dict:
+        record = {
+            "layer": layer_idx,
+            "query_rank": self.plan_config.query_ranks[layer_idx],
+            "key_rank": self.plan_config.key_ranks[layer_idx],
+            "value_head_dim": self.plan_config.value_head_dims[layer_idx],
+            "intermediate_size": self.plan_config.intermediate_sizes[layer_idx],
+            "parameters": sum(p.numel() for p in pruned.parameters()),
+        }
+        if self._calibration is not None:
+            moments, self._calibration = self._calibration, None
+            fit = om.fit_linear_calibration(moments, self.calibration_rank, ridge_factor=self.ridge_strength)
+            energy = float(moments.target_sum_squares.sum() / moments.count)
+            self.candidates.append(CalibrationCandidate(layer_idx, fit, energy))
+            record.update(
+                calibration_mean_correlation=fit.mean_correlation,
+                calibration_explained_energy=fit.explained_energy,
+                ffn_residual_energy=energy,
+            )
+        return record
+
+    def choose_calibrated_layers(self, count: int) -> list[CalibrationCandidate]:
+        """The ``count`` layers whose branch removes the most residual energy (never the last layer)."""
+        if count <= 0 or not self.candidates:
+            return []
+        last = max(candidate.layer_idx for candidate in self.candidates)
+        eligible = [candidate for candidate in self.candidates if candidate.layer_idx != last]
+        eligible.sort(key=lambda c: c.fit.explained_energy * c.residual_energy, reverse=True)
+        return sorted(eligible[:count], key=lambda c: c.layer_idx)
+
+
+def attach_linear_calibration(layer: OlicaDecoderLayer, fit: om.LinearCalibrationFit) -> None:
+    """Give a pruned layer its calibration branch (``mlp.linear_calibration``)."""
+    reference = layer.mlp.down_proj.weight
+    rank, dim = fit.down.shape
+    with init_empty_weights():
+        branch = OlicaLowRankLinear(dim, dim, rank)
+    branch.load_state_dict(
+        {
+            "down.weight": fit.down.to(device=reference.device, dtype=reference.dtype).contiguous(),
+            "up.weight": fit.up.to(device=reference.device, dtype=reference.dtype).contiguous(),
+        },
+        assign=True,
+    )
+    layer.mlp.linear_calibration = branch
+
+
+__all__ = ["CalibrationCandidate", "OlicaLayerPruner", "attach_linear_calibration"]

@@ -1,0 +1,580 @@
+"""The tensor math of Olica (``docs/olica-method.md`` sections 1-3).
+
+Pure functions: tensors in, tensors out; no hooks, no modules, no device moves, no I/O. Decompositions run in
+float64 and return float64 (the caller casts back); functions that only select rows or columns keep the input
+dtype. Weights follow ``nn.Linear``: `(out_features, in_features)`.
+
+Shared arguments: `v_weight` is `v_proj.weight` `(num_kv_heads * head_dim, hidden)`, `v_bias` its optional bias
+`(num_kv_heads * head_dim,)`, `o_weight` is `o_proj.weight` `(hidden, num_heads * head_dim)`; `num_heads` query
+heads form `num_kv_heads` groups of ``G = num_heads // num_kv_heads`` and query head ``i`` reads group ``i // G``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "ffn_neuron_scores",
+    "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
+    "ridge_least_squares", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
+    "value_output_rotation",
+]
+
+_RIDGE_RETRIES = 6
+_SCALE_FLOOR = 1e-8  # relative floor of sqrt(second moment), see activation_weighted_low_rank
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    # bool is an Integral; rank=True is a mistake, not rank 1.
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_real(name: str, value, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"`{name}` must be a finite number >= {minimum}, got {value!r}.")
+
+
+def _check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(tensor.shape)}.")
+
+
+def _matrix_dims(name: str, tensor: Tensor) -> tuple[int, int]:
+    if tensor.ndim != 2:
+        raise ValueError(f"`{name}` must be 2-D, got shape {tuple(tensor.shape)}.")
+    return tensor.shape[0], tensor.shape[1]
+
+
+def _group_size(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        _check_int(name, value)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"`num_heads` ({num_heads}) must be a multiple of `num_kv_heads` ({num_kv_heads}).")
+    return num_heads // num_kv_heads
+
+
+def _value_output_dims(v_weight, v_bias, o_weight, num_heads, num_kv_heads, head_dim) -> tuple[int, int]:
+    """Validate the V/O weights against the geometry; returns (group_size, hidden)."""
+    group_size = _group_size(num_heads, num_kv_heads, head_dim)
+    hidden = _matrix_dims("v_weight", v_weight)[1]
+    _check_shape("v_weight", v_weight, (num_kv_heads * head_dim, hidden))
+    _check_shape("o_weight", o_weight, (hidden, num_heads * head_dim))
+    if v_bias is not None:
+        _check_shape("v_bias", v_bias, (num_kv_heads * head_dim,))
+    return group_size, hidden
+
+
+def _ffn_dims(gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor) -> tuple[int, int]:
+    d_ff, hidden = _matrix_dims("gate_weight", gate_weight)
+    _check_shape("up_weight", up_weight, (d_ff, hidden))
+    _check_shape("down_weight", down_weight, (hidden, d_ff))
+    return d_ff, hidden
+
+
+def _sqrt_moment(name: str, second_moment: Tensor) -> Tensor:
+    moment = second_moment.double()
+    if not bool(torch.isfinite(moment).all()) or bool((moment < 0).any()):
+        raise ValueError(f"`{name}` must be finite and non-negative.")
+    return moment.sqrt()
+
+
+def _check_keep(keep: Tensor, width: int) -> Tensor:
+    if keep.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise ValueError(f"`keep` must be an integer index tensor, got dtype {keep.dtype}.")
+    if keep.shape[-1] < 1 or bool((keep < 0).any()) or bool((keep >= width).any()):
+        raise ValueError(f"`keep` must hold at least one index per row, each in [0, {width}).")
+    ordered = keep.long().sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("`keep` must not repeat an index.")
+    return keep.long()
+
+
+class StreamingMoments:
+    """Float64 running sums of activation statistics, fed batch by batch (method §1-§3).
+
+    Args:
+        dim (`int`): Channel count of `x`.
+        gram (`bool`, *optional*, defaults to `False`): Also accumulate ``X^T X`` `(dim, dim)`.
+        target_dim (`int`, *optional*): If set, `update` takes a target ``E`` and the sums of E, E**2 and ``X^T E``
+            `(dim, target_dim)` are accumulated too.
+        device (*optional*): Where the sums live; defaults to the device of the first batch.
+
+    Statistics (all but `count` raise `RuntimeError` before the first token): `count`; `mean` and `second_moment`
+    (mean of x**2, the method's ``s``) `(dim,)`; `gram` (raw ``X^T X``); `cross` (raw ``X^T E``); `target_mean`,
+    `target_second_moment` (mean of E**2) and `target_sum_squares` (raw sum of E**2) `(target_dim,)`.
+    """
+
+    def __init__(self, dim: int, *, gram: bool = False, target_dim: int | None = None, device=None):
+        _check_int("dim", dim)
+        if target_dim is not None:
+            _check_int("target_dim", target_dim)
+        self.dim, self.target_dim, self.has_gram, self.device = dim, target_dim, bool(gram), device
+        self._count = 0
+        self._sums: dict[str, Tensor] = {}
+
+    def update(self, x: Tensor, target: Tensor | None = None, mask: Tensor | None = None) -> None:
+        """Add a batch of tokens.
+
+        Args:
+            x (`torch.Tensor` of shape `(..., dim)`): Activations, any float dtype.
+            target (`torch.Tensor` of shape `(..., target_dim)`, *optional*): Required iff `target_dim` was set.
+            mask (`torch.BoolTensor` of shape `x.shape[:-1]`, *optional*): True for the tokens to count.
+
+        Raises:
+            `ValueError`: on a bad shape, or "non-finite activations" if a counted token holds NaN/Inf (nothing
+            is then accumulated).
+        """
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"`x` must have shape (..., {self.dim}), got {tuple(x.shape)}.")
+        if (target is None) != (self.target_dim is None):
+            raise ValueError("`target` must be given exactly when `target_dim` was set.")
+        leading = tuple(x.shape[:-1])
+        parts = [x.reshape(-1, self.dim)]
+        if target is not None:
+            _check_shape("target", target, (*leading, self.target_dim))
+            parts.append(target.reshape(-1, self.target_dim))
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise ValueError(f"`mask` must be a bool tensor, got dtype {mask.dtype}.")
+            _check_shape("mask", mask, leading)
+            parts = [part[mask.reshape(-1)] for part in parts]
+        if not self._sums:
+            device = self.device if self.device is not None else x.device
+            shapes = {"x": (self.dim,), "x2": (self.dim,)}
+            if self.has_gram:
+                shapes["gram"] = (self.dim, self.dim)
+            if self.target_dim is not None:
+                shapes.update(t=(self.target_dim,), t2=(self.target_dim,), cross=(self.dim, self.target_dim))
+            self._sums = {key: torch.zeros(shape, dtype=torch.float64, device=device) for key, shape in shapes.items()}
+        sums = self._sums
+        parts = [part.to(device=sums["x"].device, dtype=torch.float64) for part in parts]
+        # Checked before touching the sums: one bad batch must not poison what was already accumulated.
+        if not all(bool(torch.isfinite(part).all()) for part in parts):
+            raise ValueError("non-finite activations: the batch holds NaN or Inf in a counted token.")
+        rows = parts[0]
+        self._count += rows.shape[0]
+        sums["x"] += rows.sum(dim=0)
+        sums["x2"] += rows.square().sum(dim=0)
+        if self.has_gram:
+            sums["gram"] += rows.T @ rows
+        if target is not None:
+            target_rows = parts[1]
+            sums["t"] += target_rows.sum(dim=0)
+            sums["t2"] += target_rows.square().sum(dim=0)
+            sums["cross"] += rows.T @ target_rows
+
+    def _read(self, key: str, per_token: bool = False) -> Tensor:
+        if self._count == 0:
+            raise RuntimeError("StreamingMoments has seen no token yet: call `update` with at least one token.")
+        if key not in self._sums:
+            needed = "gram=True" if key == "gram" else "target_dim set"
+            raise RuntimeError(f"This statistic needs a StreamingMoments built with {needed}.")
+        return self._sums[key] / self._count if per_token else self._sums[key]
+
+    count = property(lambda self: self._count, doc="Number of tokens counted so far.")
+    mean = property(lambda self: self._read("x", True), doc="`(dim,)` mean of x.")
+    second_moment = property(lambda self: self._read("x2", True), doc="`(dim,)` mean of x**2.")
+    gram = property(lambda self: self._read("gram"), doc="`(dim, dim)` raw sum X^T X.")
+    cross = property(lambda self: self._read("cross"), doc="`(dim, target_dim)` raw sum X^T E.")
+    target_mean = property(lambda self: self._read("t", True), doc="`(target_dim,)` mean of E.")
+    target_second_moment = property(lambda self: self._read("t2", True), doc="`(target_dim,)` mean of E**2.")
+    target_sum_squares = property(lambda self: self._read("t2"), doc="`(target_dim,)` raw sum of E**2.")
+
+
+def low_rank_saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
+    """Whether rank-`rank` factors of an (out x in) weight hold fewer parameters than it (method §1a)."""
+    _check_int("in_features", in_features)
+    _check_int("out_features", out_features)
+    _check_int("rank", rank, minimum=0)
+    return rank * (in_features + out_features) < in_features * out_features
+
+
+def activation_weighted_low_rank(weight: Tensor, second_moment: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` factors minimising ``||(W - up @ down) D||_F``, ``D = diag(sqrt(s))`` (method §1a).
+
+    ``sqrt(s)`` is floored at 1e-8 times its largest entry: silent channels barely enter the objective, so their
+    columns of ``down`` are unconstrained and ``D^-1`` would be infinite (or huge for denormals). With the floor
+    the factors stay finite, those columns follow ``W``'s own projection, and the result is exactly optimal for
+    the floored ``D``. An all-zero `second_moment` gives the plain truncated SVD.
+
+    Args:
+        weight (`torch.Tensor` of shape `(out, in)`): The projection weight.
+        second_moment (`torch.Tensor` of shape `(in,)`): Mean squared input per channel.
+        rank (`int`): Target rank, ``1 <= rank <= min(out, in)``.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor)`: float64 ``down`` `(rank, in)` and ``up`` `(out, rank)`; the layer
+        becomes ``x -> up @ (down @ x)``.
+    """
+    out_features, in_features = _matrix_dims("weight", weight)
+    _check_shape("second_moment", second_moment, (in_features,))
+    _check_int("rank", rank)
+    if rank > min(out_features, in_features):
+        raise ValueError(f"`rank` must be <= {min(out_features, in_features)}, got {rank}.")
+    scale = _sqrt_moment("second_moment", second_moment)
+    peak = scale.max()
+    scale = scale.clamp_min(peak * _SCALE_FLOOR) if peak > 0 else torch.ones_like(scale)
+    u, singular, vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
+    return vh[:rank] / scale, u[:, :rank] * singular[:rank]
+
+
+def value_output_rotation(
+    o_weight: Tensor, output_second_moment: Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> Tensor:
+    """Per-KV-group rotation ordering value neurons by importance (fast OND, method §1b, GQA).
+
+    ``Q_g`` holds the left singular vectors of ``[O_1^T D_out, ..., O_G^T D_out]`` `(head_dim, G * hidden)`,
+    ``O_i`` the `o_weight` columns of head ``i`` of group ``g``, ``D_out = diag(sqrt(output_second_moment))``.
+
+    Args:
+        o_weight (`torch.Tensor`), num_heads, num_kv_heads, head_dim (`int`): See the module docstring.
+        output_second_moment (`torch.Tensor` of shape `(hidden,)`): Second moment of `o_proj`'s OUTPUT.
+
+    Returns:
+        `torch.Tensor` of shape `(num_kv_heads, head_dim, head_dim)`: orthogonal float64 ``Q_g``, columns by
+        descending singular value.
+    """
+    group_size = _group_size(num_heads, num_kv_heads, head_dim)
+    hidden = _matrix_dims("o_weight", o_weight)[0]
+    _check_shape("o_weight", o_weight, (hidden, num_heads * head_dim))
+    _check_shape("output_second_moment", output_second_moment, (hidden,))
+    # (hidden, h*d_h) -> (h*d_h, hidden): row block i is O_i^T, each column scaled by D_out.
+    scaled = o_weight.double().T * _sqrt_moment("output_second_moment", output_second_moment)
+    # (h*d_h, hidden) -> (g, G, d_h, hidden) -> (g, d_h, G, hidden) -> (g, d_h, G*hidden)
+    stacked = scaled.reshape(num_kv_heads, group_size, head_dim, hidden).transpose(1, 2)
+    stacked = stacked.reshape(num_kv_heads, head_dim, group_size * hidden)
+    if stacked.shape[-1] < head_dim:
+        # Zero columns change no singular vector but make the thin SVD return a square U.
+        stacked = torch.nn.functional.pad(stacked, (0, head_dim - stacked.shape[-1]))
+    return torch.linalg.svd(stacked, full_matrices=False).U
+
+
+def rotate_value_output(
+    v_weight: Tensor, v_bias: Tensor | None, o_weight: Tensor, rotations: Tensor,
+    num_heads: int, num_kv_heads: int, head_dim: int,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``V_g <- Q_g^T V_g`` (bias too) and ``O_i <- O_i Q_g``: the attention function is unchanged (method §1b).
+
+    Args:
+        v_weight, v_bias, o_weight (`torch.Tensor`), num_heads, num_kv_heads, head_dim (`int`): See the module.
+        rotations (`torch.Tensor` of shape `(num_kv_heads, head_dim, head_dim)`): Orthogonal ``Q_g``.
+
+    Returns:
+        `tuple`: float64 ``(v_weight, v_bias, o_weight)``, shapes unchanged (``v_bias`` None if given None).
+    """
+    group_size, hidden = _value_output_dims(v_weight, v_bias, o_weight, num_heads, num_kv_heads, head_dim)
+    _check_shape("rotations", rotations, (num_kv_heads, head_dim, head_dim))
+    q = rotations.double()
+    # (g*d_h, hidden) -> (g, d_h, hidden); (Q^T V)[b, :] = sum_a Q[a, b] V[a, :]
+    values = torch.einsum("gab,gax->gbx", q, v_weight.double().reshape(num_kv_heads, head_dim, hidden))
+    bias = None
+    if v_bias is not None:
+        bias = torch.einsum("gab,ga->gb", q, v_bias.double().reshape(num_kv_heads, head_dim)).reshape(-1)
+    # (hidden, h*d_h) -> (hidden, g, G, d_h): every head of group g shares Q_g.
+    outputs = torch.einsum("xgka,gab->xgkb", o_weight.double().reshape(hidden, num_kv_heads, group_size, head_dim), q)
+    return values.reshape(-1, hidden), bias, outputs.reshape(hidden, num_heads * head_dim)
+
+
+def rotated_value_second_moment(head_gram: Tensor, rotations: Tensor, num_heads: int, num_kv_heads: int) -> Tensor:
+    """Second moment of the rotated value channels, ``diag(Q_g^T C_i Q_g)`` per head (``s_o`` of method §1b).
+
+    Args:
+        head_gram (`torch.Tensor` of shape `(num_heads, head_dim, head_dim)`): ``C_i = E[z_i z_i^T]``, with
+            ``z_i`` head ``i``'s slice of `o_proj`'s input before rotation.
+        rotations (`torch.Tensor` of shape `(num_kv_heads, head_dim, head_dim)`): ``Q_g``.
+        num_heads, num_kv_heads (`int`): Attention geometry.
+
+    Returns:
+        `torch.Tensor` of shape `(num_heads, head_dim)`, float64.
+    """
+    if head_gram.ndim != 3 or head_gram.shape[-1] != head_gram.shape[-2]:
+        raise ValueError(f"`head_gram` must have shape (num_heads, d, d), got {tuple(head_gram.shape)}.")
+    head_dim = head_gram.shape[-1]
+    group_size = _group_size(num_heads, num_kv_heads, head_dim)
+    _check_shape("head_gram", head_gram, (num_heads, head_dim, head_dim))
+    _check_shape("rotations", rotations, (num_kv_heads, head_dim, head_dim))
+    q = rotations.double()
+    grams = head_gram.double().reshape(num_kv_heads, group_size, head_dim, head_dim)
+    # diag(Q^T C Q)[b] = sum_{a,c} Q[a,b] C[a,c] Q[c,b], without forming Q^T C Q.
+    moments = torch.einsum("gab,gkac,gcb->gkb", q, grams, q).reshape(num_heads, head_dim)
+    # Rounding can leave -1e-17 where the moment is zero, which a later sqrt would turn into NaN.
+    return moments.clamp_min(0)
+
+
+def value_neuron_scores(
+    v_weight: Tensor, o_weight: Tensor, input_second_moment: Tensor, value_second_moment: Tensor,
+    num_heads: int, num_kv_heads: int, head_dim: int,
+) -> Tensor:
+    """Importance of each (rotated) value neuron of each group (method §1b).
+
+    ``I[g, j] = ||V_g[j, :] * sqrt(s_x)|| + sum_{i in g} sqrt(s_o[i, j]) * ||O_i[:, j]||``.
+
+    Args:
+        v_weight, o_weight (`torch.Tensor`), num_heads, num_kv_heads, head_dim (`int`): See the module docstring.
+        input_second_moment (`torch.Tensor` of shape `(hidden,)`): ``s_x``, of the attention input.
+        value_second_moment (`torch.Tensor` of shape `(num_heads, head_dim)`): ``s_o``, of `o_proj`'s input.
+
+    Returns:
+        `torch.Tensor` of shape `(num_kv_heads, head_dim)`, float64.
+    """
+    group_size, hidden = _value_output_dims(v_weight, None, o_weight, num_heads, num_kv_heads, head_dim)
+    _check_shape("input_second_moment", input_second_moment, (hidden,))
+    _check_shape("value_second_moment", value_second_moment, (num_heads, head_dim))
+    sqrt_x = _sqrt_moment("input_second_moment", input_second_moment)
+    sqrt_o = _sqrt_moment("value_second_moment", value_second_moment).reshape(num_kv_heads, group_size, head_dim)
+    value_term = (v_weight.double().reshape(num_kv_heads, head_dim, hidden) * sqrt_x).norm(dim=-1)
+    # (hidden, h*d_h) -> (hidden, g, G, d_h); norms over hidden -> (g, G, d_h)
+    column_norms = o_weight.double().reshape(hidden, num_kv_heads, group_size, head_dim).norm(dim=0)
+    return value_term + (sqrt_o * column_norms).sum(dim=1)
+
+
+def keep_top_neurons(scores: Tensor, num_keep: int) -> Tensor:
+    """Indices of the `num_keep` highest scores along the last dim, ascending; a tie keeps the lower index (§1b, §2).
+
+    Args:
+        scores (`torch.Tensor` of shape `(n,)` or `(rows, n)`): Neuron scores (2-D: one row per KV group).
+        num_keep (`int`): How many to keep per row, ``1 <= num_keep <= n``.
+
+    Returns:
+        `torch.LongTensor` of shape `(num_keep,)` or `(rows, num_keep)`.
+    """
+    if scores.ndim not in (1, 2):
+        raise ValueError(f"`scores` must be 1-D or 2-D, got shape {tuple(scores.shape)}.")
+    _check_int("num_keep", num_keep)
+    if num_keep > scores.shape[-1]:
+        raise ValueError(f"`num_keep` must be <= {scores.shape[-1]}, got {num_keep}.")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("`scores` contains NaN.")
+    # A stable descending sort keeps equal scores in index order, so the lower index wins a tie.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :num_keep].sort(dim=-1).values
+
+
+def prune_value_output(
+    v_weight: Tensor, v_bias: Tensor | None, o_weight: Tensor, keep: Tensor,
+    num_heads: int, num_kv_heads: int, head_dim: int,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Keep each group's `keep` value channels, in `v_proj` and in every head of the group in `o_proj` (§1b).
+
+    Args:
+        v_weight, v_bias, o_weight (`torch.Tensor`), num_heads, num_kv_heads, head_dim (`int`): See the module
+            docstring (geometry before pruning).
+        keep (`torch.LongTensor` of shape `(num_kv_heads, d_v)`): Kept channels of each group.
+
+    Returns:
+        `tuple`: ``v_weight`` `(num_kv_heads * d_v, hidden)`, ``v_bias`` `(num_kv_heads * d_v,)` or None,
+        ``o_weight`` `(hidden, num_heads * d_v)`, in the input dtypes.
+    """
+    group_size, hidden = _value_output_dims(v_weight, v_bias, o_weight, num_heads, num_kv_heads, head_dim)
+    if keep.ndim != 2 or keep.shape[0] != num_kv_heads:
+        raise ValueError(f"`keep` must have shape ({num_kv_heads}, d_v), got {tuple(keep.shape)}.")
+    keep = _check_keep(keep, head_dim)
+    value_dim = keep.shape[1]
+    # (g*d_h, hidden) -> (g, d_h, hidden) -> (g, d_v, hidden)
+    values = v_weight.reshape(num_kv_heads, head_dim, hidden)
+    values = values.gather(1, keep[:, :, None].expand(num_kv_heads, value_dim, hidden))
+    bias = None if v_bias is None else v_bias.reshape(num_kv_heads, head_dim).gather(1, keep).reshape(-1)
+    # (hidden, h*d_h) -> (hidden, g, G, d_h) -> (hidden, g, G, d_v): each head takes its group's channels.
+    outputs = o_weight.reshape(hidden, num_kv_heads, group_size, head_dim)
+    outputs = outputs.gather(3, keep[None, :, None, :].expand(hidden, num_kv_heads, group_size, value_dim))
+    return values.reshape(-1, hidden), bias, outputs.reshape(hidden, num_heads * value_dim)
+
+
+def ffn_neuron_scores(
+    gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor,
+    input_second_moment: Tensor, intermediate_second_moment: Tensor,
+) -> Tensor:
+    """SwiGLU neuron importance (method §2).
+
+    ``I[i] = ||W_up[i] * sqrt(s_x)|| + ||W_gate[i] * sqrt(s_x)|| + sqrt(s_a[i]) * ||W_down[:, i]||``.
+
+    Args:
+        gate_weight, up_weight (`torch.Tensor` of shape `(d_ff, hidden)`), down_weight (`(hidden, d_ff)`): Weights.
+        input_second_moment (`torch.Tensor` of shape `(hidden,)`): ``s_x``, of the FFN input.
+        intermediate_second_moment (`torch.Tensor` of shape `(d_ff,)`): ``s_a``, of `down_proj`'s input.
+
+    Returns:
+        `torch.Tensor` of shape `(d_ff,)`, float64.
+    """
+    d_ff, hidden = _ffn_dims(gate_weight, up_weight, down_weight)
+    _check_shape("input_second_moment", input_second_moment, (hidden,))
+    _check_shape("intermediate_second_moment", intermediate_second_moment, (d_ff,))
+    sqrt_x = _sqrt_moment("input_second_moment", input_second_moment)
+    sqrt_a = _sqrt_moment("intermediate_second_moment", intermediate_second_moment)
+    input_term = (up_weight.double() * sqrt_x).norm(dim=1) + (gate_weight.double() * sqrt_x).norm(dim=1)
+    return input_term + sqrt_a * down_weight.double().norm(dim=0)
+
+
+def prune_ffn(
+    gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor, keep: Tensor,
+    gate_bias: Tensor | None = None, up_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Keep the intermediate neurons in `keep`: rows of gate and up, columns of down (method §2).
+
+    Args:
+        gate_weight, up_weight (`torch.Tensor` of shape `(d_ff, hidden)`), down_weight (`(hidden, d_ff)`): Weights.
+        keep (`torch.LongTensor` of shape `(d_keep,)`): Kept neurons.
+        gate_bias, up_bias (`torch.Tensor` of shape `(d_ff,)`, *optional*): Biases.
+
+    Returns:
+        `tuple`: ``(gate_weight, up_weight, down_weight, gate_bias, up_bias)`` cut to `d_keep`, in the input
+        dtypes. `down_proj`'s bias does not depend on the neurons: the caller keeps it.
+    """
+    d_ff, _ = _ffn_dims(gate_weight, up_weight, down_weight)
+    if keep.ndim != 1:
+        raise ValueError(f"`keep` must be 1-D, got shape {tuple(keep.shape)}.")
+    keep = _check_keep(keep, d_ff)
+    for name, bias in (("gate_bias", gate_bias), ("up_bias", up_bias)):
+        if bias is not None:
+            _check_shape(name, bias, (d_ff,))
+    gate, up = gate_weight.index_select(0, keep), up_weight.index_select(0, keep)
+    biases = [None if bias is None else bias.index_select(0, keep) for bias in (gate_bias, up_bias)]
+    return gate, up, down_weight.index_select(1, keep), biases[0], biases[1]
+
+
+def _ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> tuple[Tensor, float]:
+    """`ridge_least_squares` that also returns the ridge finally used."""
+    dim = _matrix_dims("gram", gram)[0]
+    _check_shape("gram", gram, (dim, dim))
+    if cross.ndim not in (1, 2) or cross.shape[0] != dim:
+        raise ValueError(f"`cross` must have shape ({dim}, target_dim) or ({dim},), got {tuple(cross.shape)}.")
+    _check_real("ridge", ridge)
+    gram, cross = gram.double(), cross.double()
+    if not bool(torch.isfinite(gram).all()) or not bool(torch.isfinite(cross).all()):
+        raise ValueError("`gram` and `cross` must be finite.")
+    identity = torch.eye(dim, dtype=torch.float64, device=gram.device)
+    tried = float(ridge)
+    for attempt in range(_RIDGE_RETRIES + 1):
+        factor, info = torch.linalg.cholesky_ex(gram + tried * identity)
+        solution = torch.cholesky_solve(cross.reshape(dim, -1), factor) if int(info) == 0 else None
+        if solution is not None and bool(torch.isfinite(solution).all()):
+            if attempt:
+                message = f"ridge_least_squares: not positive definite with ridge {ridge:.3g}; used ridge {tried:.3g}."
+                warnings.warn(message, stacklevel=3)
+            return solution.reshape(cross.shape), tried
+        if attempt < _RIDGE_RETRIES:
+            # Ten times zero is zero: a zero ridge restarts from a tiny fraction of the Gram scale.
+            tried = tried * 10 if tried > 0 else 1e-10 * max(float(gram.diagonal().abs().mean()), 1.0)
+    raise ValueError(f"ridge_least_squares: no positive definite system up to ridge {tried:.3g} (asked {ridge:.3g}).")
+
+
+def ridge_least_squares(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+    """Solve ``(G + ridge I) W = C`` by Cholesky in float64 (method §3).
+
+    If that is not positive definite the ridge is multiplied by 10, at most 6 times (a zero ridge restarts at
+    ``1e-10 * max(mean|diag G|, 1)``), with a warning naming the ridge used; `ValueError` if all fail.
+
+    Args:
+        gram (`torch.Tensor` of shape `(dim, dim)`): ``X^T X``.
+        cross (`torch.Tensor` of shape `(dim, target_dim)` or `(dim,)`): ``X^T E``.
+        ridge (`float`): Damping ``lambda >= 0``.
+
+    Returns:
+        `torch.Tensor` shaped like `cross`, float64.
+    """
+    return _ridge_solve(gram, cross, ridge)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class LinearCalibrationFit:
+    """A linear-calibration branch (method §3): ``x -> up @ (down @ x)``, i.e. ``x @ W*_r`` in row form.
+
+    Attributes:
+        down (`torch.Tensor` of shape `(rank, dim)`): First `nn.Linear` weight, float64.
+        up (`torch.Tensor` of shape `(target_dim, rank)`): Second `nn.Linear` weight, float64.
+        mean_correlation (`float`): Mean over output channels of the Pearson r between ``X W*`` and ``E``.
+        explained_energy (`float`): UNCENTRED ``1 - ||E - X W*_r||^2 / ||E||^2`` on the calibration tokens, from
+            the streamed statistics; 0.0 when ``E`` is identically zero.
+        ridge (`float`): The ridge used (larger than asked if Cholesky needed a retry).
+    """
+
+    down: Tensor
+    up: Tensor
+    mean_correlation: float
+    explained_energy: float
+    ridge: float
+
+
+def _channel_correlations(moments: StreamingMoments, weight: Tensor) -> Tensor:
+    # Pearson r_j of p = (X W)[:, j] and e = E[:, j] over n tokens from the streamed sums, with w = W[:, j]:
+    #   sum p = (sum x) . w,  sum p^2 = w^T (X^T X) w,  sum p e = w^T (X^T E)[:, j];  sum e, sum e^2 are streamed;
+    #   r = (n sum pe - sum p sum e) / sqrt((n sum p^2 - (sum p)^2) (n sum e^2 - (sum e)^2)).
+    n = moments.count
+    sum_p, sum_e = (moments.mean * n) @ weight, moments.target_mean * n
+    sum_pp, sum_ee = (weight * (moments.gram @ weight)).sum(dim=0), moments.target_sum_squares
+    sum_pe = (weight * moments.cross).sum(dim=0)
+    var_p, var_e = n * sum_pp - sum_p.square(), n * sum_ee - sum_e.square()
+    # A (numerically) constant channel has no correlation: r = 0. The relative test keeps the cancellation noise
+    # of n*sum - sum^2 from posing as signal.
+    defined = (var_p > 1e-12 * n * sum_pp) & (var_e > 1e-12 * n * sum_ee)
+    denominator = torch.where(defined, (var_p * var_e).clamp_min(0).sqrt(), torch.ones_like(var_p))
+    r = ((n * sum_pe - sum_p * sum_e) / denominator).clamp(-1.0, 1.0)
+    return torch.where(defined, r, torch.zeros_like(r))
+
+
+def fit_linear_calibration(
+    moments: StreamingMoments, rank: int, ridge_factor: float = 0.5, reference_tokens: int = 16384,
+    correlation_weighting: bool = True, temperature: float = 0.05,
+) -> LinearCalibrationFit:
+    """Low-rank linear map from the FFN input to the FFN pruning residual (method §3).
+
+    ``W* = (X^T X + lambda I)^-1 X^T E``, ``lambda = ridge_factor * mean(diag X^T X) * reference_tokens / n``; with
+    `correlation_weighting`, output channel ``j`` is scaled by ``sigmoid((r_j - mean r) / temperature)`` before the
+    rank-`rank` SVD and the weights are divided back out of the right factor.
+
+    Args:
+        moments (`StreamingMoments`): Built with ``gram=True`` and `target_dim`, fed x = FFN input and
+            target = ``E`` (dense minus pruned FFN output).
+        rank (`int`): Branch rank, ``1 <= rank <= min(dim, target_dim)``.
+        ridge_factor (`float`, *optional*, defaults to 0.5): Damping relative to the mean diagonal of ``X^T X``.
+        reference_tokens (`int`, *optional*, defaults to 16384): Token count the damping is normalised to.
+        correlation_weighting (`bool`, *optional*, defaults to `True`): Apply the reference's channel weighting.
+        temperature (`float`, *optional*, defaults to 0.05): Sigmoid temperature of that weighting.
+
+    Returns:
+        `LinearCalibrationFit`
+    """
+    if not isinstance(moments, StreamingMoments) or not moments.has_gram or moments.target_dim is None:
+        raise ValueError("`moments` must be a StreamingMoments built with gram=True and target_dim set.")
+    if moments.count == 0:
+        raise ValueError("`moments` has seen no token.")
+    _check_int("rank", rank)
+    if rank > min(moments.dim, moments.target_dim):
+        raise ValueError(f"`rank` must be <= min(dim, target_dim) = {min(moments.dim, moments.target_dim)}.")
+    _check_real("ridge_factor", ridge_factor)
+    _check_int("reference_tokens", reference_tokens)
+    _check_real("temperature", temperature)
+    if temperature == 0:
+        raise ValueError("`temperature` must be > 0.")
+
+    gram, cross = moments.gram, moments.cross
+    ridge = ridge_factor * float(gram.diagonal().mean()) * reference_tokens / moments.count
+    solution, ridge = _ridge_solve(gram, cross, ridge)  # (dim, target_dim)
+    correlations = _channel_correlations(moments, solution)
+    weights = torch.ones_like(correlations)
+    if correlation_weighting:
+        # |r_j - mean r| <= 2: for any sane temperature the weights stay far from float64 underflow.
+        weights = torch.sigmoid((correlations - correlations.mean()) / temperature)
+    u, singular, vh = torch.linalg.svd(solution * weights, full_matrices=False)
+    # Singular values split evenly, so neither factor carries the whole scale into a low-precision dtype.
+    root = singular[:rank].sqrt()
+    left, right = u[:, :rank] * root, root[:, None] * vh[:rank] / weights  # (dim, rank), (rank, target_dim)
+    truncated = left @ right  # W*_r
+
+    # ||E - X W||^2 = sum E^2 - 2 tr(W^T X^T E) + tr(W^T X^T X W), all from the streamed sums.
+    total = float(moments.target_sum_squares.sum())
+    residual = total - 2 * float((truncated * cross).sum()) + float((truncated * (gram @ truncated)).sum())
+    return LinearCalibrationFit(
+        down=left.T.contiguous(),
+        up=right.T.contiguous(),
+        mean_correlation=float(correlations.mean()),
+        explained_energy=1.0 - max(residual, 0.0) / total if total > 0 else 0.0,
+        ridge=ridge,
+    )

@@ -1,0 +1,294 @@
+"""Sequential layer-by-layer calibration: moves data and layers, knows nothing of the pruning math.
+
+For each decoder layer the pipeline (1) materialises the dense layer on the compute device, (2) replays the
+captured layer inputs through it while the algorithm's hooks accumulate statistics, (3) asks the algorithm for the
+pruned layer, (4) replays the inputs through the pruned layer (the algorithm may observe this pass too) to produce
+the next layer's inputs, and (5) hands the pruned layer to a sink and releases the dense one. Only one dense layer
+and the calibration activations are resident on the compute device at a time.
+
+Where the dense weights come from is a ``LayerSource``: the model's own modules (on any device, including
+accelerate-offloaded ones) or, in streaming mode, the safetensors files read one layer at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import align_module_device
+from tqdm.auto import tqdm
+
+
+class LayerAlgorithm(Protocol):
+    """What the pipeline needs from a pruning algorithm (see ``optimum_olica.olica.OlicaLayerPruner``)."""
+
+    def observe_dense(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
+
+    def prune(self, layer: torch.nn.Module, layer_idx: int) -> torch.nn.Module: ...
+
+    def observe_pruned(self, dense: torch.nn.Module, pruned: torch.nn.Module, layer_idx: int): ...  # context
+
+    def finish_layer(self, pruned: torch.nn.Module, layer_idx: int) -> dict: ...
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class CalibrationActivations:
+    """The inputs of the current layer for every calibration batch, and the keyword arguments the model passed."""
+
+    hidden_states: list[torch.Tensor]
+    layer_kwargs: list[dict]
+    storage_device: torch.device
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(batch.shape[0] * batch.shape[1] for batch in self.hidden_states)
+
+
+@dataclass
+class PipelineTimings:
+    """Seconds spent in each phase, summed over layers (the profile `olica_report.json` records)."""
+
+    capture: float = 0.0
+    load: float = 0.0
+    statistics: float = 0.0
+    decomposition: float = 0.0
+    propagation: float = 0.0
+    store: float = 0.0
+    per_layer: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "capture_s": self.capture,
+            "load_s": self.load,
+            "statistics_s": self.statistics,
+            "decomposition_s": self.decomposition,
+            "propagation_s": self.propagation,
+            "store_s": self.store,
+            "per_layer_s": self.per_layer,
+        }
+
+
+def _move(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(item, device) for item in value)
+    if isinstance(value, list):
+        return [_move(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: _move(item, device) for key, item in value.items()}
+    return value
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM of a supported family (``model.model.layers``)."""
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `{model.base_model_prefix}.layers` decoder stack.")
+    return layers
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    storage_device: torch.device,
+    input_device: torch.device,
+) -> CalibrationActivations:
+    """Run the model up to its first decoder layer and keep what that layer receives.
+
+    The model's own forward builds the embeddings, the causal mask, the position ids and the rotary embeddings, so
+    replaying the captured tensors layer by layer reproduces the full forward exactly.
+    """
+    first_layer = decoder_layers(model)[0]
+    hidden_states, layer_kwargs = [], []
+
+    def grab(module, args, kwargs):
+        states = args[0] if args else kwargs.pop("hidden_states")
+        hidden_states.append(states.to(storage_device))
+        kwargs = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+        kwargs["past_key_values"] = None
+        kwargs["use_cache"] = False
+        layer_kwargs.append(_move(kwargs, storage_device))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start : start + batch_size].to(input_device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return CalibrationActivations(hidden_states, layer_kwargs, storage_device)
+
+
+@torch.no_grad()
+def replay(
+    layer: torch.nn.Module,
+    activations: CalibrationActivations,
+    device: torch.device,
+    *,
+    keep_outputs: bool = True,
+) -> list[torch.Tensor] | None:
+    """Run ``layer`` over every stored batch; returns its outputs on the storage device (or None)."""
+    outputs = []
+    for states, kwargs in zip(activations.hidden_states, activations.layer_kwargs):
+        output = layer(states.to(device), **_move(kwargs, device))
+        if isinstance(output, tuple):
+            output = output[0]
+        if not torch.isfinite(output).all():
+            raise FloatingPointError("non-finite activations")
+        if keep_outputs:
+            outputs.append(output.to(activations.storage_device))
+    return outputs if keep_outputs else None
+
+
+class ModelLayerSource:
+    """Dense layers taken from the model itself, wherever accelerate placed them (GPU, CPU or offloaded)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.layers = decoder_layers(model)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextmanager
+    def dense_layer(self, layer_idx: int, device: torch.device) -> Iterator[torch.nn.Module]:
+        layer = self.layers[layer_idx]
+        if _has_accelerate_hook(layer) or _device_of(layer) != device:
+            # A hook-free copy on the compute device: offloaded weights are read once, not at every batch.
+            with align_module_device(layer, device):
+                state = {name: tensor.to(device) for name, tensor in layer.state_dict().items()}
+            yield _module_from_state(layer, state)
+        else:
+            yield layer
+
+
+class ModelLayerSink:
+    """Puts each pruned layer back into the model, on the device the dense layer came from (CPU if offloaded)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = decoder_layers(model)
+
+    def store(self, layer_idx: int, pruned: torch.nn.Module) -> None:
+        dense = self.layers[layer_idx]
+        home = torch.device("cpu") if _has_offloaded_weights(dense) else _device_of(dense)
+        if _has_accelerate_hook(dense):
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(dense, recurse=True)
+        self.layers[layer_idx] = pruned.to(home)
+
+
+def _has_accelerate_hook(module: torch.nn.Module) -> bool:
+    return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
+
+
+def _has_offloaded_weights(module: torch.nn.Module) -> bool:
+    return any(param.device.type == "meta" for param in module.parameters())
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _module_from_state(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh module of ``template``'s class and constructor arguments holding ``state``."""
+    attention = getattr(template, "self_attn", None)
+    config, layer_idx = attention.config, attention.layer_idx
+    with init_empty_weights():
+        module = type(template)(config, layer_idx)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
+def run_sequential(
+    source,
+    sink,
+    activations: CalibrationActivations,
+    algorithm: LayerAlgorithm,
+    device: torch.device,
+    *,
+    timings: PipelineTimings,
+    progress: bool = True,
+    on_layer_done: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """The layer loop. Returns the algorithm's per-layer records."""
+    records = []
+    bar = tqdm(range(len(source)), desc="Olica pruning", unit="layer", disable=not progress)
+    for layer_idx in bar:
+        started = time.perf_counter()
+        tick = started
+        with source.dense_layer(layer_idx, device) as dense:
+            timings.load += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            with algorithm.observe_dense(dense, layer_idx):
+                _run_checked(dense, activations, device, layer_idx, keep_outputs=False)
+            timings.statistics += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            pruned = algorithm.prune(dense, layer_idx)
+            timings.decomposition += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            with algorithm.observe_pruned(dense, pruned, layer_idx):
+                outputs = _run_checked(pruned, activations, device, layer_idx, keep_outputs=True)
+            timings.propagation += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            record = algorithm.finish_layer(pruned, layer_idx)
+            timings.decomposition += time.perf_counter() - tick
+        tick = time.perf_counter()
+        sink.store(layer_idx, pruned)
+        activations.hidden_states = outputs
+        timings.store += time.perf_counter() - tick
+        timings.per_layer.append(time.perf_counter() - started)
+        records.append(record)
+        if on_layer_done is not None:
+            on_layer_done(layer_idx, record)
+    return records
+
+
+def _run_checked(layer, activations, device, layer_idx: int, keep_outputs: bool):
+    try:
+        return replay(layer, activations, device, keep_outputs=keep_outputs)
+    except (FloatingPointError, ValueError) as error:
+        if "non-finite" not in str(error):
+            raise
+        raise FloatingPointError(
+            f"Layer {layer_idx} produced NaN/Inf activations on the calibration data. With float16 models this is "
+            "an overflow: load the model in bfloat16 or float32 (dtype=torch.bfloat16)."
+        ) from None
+
+
+__all__ = [
+    "CalibrationActivations",
+    "LayerAlgorithm",
+    "ModelLayerSink",
+    "ModelLayerSource",
+    "PipelineTimings",
+    "capture_layer_inputs",
+    "decoder_layers",
+    "replay",
+    "run_sequential",
+]

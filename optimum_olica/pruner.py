@@ -1,0 +1,372 @@
+"""Entry points: ``prune_model`` (functional, in place) and ``OlicaPruner`` (the optimum-style shell).
+
+optimum has no pruner base class; ``OlicaPruner`` follows the shape of its quantizers
+(``ORTQuantizer.from_pretrained(model_or_path)`` then ``quantize(config, save_dir)``): ``from_pretrained``, then
+``prune(config, calibration_dataset, save_directory)``, ``save_pretrained`` and ``push_to_hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .allocation import plan_dimensions
+from .checkpoint import (
+    build_olica_model,
+    olica_config_from,
+    prepare_output_directory,
+    save_pruned_model,
+)
+from .configuration import OlicaConfig
+from .data import get_calibration_dataset
+from .olica import OlicaLayerPruner, attach_linear_calibration
+from .pipeline import (
+    ModelLayerSink,
+    ModelLayerSource,
+    PipelineTimings,
+    capture_layer_inputs,
+    decoder_layers,
+    run_sequential,
+)
+
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "olica_report.json"
+CALIBRATION_TOKENS_PER_BATCH = 4096
+
+
+@dataclass
+class PruningResult:
+    """The pruned model and what pruning measured."""
+
+    model: PreTrainedModel
+    report: dict
+
+
+def _compute_device(model: torch.nn.Module, requested: str | None) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    weight = embeddings.weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+def _layer_dimensions(layers) -> dict[str, list]:
+    """The Olica config's per-layer lists, read from the pruned modules themselves."""
+    lists = {"query_ranks": [], "key_ranks": [], "value_head_dims": [], "intermediate_sizes": [],
+             "calibration_ranks": []}
+    for layer in layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        for key, projection in (("query_ranks", attention.q_proj), ("key_ranks", attention.k_proj)):
+            lists[key].append(getattr(projection, "rank", None))
+        lists["value_head_dims"].append(attention.value_head_dim)
+        lists["intermediate_sizes"].append(mlp.intermediate_size)
+        branch = mlp.linear_calibration
+        lists["calibration_ranks"].append(0 if branch is None else branch.rank)
+    return lists
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+        from accelerate.utils import get_state_dict_offloaded_model
+
+        return get_state_dict_offloaded_model(model)
+    return model.state_dict()
+
+
+def prune_model(
+    model: PreTrainedModel,
+    config: OlicaConfig,
+    calibration_input_ids: torch.Tensor,
+    *,
+    progress: bool = True,
+) -> PruningResult:
+    """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
+
+    The decoder layers of ``model`` are replaced in place as pruning proceeds (so memory falls while it runs); use
+    the returned model afterwards, not ``model``.
+
+    Args:
+        model: a causal LM of a supported family, loaded normally or with an accelerate device map (offload included).
+        config: the recipe.
+        calibration_input_ids: ``(num_samples, sequence_length)`` token ids.
+        progress: show a progress bar per layer.
+    """
+    started = time.perf_counter()
+    if calibration_input_ids.ndim != 2 or calibration_input_ids.numel() == 0:
+        raise ValueError(
+            f"calibration_input_ids must be a non-empty (num_samples, sequence_length) tensor, got shape "
+            f"{tuple(calibration_input_ids.shape)}."
+        )
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and calibration_input_ids.shape[1] > max_positions:
+        raise ValueError(
+            f"sequence_length={calibration_input_ids.shape[1]} exceeds the model's max_position_embeddings="
+            f"{max_positions}; use a shorter sequence_length."
+        )
+    full_config = olica_config_from(model.config)
+    skip_layers = tuple(config.skip_layers)
+    out_of_range = [layer for layer in skip_layers if layer >= full_config.num_hidden_layers]
+    if out_of_range:
+        raise ValueError(
+            f"skip_layers={list(skip_layers)} names layers {out_of_range} but the model has "
+            f"{full_config.num_hidden_layers} layers (0 to {full_config.num_hidden_layers - 1})."
+        )
+    calibration_rank = (
+        max(1, math.floor(config.calibration_rank_ratio * full_config.hidden_size))
+        if config.num_calibrated_layers > 0
+        else 0
+    )
+    plan = plan_dimensions(
+        full_config,
+        config.ratio,
+        qk_ratio=config.qk_ratio,
+        vo_ratio=config.vo_ratio,
+        ffn_ratio=config.ffn_ratio,
+        calibration_rank=calibration_rank,
+        num_calibrated_layers=config.num_calibrated_layers,
+        skip_layers=skip_layers,
+    )
+    plan_config = olica_config_from(model.config, **plan.per_layer_lists())
+    plan_config._attn_implementation = model.config._attn_implementation
+
+    device = _compute_device(model, config.device)
+    storage = torch.device("cpu") if config.offload_activations else device
+    num_samples, sequence_length = calibration_input_ids.shape
+    batch_size = max(1, CALIBRATION_TOKENS_PER_BATCH // sequence_length)
+    timings = PipelineTimings()
+
+    model.eval()
+    tick = time.perf_counter()
+    activations = capture_layer_inputs(
+        model, calibration_input_ids, batch_size=batch_size, storage_device=storage, input_device=_input_device(model)
+    )
+    timings.capture = time.perf_counter() - tick
+
+    algorithm = OlicaLayerPruner(
+        plan_config,
+        calibration_rank=calibration_rank,
+        ridge_strength=config.ridge_strength,
+        statistics_dtype=getattr(torch, config.statistics_dtype),
+    )
+    records = run_sequential(
+        ModelLayerSource(model),
+        ModelLayerSink(model),
+        activations,
+        algorithm,
+        device,
+        timings=timings,
+        progress=progress,
+    )
+    del activations
+
+    layers = decoder_layers(model)
+    chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers)
+    for candidate in chosen:
+        attach_linear_calibration(layers[candidate.layer_idx], candidate.fit)
+
+    final_config = olica_config_from(model.config, **_layer_dimensions(layers), olica_recipe=config.to_dict())
+    final_config._attn_implementation = model.config._attn_implementation
+    pruned = build_olica_model(final_config, _full_state_dict(model))
+    pruned.generation_config = model.generation_config
+
+    parameters_before = plan.parameters_before
+    parameters_after = pruned.num_parameters()
+    report = {
+        "format_version": 1,
+        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "base_model_type": model.config.model_type,
+        "parameters_before": parameters_before,
+        "parameters_after": parameters_after,
+        "target_ratio": config.ratio,
+        "achieved_ratio": 1 - parameters_after / parameters_before,
+        "part_ratios": {"qk": plan.ratios.qk, "vo": plan.ratios.vo, "ffn": plan.ratios.ffn},
+        "calibrated_layers": [candidate.layer_idx for candidate in chosen],
+        "calibration_rank": calibration_rank,
+        "calibration_data": {
+            "source": config.calibration_source,
+            "num_samples": int(num_samples),
+            "sequence_length": int(sequence_length),
+            "num_tokens": int(num_samples * sequence_length),
+            "seed": config.seed,
+        },
+        "layers": records,
+        "timings": timings.to_dict(),
+        "runtime_s": time.perf_counter() - started,
+        "device": str(device),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        },
+    }
+    for record, dims in zip(report["layers"], _rows(final_config)):
+        record.update(dims)
+    return PruningResult(pruned, report)
+
+
+def _rows(config) -> list[dict]:
+    return [
+        {"calibration_rank": config.calibration_ranks[layer], "parameters": config.layer_parameter_count(layer)}
+        for layer in range(config.num_hidden_layers)
+    ]
+
+
+def format_summary(report: dict) -> str:
+    """A plain-text table of what pruning did, per layer and in total."""
+    header = f"{'layer':>5} {'q rank':>7} {'k rank':>7} {'v dim':>6} {'ffn':>6} {'lc rank':>7} {'params':>10} {'time s':>7}"
+    lines = [header, "-" * len(header)]
+    per_layer = report["timings"]["per_layer_s"]
+    for record, seconds in zip(report["layers"], per_layer):
+        q = record["query_rank"] if record["query_rank"] is not None else "dense"
+        k = record["key_rank"] if record["key_rank"] is not None else "dense"
+        lines.append(
+            f"{record['layer']:>5} {q!s:>7} {k!s:>7} {record['value_head_dim']:>6} {record['intermediate_size']:>6} "
+            f"{record['calibration_rank']:>7} {record['parameters']:>10,} {seconds:>7.2f}"
+        )
+    before, after = report["parameters_before"], report["parameters_after"]
+    lines.append("-" * len(header))
+    lines.append(
+        f"parameters: {before:,} -> {after:,} (removed {100 * report['achieved_ratio']:.2f}%, target "
+        f"{100 * report['target_ratio']:.1f}%); pruning took {report['runtime_s']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+class OlicaPruner:
+    """Prunes a causal LM with Olica and writes a checkpoint that reloads with ``from_pretrained``.
+
+    Example:
+        ```python
+        >>> from optimum_olica import OlicaConfig, OlicaPruner
+        >>> pruner = OlicaPruner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        >>> model = pruner.prune(OlicaConfig(ratio=0.2), save_directory="smollm2-olica-20")
+        ```
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer=None):
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"OlicaPruner needs a transformers PreTrainedModel, got {type(model).__name__}.")
+        olica_config_from(model.config)  # fails early, naming the supported families
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pruned_model: PreTrainedModel | None = None
+        self.report: dict | None = None
+        self.config: OlicaConfig | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_or_path, tokenizer=None, **model_kwargs) -> "OlicaPruner":
+        """Load the model to prune (a Hub id or a local folder) or wrap one already loaded.
+
+        Args:
+            model_or_path: a ``PreTrainedModel`` (any dtype, any device map) or a name/path for
+                ``AutoModelForCausalLM.from_pretrained``.
+            tokenizer: a tokenizer, or None to load the model's own (needed for text calibration data).
+            model_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ``token``, ...).
+        """
+        if isinstance(model_or_path, PreTrainedModel):
+            model = model_or_path
+            name = getattr(model.config, "_name_or_path", None)
+        else:
+            name = str(model_or_path)
+            model_kwargs.setdefault("dtype", "auto")
+            model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
+        if tokenizer is None and name:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError) as error:
+                logger.warning("No tokenizer could be loaded from %s (%s); pass tokenizer= for text data.", name, error)
+        return cls(model, tokenizer)
+
+    def calibration_input_ids(self, config: OlicaConfig, calibration_dataset=None) -> torch.Tensor:
+        """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's."""
+        if isinstance(calibration_dataset, torch.Tensor):
+            return calibration_dataset.long()
+        if self.tokenizer is None:
+            raise ValueError(
+                "The model has no tokenizer, so text calibration data cannot be tokenized: pass tokenizer= to "
+                "OlicaPruner.from_pretrained, or pass calibration_dataset as a (num_samples, sequence_length) tensor."
+            )
+        source = config.calibration_source if calibration_dataset is None else calibration_dataset
+        return get_calibration_dataset(
+            self.tokenizer, source, num_samples=config.num_samples, sequence_length=config.sequence_length,
+            seed=config.seed,
+        )
+
+    def prune(
+        self,
+        config: OlicaConfig | None = None,
+        calibration_dataset=None,
+        save_directory: str | os.PathLike | None = None,
+        *,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> PreTrainedModel:
+        """Prune the model; returns the pruned model and, with ``save_directory``, writes the checkpoint.
+
+        Args:
+            config: the recipe (default ``OlicaConfig()``: 20% of all parameters).
+            calibration_dataset: token ids ``(num_samples, sequence_length)``, a list of strings, a
+                ``datasets.Dataset`` or a local path; default: ``config.calibration_source``.
+            save_directory: where to write the checkpoint (atomically); checked before pruning starts.
+            overwrite: replace an existing non-empty ``save_directory``.
+            progress: show progress bars and print the summary table.
+        """
+        config = config or OlicaConfig()
+        if self.pruned_model is not None:
+            raise RuntimeError("This pruner has already pruned its model; create a new OlicaPruner to prune again.")
+        if save_directory is not None:
+            prepare_output_directory(save_directory, overwrite)
+        input_ids = self.calibration_input_ids(config, calibration_dataset)
+        if not isinstance(calibration_dataset, (type(None), str)):
+            config_source = type(calibration_dataset).__name__
+        else:
+            config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
+        result = prune_model(self.model, config, input_ids, progress=progress)
+        result.report["calibration_data"]["source"] = str(config_source)
+        self.pruned_model, self.report, self.config = result.model, result.report, config
+        if progress:
+            print(format_summary(result.report))
+        if save_directory is not None:
+            self.save_pretrained(save_directory, overwrite=overwrite)
+        return result.model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the pruned checkpoint: weights, config, tokenizer, ``olica_config.json``, ``olica_report.json``."""
+        if self.pruned_model is None:
+            raise RuntimeError("Nothing to save yet: call prune() first.")
+        return save_pruned_model(
+            self.pruned_model,
+            save_directory,
+            tokenizer=self.tokenizer,
+            overwrite=overwrite,
+            extra_files={
+                "olica_config.json": self.config.to_json_string(),
+                REPORT_NAME: json.dumps(self.report, indent=2, sort_keys=True),
+            },
+        )
+
+
+__all__ = ["OlicaPruner", "PruningResult", "format_summary", "prune_model"]

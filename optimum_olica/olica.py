@@ -44,16 +44,22 @@ class OlicaLayerPruner:
         plan_config: Olica config whose per-layer lists hold the target dimensions.
         calibration_rank: rank of the linear-calibration branch fitted for each layer (0: none).
         ridge_strength: ridge factor of the least-squares fit (method §3).
-        statistics_dtype: dtype of the accumulated statistics.
+        refit_damping: damping of the least-squares refit of ``o_proj`` and ``down_proj`` (None: no refit).
+        storage_device: where per-batch tensors kept between passes live (None: where they are computed).
+        statistics_dtype: accumulation dtype of the activation statistics.
     """
 
     plan_config: object
     calibration_rank: int = 0
     ridge_strength: float = 0.5
+    refit_damping: float | None = 1e-2
+    storage_device: torch.device | None = None
     statistics_dtype: torch.dtype = torch.float64
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
-    _calibration: om.StreamingMoments | None = None
+    _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
+    _ffn_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _ffn_refit: om.StreamingMoments | None = None
 
     # ---- statistics of the dense layer ----------------------------------------------------------------------
 
@@ -63,18 +69,18 @@ class OlicaLayerPruner:
         device = next(layer.parameters()).device
         d, heads, head_dim = self.plan_config.hidden_size, self.plan_config.num_attention_heads, attention.head_dim
         stats = _DenseStatistics(
-            attention_input=om.StreamingMoments(d, device=device),
-            value_head_gram=torch.zeros(heads, head_dim, head_dim, dtype=torch.float64, device=device),
-            attention_output=om.StreamingMoments(d, device=device),
-            mlp_input=om.StreamingMoments(d, device=device),
-            intermediate=om.StreamingMoments(mlp.down_proj.in_features, device=device),
+            attention_input=om.StreamingMoments(d, device=device, dtype=self.statistics_dtype),
+            value_head_gram=torch.zeros(heads, head_dim, head_dim, dtype=self.statistics_dtype, device=device),
+            attention_output=om.StreamingMoments(d, device=device, dtype=self.statistics_dtype),
+            mlp_input=om.StreamingMoments(d, device=device, dtype=self.statistics_dtype),
+            intermediate=om.StreamingMoments(mlp.down_proj.in_features, device=device, dtype=self.statistics_dtype),
         )
 
         def on_attention_input(module, args):
             stats.attention_input.update(args[0])
 
         def on_value_output(module, args, output):
-            values = args[0].reshape(-1, heads, head_dim).double()  # (tokens, heads, head_dim)
+            values = args[0].reshape(-1, heads, head_dim).to(self.statistics_dtype)  # (tokens, heads, head_dim)
             stats.value_head_gram += torch.einsum("thi,thj->hij", values, values)
             stats.value_tokens += values.shape[0]
             stats.attention_output.update(output)
@@ -85,12 +91,18 @@ class OlicaLayerPruner:
         def on_intermediate(module, args):
             stats.intermediate.update(args[0])
 
+        def on_attention_output(module, args, output):
+            self._dense_attention_outputs.append(self._store(output[0]))
+
         handles = [
             attention.q_proj.register_forward_pre_hook(on_attention_input),
             attention.o_proj.register_forward_hook(on_value_output),
             mlp.gate_proj.register_forward_pre_hook(on_mlp_input),
             mlp.down_proj.register_forward_pre_hook(on_intermediate),
         ]
+        self._dense_attention_outputs = []
+        if self.refit_damping is not None:
+            handles.append(attention.register_forward_hook(on_attention_output))
         try:
             yield
         finally:
@@ -132,7 +144,7 @@ class OlicaLayerPruner:
             v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
         )
         value_second_moment = om.rotated_value_second_moment(
-            stats.value_head_gram / max(stats.value_tokens, 1), rotations, heads, kv_heads
+            stats.value_head_gram.double() / max(stats.value_tokens, 1), rotations, heads, kv_heads
         )
         value_scores = om.value_neuron_scores(
             v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
@@ -181,42 +193,101 @@ class OlicaLayerPruner:
         self._stats = None
         return pruned.eval()
 
-    # ---- linear calibration, observed on the pruned layer ---------------------------------------------------
+    def _store(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(self.storage_device) if self.storage_device is not None else tensor.detach()
+
+    # ---- refit of o_proj: the pruned attention, fitted to the dense attention output -----------------------
+
+    @torch.no_grad()
+    def refine(self, dense, pruned, layer_idx: int, replay) -> None:
+        """Refit ``o_proj`` so the pruned attention (low-rank Q/K, fewer value channels) matches the dense one.
+
+        ``replay(module)`` runs a module over every calibration batch, as a decoder layer is run.
+        """
+        if self.refit_damping is None:
+            return
+        o_proj = pruned.self_attn.o_proj
+        moments = om.StreamingMoments(
+            o_proj.in_features, gram=True, target_dim=o_proj.out_features, dtype=self.statistics_dtype
+        )
+        targets = iter(self._dense_attention_outputs)
+
+        def on_value_output(module, args):
+            moments.update(args[0], next(targets).to(args[0].device))
+
+        handle = o_proj.register_forward_pre_hook(on_value_output)
+        try:
+            replay(_AttentionBlock(pruned))
+        finally:
+            handle.remove()
+        self._dense_attention_outputs = []
+        weight = om.refit_output_projection(moments.gram, moments.cross, o_proj.weight, self.refit_damping)
+        o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
+
+    # ---- the FFN on the pruned layer's own inputs: down_proj refit and linear calibration -------------------
 
     @contextmanager
     def observe_pruned(self, dense, pruned, layer_idx: int):
-        if self.calibration_rank <= 0:
+        """Observe the propagation pass: the FFN inputs the pruned layer really produces (pruned attention included).
+
+        On those inputs the dense FFN's output is the target; ``down_proj`` is refitted to it and the linear
+        calibration branch models what remains.
+        """
+        mlp = pruned.mlp
+        self._ffn_batches = []
+        self._ffn_refit = om.StreamingMoments(
+            mlp.down_proj.in_features, gram=True, target_dim=mlp.hidden_size, dtype=self.statistics_dtype
+        )
+        if self.refit_damping is None and self.calibration_rank <= 0:
             yield
             return
-        d = self.plan_config.hidden_size
-        device = next(pruned.parameters()).device
-        moments = om.StreamingMoments(d, gram=True, target_dim=d, device=device)
+        kept_activations = []
 
-        def on_pruned_mlp(module, args, output):
-            # The FFN input the pruned layer really produces (pruned attention included); the target is what the
-            # dense FFN would add on that same input, so the branch models the FFN pruning error there.
-            pruned_input = args[0]
-            residual = dense.mlp(pruned_input) - output
-            moments.update(pruned_input, residual)
+        def on_down_input(module, args):
+            kept_activations.append(args[0])
 
-        handle = pruned.mlp.register_forward_hook(on_pruned_mlp)
+        def on_mlp(module, args, output):
+            ffn_input, activation = args[0], kept_activations.pop()
+            target = dense.mlp(ffn_input)
+            if self.refit_damping is not None:
+                self._ffn_refit.update(activation, target)
+            self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target)))
+
+        handles = [mlp.down_proj.register_forward_pre_hook(on_down_input), mlp.register_forward_hook(on_mlp)]
         try:
             yield
         finally:
-            handle.remove()
-        self._calibration = moments
+            for handle in handles:
+                handle.remove()
 
-    def finish_layer(self, pruned, layer_idx: int) -> dict:
+    @torch.no_grad()
+    def finish_layer(self, pruned, layer_idx: int, outputs: list[torch.Tensor]) -> dict:
+        """Apply the ``down_proj`` refit (amending ``outputs`` to match), fit the calibration branch, report."""
+        mlp = pruned.mlp
+        down = mlp.down_proj
+        if self.refit_damping is not None and self._ffn_batches:
+            weight = om.refit_output_projection(
+                self._ffn_refit.gram, self._ffn_refit.cross, down.weight, self.refit_damping
+            ).to(down.weight.dtype)
+            delta = (weight - down.weight).T  # (intermediate, hidden)
+            down.weight.copy_(weight)
+            # down_proj is linear: the refit changes each layer output by activation @ delta, no rerun needed.
+            for index, (_, activation, _) in enumerate(self._ffn_batches):
+                outputs[index] += (activation.to(delta.device) @ delta).to(outputs[index].device)
         record = {
             "layer": layer_idx,
             "query_rank": self.plan_config.query_ranks[layer_idx],
             "key_rank": self.plan_config.key_ranks[layer_idx],
             "value_head_dim": self.plan_config.value_head_dims[layer_idx],
             "intermediate_size": self.plan_config.intermediate_sizes[layer_idx],
-            "parameters": sum(p.numel() for p in pruned.parameters()),
         }
-        if self._calibration is not None:
-            moments, self._calibration = self._calibration, None
+        if self.calibration_rank > 0 and self._ffn_batches:
+            d = mlp.hidden_size
+            moments = om.StreamingMoments(d, gram=True, target_dim=d, dtype=self.statistics_dtype)
+            for ffn_input, activation, target in self._ffn_batches:
+                device = down.weight.device
+                ffn_input, activation = ffn_input.to(device), activation.to(device)
+                moments.update(ffn_input, target.to(device) - down(activation))
             fit = om.fit_linear_calibration(moments, self.calibration_rank, ridge_factor=self.ridge_strength)
             energy = float(moments.target_sum_squares.sum() / moments.count)
             self.candidates.append(CalibrationCandidate(layer_idx, fit, energy))
@@ -225,6 +296,7 @@ class OlicaLayerPruner:
                 calibration_explained_energy=fit.explained_energy,
                 ffn_residual_energy=energy,
             )
+        self._ffn_batches, self._ffn_refit = [], None
         return record
 
     def choose_calibrated_layers(self, count: int) -> list[CalibrationCandidate]:
@@ -235,6 +307,18 @@ class OlicaLayerPruner:
         eligible = [candidate for candidate in self.candidates if candidate.layer_idx != last]
         eligible.sort(key=lambda c: c.fit.explained_energy * c.residual_energy, reverse=True)
         return sorted(eligible[:count], key=lambda c: c.layer_idx)
+
+
+class _AttentionBlock(torch.nn.Module):
+    """The attention half of a decoder layer (norm + attention), run on the layer's inputs to refit ``o_proj``."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, **kwargs):
+        normed = self.layer.input_layernorm(hidden_states)
+        return self.layer.self_attn(hidden_states=normed, **kwargs)[0]
 
 
 def attach_linear_calibration(layer: OlicaDecoderLayer, fit: om.LinearCalibrationFit) -> None:

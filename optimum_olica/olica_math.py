@@ -22,7 +22,7 @@ from torch import Tensor
 __all__ = [
     "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "ffn_neuron_scores",
     "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
-    "ridge_least_squares", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
+    "refit_output_projection", "ridge_least_squares", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
     "value_output_rotation",
 ]
 
@@ -105,17 +105,25 @@ class StreamingMoments:
         target_dim (`int`, *optional*): If set, `update` takes a target ``E`` and the sums of E, E**2 and ``X^T E``
             `(dim, target_dim)` are accumulated too.
         device (*optional*): Where the sums live; defaults to the device of the first batch.
+        dtype (*optional*, defaults to `torch.float64`): Accumulation dtype. float32 halves the memory of the Gram
+            matrices of very wide models at the cost of precision; sums are cast to float64 when read.
 
     Statistics (all but `count` raise `RuntimeError` before the first token): `count`; `mean` and `second_moment`
     (mean of x**2, the method's ``s``) `(dim,)`; `gram` (raw ``X^T X``); `cross` (raw ``X^T E``); `target_mean`,
     `target_second_moment` (mean of E**2) and `target_sum_squares` (raw sum of E**2) `(target_dim,)`.
     """
 
-    def __init__(self, dim: int, *, gram: bool = False, target_dim: int | None = None, device=None):
+    def __init__(
+        self, dim: int, *, gram: bool = False, target_dim: int | None = None, device=None,
+        dtype: torch.dtype = torch.float64,
+    ):
         _check_int("dim", dim)
         if target_dim is not None:
             _check_int("target_dim", target_dim)
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"`dtype` must be torch.float64 or torch.float32, got {dtype}.")
         self.dim, self.target_dim, self.has_gram, self.device = dim, target_dim, bool(gram), device
+        self.dtype = dtype
         self._count = 0
         self._sums: dict[str, Tensor] = {}
 
@@ -152,9 +160,9 @@ class StreamingMoments:
                 shapes["gram"] = (self.dim, self.dim)
             if self.target_dim is not None:
                 shapes.update(t=(self.target_dim,), t2=(self.target_dim,), cross=(self.dim, self.target_dim))
-            self._sums = {key: torch.zeros(shape, dtype=torch.float64, device=device) for key, shape in shapes.items()}
+            self._sums = {key: torch.zeros(shape, dtype=self.dtype, device=device) for key, shape in shapes.items()}
         sums = self._sums
-        parts = [part.to(device=sums["x"].device, dtype=torch.float64) for part in parts]
+        parts = [part.to(device=sums["x"].device, dtype=self.dtype) for part in parts]
         # Checked before touching the sums: one bad batch must not poison what was already accumulated.
         if not all(bool(torch.isfinite(part).all()) for part in parts):
             raise ValueError("non-finite activations: the batch holds NaN or Inf in a counted token.")
@@ -176,7 +184,8 @@ class StreamingMoments:
         if key not in self._sums:
             needed = "gram=True" if key == "gram" else "target_dim set"
             raise RuntimeError(f"This statistic needs a StreamingMoments built with {needed}.")
-        return self._sums[key] / self._count if per_token else self._sums[key]
+        value = self._sums[key].double()
+        return value / self._count if per_token else value
 
     count = property(lambda self: self._count, doc="Number of tokens counted so far.")
     mean = property(lambda self: self._read("x", True), doc="`(dim,)` mean of x.")
@@ -480,6 +489,35 @@ def ridge_least_squares(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
         `torch.Tensor` shaped like `cross`, float64.
     """
     return _ridge_solve(gram, cross, ridge)[0]
+
+
+def refit_output_projection(gram: Tensor, cross: Tensor, weight: Tensor, damping: float) -> Tensor:
+    """Least-squares refit of a pruned output projection to the dense output (our addition to the method).
+
+    After neurons are dropped, the kept ones can compensate: ``W' = argmin ||Z W'^T - Y||^2 + lam ||W' - W||^2`` with
+    ``Z`` the pruned projection's inputs and ``Y`` the dense sub-layer's outputs on the same tokens. The damping pulls
+    towards the pruned weights ``W`` (not towards zero), so a direction the calibration data never excites keeps its
+    original weight. ``lam = damping * mean(diag(Z^T Z))``.
+
+    Args:
+        gram (`torch.Tensor` of shape `(in, in)`): ``Z^T Z``.
+        cross (`torch.Tensor` of shape `(in, out)`): ``Z^T Y``.
+        weight (`torch.Tensor` of shape `(out, in)`): the pruned projection's weight.
+        damping (`float`): relative damping, > 0.
+
+    Returns:
+        `torch.Tensor` of shape `(out, in)`, float64.
+    """
+    n_in, n_out = _matrix_dims("cross", cross)
+    _check_shape("gram", gram, (n_in, n_in))
+    _check_shape("weight", weight, (n_out, n_in))
+    _check_real("damping", damping)
+    if damping <= 0:
+        raise ValueError(f"`damping` must be > 0, got {damping}.")
+    gram, cross, weight = gram.double(), cross.double(), weight.double()
+    lam = damping * float(gram.diagonal().mean().clamp_min(1e-30))
+    solution, _ = _ridge_solve(gram, cross + lam * weight.T, lam)
+    return solution.T
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,9 @@
 
 For each decoder layer the pipeline (1) materialises the dense layer on the compute device, (2) replays the
 captured layer inputs through it while the algorithm's hooks accumulate statistics, (3) asks the algorithm for the
-pruned layer, (4) replays the inputs through the pruned layer (the algorithm may observe this pass too) to produce
-the next layer's inputs, and (5) hands the pruned layer to a sink and releases the dense one. Only one dense layer
+pruned layer, (4) lets the algorithm refine the pruned layer (it may replay the inputs through parts of it), (5) replays the
+inputs through the pruned layer (the algorithm observes this pass too, and may amend its outputs) to produce the
+next layer's inputs, and (6) hands the pruned layer to a sink and releases the dense one. Only one dense layer
 and the calibration activations are resident on the compute device at a time.
 
 Where the dense weights come from is a ``LayerSource``: the model's own modules (on any device, including
@@ -31,9 +32,11 @@ class LayerAlgorithm(Protocol):
 
     def prune(self, layer: torch.nn.Module, layer_idx: int) -> torch.nn.Module: ...
 
+    def refine(self, dense: torch.nn.Module, pruned: torch.nn.Module, layer_idx: int, replay) -> None: ...
+
     def observe_pruned(self, dense: torch.nn.Module, pruned: torch.nn.Module, layer_idx: int): ...  # context
 
-    def finish_layer(self, pruned: torch.nn.Module, layer_idx: int) -> dict: ...
+    def finish_layer(self, pruned: torch.nn.Module, layer_idx: int, outputs: list[torch.Tensor]) -> dict: ...
 
 
 class _StopForward(Exception):
@@ -61,6 +64,7 @@ class PipelineTimings:
     load: float = 0.0
     statistics: float = 0.0
     decomposition: float = 0.0
+    refit: float = 0.0
     propagation: float = 0.0
     store: float = 0.0
     per_layer: list[float] = field(default_factory=list)
@@ -71,6 +75,7 @@ class PipelineTimings:
             "load_s": self.load,
             "statistics_s": self.statistics,
             "decomposition_s": self.decomposition,
+            "refit_s": self.refit,
             "propagation_s": self.propagation,
             "store_s": self.store,
             "per_layer_s": self.per_layer,
@@ -251,13 +256,22 @@ def run_sequential(
             timings.decomposition += time.perf_counter() - tick
 
             tick = time.perf_counter()
+            algorithm.refine(
+                dense,
+                pruned,
+                layer_idx,
+                lambda module: _run_checked(module, activations, device, layer_idx, keep_outputs=False),
+            )
+            timings.refit += time.perf_counter() - tick
+
+            tick = time.perf_counter()
             with algorithm.observe_pruned(dense, pruned, layer_idx):
                 outputs = _run_checked(pruned, activations, device, layer_idx, keep_outputs=True)
             timings.propagation += time.perf_counter() - tick
 
             tick = time.perf_counter()
-            record = algorithm.finish_layer(pruned, layer_idx)
-            timings.decomposition += time.perf_counter() - tick
+            record = algorithm.finish_layer(pruned, layer_idx, outputs)
+            timings.refit += time.perf_counter() - tick
         tick = time.perf_counter()
         sink.store(layer_idx, pruned)
         activations.hidden_states = outputs

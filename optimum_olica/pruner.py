@@ -169,6 +169,7 @@ def prune_model(
         plan_config,
         calibration_rank=calibration_rank,
         ridge_strength=config.ridge_strength,
+        storage_device=storage,
         statistics_dtype=getattr(torch, config.statistics_dtype),
     )
     records = run_sequential(

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-quick demo clean
+.PHONY: install test test-quick demo bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test-quick: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/prune_default_model.py
+
+# Quality/cost table of docs/benchmarks.md (about 25 minutes on 2 cores); bench-quick is a smoke run.
+bench: $(STAMP)
+	$(PY) bench/quality.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/quality.py --quick --output bench/results/quality_quick.json --no-doc
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info site

@@ -160,6 +160,17 @@ class OlicaConfig:
         },
     )
 
+    refit_damping: float | None = field(
+        default=0.01,
+        metadata={
+            "help": (
+                "Damping of the least-squares refit of o_proj and down_proj on the pruned layer's own inputs "
+                "(our addition to the method, see docs/method.md), > 0: lambda = refit_damping * mean(diag(Z^T Z)), "
+                "pulling towards the pruned weights. None disables the refit (the paper's method as published)."
+            )
+        },
+    )
+
     # -- Scope and numerics -------------------------------------------------
     skip_layers: list[int] = field(
         default_factory=list,
@@ -270,6 +281,13 @@ class OlicaConfig:
         self.ridge_strength = self._real("ridge_strength", self.ridge_strength, "a finite number > 0")
         if not self.ridge_strength > 0.0:
             raise ValueError(f"`ridge_strength` must be > 0 (finite), got {self.ridge_strength!r}.")
+
+        if self.refit_damping is not None:
+            self.refit_damping = self._real("refit_damping", self.refit_damping, "a finite number > 0, or None")
+            if not self.refit_damping > 0.0:
+                raise ValueError(
+                    f"`refit_damping` must be > 0 (finite) or None to disable the refit, got {self.refit_damping!r}."
+                )
 
         self.skip_layers = self._check_skip_layers(self.skip_layers)
 

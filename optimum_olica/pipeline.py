@@ -13,8 +13,10 @@ accelerate-offloaded ones) or, in streaming mode, the safetensors files read one
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +24,8 @@ from typing import Protocol
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import align_module_device
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 
@@ -201,6 +205,97 @@ class ModelLayerSink:
         self.layers[layer_idx] = pruned.to(home)
 
 
+class SafetensorsWeights:
+    """Read-only access to a checkpoint's tensors by name, across the shards of a safetensors checkpoint."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.directory = Path(checkpoint_dir)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: self.directory / file for name, file in weight_map.items()}
+        elif (self.directory / "model.safetensors").exists():
+            single = self.directory / "model.safetensors"
+            with safe_open(single, framework="pt") as handle:
+                self.file_of = {name: single for name in handle.keys()}
+        else:
+            raise FileNotFoundError(
+                f"Streaming needs safetensors weights, but {self.directory} has neither model.safetensors nor "
+                "model.safetensors.index.json. Convert the checkpoint with save_pretrained(safe_serialization=True)."
+            )
+
+    def names_with_prefix(self, prefix: str) -> list[str]:
+        return [name for name in self.file_of if name.startswith(prefix)]
+
+    def load(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The named tensors on ``device``; a truncated or corrupted file raises an error naming it."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.file_of[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as handle:
+                    for name in file_names:
+                        tensors[name] = handle.get_tensor(name)
+            except Exception as error:  # safetensors raises its own error types for damaged files
+                raise OSError(
+                    f"Could not read {name!r} from {file}: {error}. The file is truncated or corrupted; download or "
+                    "save the checkpoint again."
+                ) from error
+        return tensors
+
+
+class SafetensorsLayerSource:
+    """Streaming: each dense layer is read from the safetensors files only while it is processed."""
+
+    def __init__(self, model: torch.nn.Module, weights: SafetensorsWeights):
+        self.layers = decoder_layers(model)
+        self.weights = weights
+        self.prefix = f"{model.base_model_prefix}.layers."
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextmanager
+    def dense_layer(self, layer_idx: int, device: torch.device) -> Iterator[torch.nn.Module]:
+        prefix = f"{self.prefix}{layer_idx}."
+        names = self.weights.names_with_prefix(prefix)
+        state = {name[len(prefix):]: tensor for name, tensor in self.weights.load(names, device).items()}
+        dtype = next(iter(state.values())).dtype
+        layer = _module_from_state(self.layers[layer_idx], state)
+        yield layer.to(dtype)
+        del layer, state
+
+
+class SafetensorsLayerSink:
+    """Streaming: each pruned layer is written to its own safetensors shard and released from memory."""
+
+    def __init__(self, directory: Path, prefix: str):
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.files: dict[int, str] = {}
+        self.weight_map: dict[str, str] = {}
+
+    def file_name(self, layer_idx: int) -> str:
+        return f"model-layer-{layer_idx:05d}.safetensors"
+
+    def store(self, layer_idx: int, pruned: torch.nn.Module) -> None:
+        self.write(layer_idx, pruned.state_dict())
+
+    def write(self, layer_idx: int, state: dict[str, torch.Tensor]) -> None:
+        name = self.file_name(layer_idx)
+        tensors = {f"{self.prefix}{layer_idx}.{key}": value.detach().cpu().contiguous() for key, value in state.items()}
+        save_file(tensors, self.directory / name, metadata={"format": "pt"})
+        self.files[layer_idx] = name
+        self.weight_map.update({key: name for key in tensors})
+
+    def read(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        prefix = f"{self.prefix}{layer_idx}."
+        with safe_open(self.directory / self.files[layer_idx], framework="pt") as handle:
+            return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys()}
+
+
 def _has_accelerate_hook(module: torch.nn.Module) -> bool:
     return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
 
@@ -300,6 +395,9 @@ __all__ = [
     "LayerAlgorithm",
     "ModelLayerSink",
     "ModelLayerSource",
+    "SafetensorsLayerSink",
+    "SafetensorsLayerSource",
+    "SafetensorsWeights",
     "PipelineTimings",
     "capture_layer_inputs",
     "decoder_layers",

@@ -20,11 +20,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .allocation import plan_dimensions
+from .baselines import MagnitudeLayerPruner
 from .checkpoint import (
     build_olica_model,
+    causal_lm_class_for,
     olica_config_from,
     prepare_output_directory,
     save_pruned_model,
+    write_directory_atomically,
 )
 from .configuration import OlicaConfig
 from .data import get_calibration_dataset
@@ -33,6 +36,9 @@ from .pipeline import (
     ModelLayerSink,
     ModelLayerSource,
     PipelineTimings,
+    SafetensorsLayerSink,
+    SafetensorsLayerSource,
+    SafetensorsWeights,
     capture_layer_inputs,
     decoder_layers,
     run_sequential,
@@ -102,6 +108,9 @@ def prune_model(
     calibration_input_ids: torch.Tensor,
     *,
     progress: bool = True,
+    method: str = "olica",
+    stream_from: str | os.PathLike | None = None,
+    stream_to: str | os.PathLike | None = None,
 ) -> PruningResult:
     """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
 
@@ -113,7 +122,15 @@ def prune_model(
         config: the recipe.
         calibration_input_ids: ``(num_samples, sequence_length)`` token ids.
         progress: show a progress bar per layer.
+        method: ``"olica"``, or ``"magnitude"`` for the data-free baseline of the ablation tables (same dimensions,
+            choices from weight norms only).
+        stream_from: streaming mode: the local safetensors checkpoint of ``model``, whose weights are read one layer
+            at a time (``model`` may then be an empty skeleton on the meta device).
+        stream_to: streaming mode: a directory (normally a staging directory) where the pruned checkpoint is written
+            layer by layer; the returned ``PruningResult.model`` is then None.
     """
+    if method not in ("olica", "magnitude"):
+        raise ValueError(f"method={method!r} is not one of 'olica', 'magnitude'.")
     started = time.perf_counter()
     if calibration_input_ids.ndim != 2 or calibration_input_ids.numel() == 0:
         raise ValueError(
@@ -159,22 +176,36 @@ def prune_model(
     timings = PipelineTimings()
 
     model.eval()
+    streaming = stream_from is not None
+    if streaming:
+        if stream_to is None:
+            raise ValueError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
+        weights = SafetensorsWeights(stream_from)
+        _materialize_input_embeddings(model, weights)
+        source = SafetensorsLayerSource(model, weights)
+        sink = SafetensorsLayerSink(Path(stream_to), f"{model.base_model_prefix}.layers.")
+    else:
+        source, sink = ModelLayerSource(model), ModelLayerSink(model)
     tick = time.perf_counter()
     activations = capture_layer_inputs(
         model, calibration_input_ids, batch_size=batch_size, storage_device=storage, input_device=_input_device(model)
     )
     timings.capture = time.perf_counter() - tick
 
-    algorithm = OlicaLayerPruner(
-        plan_config,
-        calibration_rank=calibration_rank,
-        ridge_strength=config.ridge_strength,
-        storage_device=storage,
-        statistics_dtype=getattr(torch, config.statistics_dtype),
-    )
+    if method == "magnitude":
+        algorithm = MagnitudeLayerPruner(plan_config)
+    else:
+        algorithm = OlicaLayerPruner(
+            plan_config,
+            calibration_rank=calibration_rank,
+            ridge_strength=config.ridge_strength,
+            refit_damping=config.refit_damping,
+            storage_device=storage,
+            statistics_dtype=getattr(torch, config.statistics_dtype),
+        )
     records = run_sequential(
-        ModelLayerSource(model),
-        ModelLayerSink(model),
+        source,
+        sink,
         activations,
         algorithm,
         device,
@@ -183,24 +214,36 @@ def prune_model(
     )
     del activations
 
-    layers = decoder_layers(model)
     chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers)
-    for candidate in chosen:
-        attach_linear_calibration(layers[candidate.layer_idx], candidate.fit)
-
-    final_config = olica_config_from(model.config, **_layer_dimensions(layers), olica_recipe=config.to_dict())
-    final_config._attn_implementation = model.config._attn_implementation
-    pruned = build_olica_model(final_config, _full_state_dict(model))
-    pruned.generation_config = model.generation_config
-
+    if streaming:
+        dimensions = plan.per_layer_lists()
+        for candidate in chosen:
+            state = sink.read(candidate.layer_idx)
+            state["mlp.linear_calibration.down.weight"] = candidate.fit.down.to(state["mlp.down_proj.weight"].dtype)
+            state["mlp.linear_calibration.up.weight"] = candidate.fit.up.to(state["mlp.down_proj.weight"].dtype)
+            sink.write(candidate.layer_idx, state)
+            dimensions["calibration_ranks"][candidate.layer_idx] = candidate.fit.down.shape[0]
+        final_config = olica_config_from(model.config, **dimensions, olica_recipe=config.to_dict())
+        _write_streamed_checkpoint(Path(stream_to), final_config, weights, sink, model)
+        pruned = None
+        parameters_after = final_config.count_parameters()
+    else:
+        layers = decoder_layers(model)
+        for candidate in chosen:
+            attach_linear_calibration(layers[candidate.layer_idx], candidate.fit)
+        final_config = olica_config_from(model.config, **_layer_dimensions(layers), olica_recipe=config.to_dict())
+        final_config._attn_implementation = model.config._attn_implementation
+        pruned = build_olica_model(final_config, _full_state_dict(model))
+        pruned.generation_config = model.generation_config
+        parameters_after = pruned.num_parameters()
     parameters_before = plan.parameters_before
-    parameters_after = pruned.num_parameters()
     report = {
         "format_version": 1,
         "base_model": getattr(model.config, "_name_or_path", None) or None,
         "base_model_type": model.config.model_type,
         "parameters_before": parameters_before,
         "parameters_after": parameters_after,
+        "method": method,
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - parameters_after / parameters_before,
         "part_ratios": {"qk": plan.ratios.qk, "vo": plan.ratios.vo, "ffn": plan.ratios.ffn},
@@ -217,6 +260,7 @@ def prune_model(
         "timings": timings.to_dict(),
         "runtime_s": time.perf_counter() - started,
         "device": str(device),
+        "streaming": streaming,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -226,6 +270,49 @@ def prune_model(
     for record, dims in zip(report["layers"], _rows(final_config)):
         record.update(dims)
     return PruningResult(pruned, report)
+
+
+def _materialize_input_embeddings(model, weights: SafetensorsWeights) -> None:
+    """In a meta skeleton, load only what runs before the first decoder layer: the input embeddings."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    embeddings = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is embeddings:
+            key = f"{name}.weight"
+            tensor = weights.load([key], torch.device("cpu"))[key]
+            set_module_tensor_to_device(model, key, "cpu", value=tensor)
+            return
+
+
+def _write_streamed_checkpoint(directory: Path, config, weights: SafetensorsWeights, sink, model) -> None:
+    """Complete a streamed checkpoint: the non-layer tensors, the shard index, the config and the modeling code."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers.dynamic_module_utils import custom_object_save
+
+    layer_prefix = f"{model.base_model_prefix}.layers."
+    rest = [name for name in weights.file_of if not name.startswith(layer_prefix)]
+    if config.tie_word_embeddings:
+        rest = [name for name in rest if name != "lm_head.weight"]
+    tensors = weights.load(rest, torch.device("cpu"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model-rest.safetensors",
+              metadata={"format": "pt"})
+    weight_map = {**sink.weight_map, **{name: "model-rest.safetensors" for name in tensors}}
+    total_size = sum((directory / file).stat().st_size for file in set(weight_map.values()))
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    with init_empty_weights():
+        skeleton = causal_lm_class_for(config)(config)
+    custom_object_save(skeleton, directory, config=config)
+    auto_map = dict(getattr(config, "auto_map", None) or {})
+    auto_map["AutoModel"] = f"modeling_olica.{skeleton.base_model_class.__name__}"
+    config.auto_map = auto_map
+    config.architectures = [type(skeleton).__name__]
+    config.save_pretrained(directory)
+    generation_config = weights.directory / "generation_config.json"
+    if generation_config.exists():
+        (directory / "generation_config.json").write_text(generation_config.read_text())
 
 
 def _rows(config) -> list[dict]:
@@ -267,26 +354,35 @@ class OlicaPruner:
         ```
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer=None):
+    def __init__(self, model: PreTrainedModel, tokenizer=None, checkpoint_dir: str | os.PathLike | None = None):
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"OlicaPruner needs a transformers PreTrainedModel, got {type(model).__name__}.")
         olica_config_from(model.config)  # fails early, naming the supported families
         self.model = model
         self.tokenizer = tokenizer
+        # Set for streaming: the local safetensors checkpoint the weights are read from, one layer at a time.
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.pruned_model: PreTrainedModel | None = None
         self.report: dict | None = None
         self.config: OlicaConfig | None = None
 
     @classmethod
-    def from_pretrained(cls, model_or_path, tokenizer=None, **model_kwargs) -> "OlicaPruner":
+    def from_pretrained(
+        cls, model_or_path, tokenizer=None, *, streaming: bool = False, **model_kwargs
+    ) -> "OlicaPruner":
         """Load the model to prune (a Hub id or a local folder) or wrap one already loaded.
 
         Args:
             model_or_path: a ``PreTrainedModel`` (any dtype, any device map) or a name/path for
                 ``AutoModelForCausalLM.from_pretrained``.
             tokenizer: a tokenizer, or None to load the model's own (needed for text calibration data).
+            streaming: load nothing now: build the model skeleton on the meta device and, while pruning, read each
+                layer's weights from the safetensors files only while that layer is processed (peak memory is about
+                one layer plus the calibration activations). A Hub id is downloaded first.
             model_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ``token``, ...).
         """
+        if streaming:
+            return cls._streaming_skeleton(model_or_path, tokenizer, **model_kwargs)
         if isinstance(model_or_path, PreTrainedModel):
             model = model_or_path
             name = getattr(model.config, "_name_or_path", None)
@@ -300,6 +396,30 @@ class OlicaPruner:
             except (OSError, ValueError) as error:
                 logger.warning("No tokenizer could be loaded from %s (%s); pass tokenizer= for text data.", name, error)
         return cls(model, tokenizer)
+
+    @classmethod
+    def _streaming_skeleton(cls, model_or_path, tokenizer=None, **model_kwargs) -> "OlicaPruner":
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        if isinstance(model_or_path, PreTrainedModel):
+            raise ValueError("streaming=True reads weights from files: pass a checkpoint path or Hub id, not a model.")
+        directory = Path(str(model_or_path)).expanduser()
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(model_or_path), revision=model_kwargs.get("revision"),
+                                               token=model_kwargs.get("token")))
+        config = AutoConfig.from_pretrained(directory)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None))
+        model.config._name_or_path = str(model_or_path)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+            except (OSError, ValueError) as error:
+                logger.warning("No tokenizer in %s (%s); pass tokenizer= for text data.", directory, error)
+        return cls(model, tokenizer, checkpoint_dir=directory)
 
     def calibration_input_ids(self, config: OlicaConfig, calibration_dataset=None) -> torch.Tensor:
         """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's."""
@@ -327,6 +447,9 @@ class OlicaPruner:
     ) -> PreTrainedModel:
         """Prune the model; returns the pruned model and, with ``save_directory``, writes the checkpoint.
 
+        In streaming mode (``from_pretrained(..., streaming=True)``) the checkpoint is written to ``save_directory``
+        layer by layer and nothing is returned: load it with ``AutoModelForCausalLM.from_pretrained``.
+
         Args:
             config: the recipe (default ``OlicaConfig()``: 20% of all parameters).
             calibration_dataset: token ids ``(num_samples, sequence_length)``, a list of strings, a
@@ -345,6 +468,8 @@ class OlicaPruner:
             config_source = type(calibration_dataset).__name__
         else:
             config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
+        if config.streaming or self.checkpoint_dir is not None:
+            return self._prune_streaming(config, input_ids, str(config_source), save_directory, overwrite, progress)
         result = prune_model(self.model, config, input_ids, progress=progress)
         result.report["calibration_data"]["source"] = str(config_source)
         self.pruned_model, self.report, self.config = result.model, result.report, config
@@ -353,6 +478,31 @@ class OlicaPruner:
         if save_directory is not None:
             self.save_pretrained(save_directory, overwrite=overwrite)
         return result.model
+
+    def _prune_streaming(self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool):
+        if self.checkpoint_dir is None:
+            raise ValueError(
+                "config.streaming=True needs the pruner to know the checkpoint files: create it with "
+                "OlicaPruner.from_pretrained(path_or_hub_id, streaming=True)."
+            )
+        if save_directory is None:
+            raise ValueError("Streaming writes the pruned checkpoint layer by layer: pass save_directory=.")
+
+        def write(staging: Path) -> None:
+            result = prune_model(
+                self.model, config, input_ids, progress=progress, stream_from=self.checkpoint_dir, stream_to=staging
+            )
+            result.report["calibration_data"]["source"] = source
+            self.report, self.config = result.report, config
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            (staging / "olica_config.json").write_text(config.to_json_string(), encoding="utf-8")
+            (staging / REPORT_NAME).write_text(json.dumps(result.report, indent=2, sort_keys=True), encoding="utf-8")
+
+        self.saved_directory = write_directory_atomically(save_directory, write, overwrite=overwrite)
+        if progress:
+            print(format_summary(self.report))
+        return None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the pruned checkpoint: weights, config, tokenizer, ``olica_config.json``, ``olica_report.json``."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from accelerate import init_empty_weights
 
 from . import olica_math as om
 from .modeling import OlicaDecoderLayer
+from .olica import assemble_pruned_layer, planned_dimensions
 
 
 class MagnitudeLayerPruner:
@@ -33,14 +33,7 @@ class MagnitudeLayerPruner:
         return nullcontext()
 
     def finish_layer(self, pruned, layer_idx: int, outputs) -> dict:
-        config = self.plan_config
-        return {
-            "layer": layer_idx,
-            "query_rank": config.query_ranks[layer_idx],
-            "key_rank": config.key_ranks[layer_idx],
-            "value_head_dim": config.value_head_dims[layer_idx],
-            "intermediate_size": config.intermediate_sizes[layer_idx],
-        }
+        return planned_dimensions(self.plan_config, layer_idx)
 
     def choose_calibrated_layers(self, count: int) -> list:
         return []
@@ -90,14 +83,7 @@ class MagnitudeLayerPruner:
             state.update({"mlp.gate_proj.bias": gate_bias, "mlp.up_proj.bias": up_bias})
         if mlp.down_proj.bias is not None:
             state["mlp.down_proj.bias"] = mlp.down_proj.bias
-        with init_empty_weights():
-            pruned = OlicaDecoderLayer(config, layer_idx)
-        pruned.load_state_dict(
-            {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()},
-            strict=True,
-            assign=True,
-        )
-        return pruned.eval()
+        return assemble_pruned_layer(config, layer_idx, state, device=device, dtype=dtype)
 
 
 __all__ = ["MagnitudeLayerPruner"]

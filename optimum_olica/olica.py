@@ -183,15 +183,8 @@ class OlicaLayerPruner:
             if "norm" in name:
                 state[name] = tensor
 
-        with init_empty_weights():
-            pruned = OlicaDecoderLayer(config, layer_idx)
-        pruned.load_state_dict(
-            {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()},
-            strict=True,
-            assign=True,
-        )
         self._stats = None
-        return pruned.eval()
+        return assemble_pruned_layer(config, layer_idx, state, device=device, dtype=dtype)
 
     def _store(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.storage_device) if self.storage_device is not None else tensor.detach()
@@ -274,13 +267,7 @@ class OlicaLayerPruner:
             # down_proj is linear: the refit changes each layer output by activation @ delta, no rerun needed.
             for index, (_, activation, _) in enumerate(self._ffn_batches):
                 outputs[index] += (activation.to(delta.device) @ delta).to(outputs[index].device)
-        record = {
-            "layer": layer_idx,
-            "query_rank": self.plan_config.query_ranks[layer_idx],
-            "key_rank": self.plan_config.key_ranks[layer_idx],
-            "value_head_dim": self.plan_config.value_head_dims[layer_idx],
-            "intermediate_size": self.plan_config.intermediate_sizes[layer_idx],
-        }
+        record = planned_dimensions(self.plan_config, layer_idx)
         if self.calibration_rank > 0 and self._ffn_batches:
             d = mlp.hidden_size
             moments = om.StreamingMoments(d, gram=True, target_dim=d, dtype=self.statistics_dtype)
@@ -307,6 +294,29 @@ class OlicaLayerPruner:
         eligible = [candidate for candidate in self.candidates if candidate.layer_idx != last]
         eligible.sort(key=lambda c: c.fit.explained_energy * c.residual_energy, reverse=True)
         return sorted(eligible[:count], key=lambda c: c.layer_idx)
+
+
+def assemble_pruned_layer(config, layer_idx: int, state: dict[str, torch.Tensor], *, device, dtype):
+    """An ``OlicaDecoderLayer`` of ``config``'s dimensions holding ``state`` (cast to ``dtype`` on ``device``)."""
+    with init_empty_weights():
+        layer = OlicaDecoderLayer(config, layer_idx)
+    layer.load_state_dict(
+        {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()},
+        strict=True,
+        assign=True,
+    )
+    return layer.eval()
+
+
+def planned_dimensions(config, layer_idx: int) -> dict:
+    """The report record of one layer's planned dimensions."""
+    return {
+        "layer": layer_idx,
+        "query_rank": config.query_ranks[layer_idx],
+        "key_rank": config.key_ranks[layer_idx],
+        "value_head_dim": config.value_head_dims[layer_idx],
+        "intermediate_size": config.intermediate_sizes[layer_idx],
+    }
 
 
 class _AttentionBlock(torch.nn.Module):
@@ -337,4 +347,10 @@ def attach_linear_calibration(layer: OlicaDecoderLayer, fit: om.LinearCalibratio
     layer.mlp.linear_calibration = branch
 
 
-__all__ = ["CalibrationCandidate", "OlicaLayerPruner", "attach_linear_calibration"]
+__all__ = [
+    "CalibrationCandidate",
+    "OlicaLayerPruner",
+    "assemble_pruned_layer",
+    "attach_linear_calibration",
+    "planned_dimensions",
+]

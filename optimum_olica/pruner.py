@@ -151,9 +151,10 @@ def prune_model(
             f"skip_layers={list(skip_layers)} names layers {out_of_range} but the model has "
             f"{full_config.num_hidden_layers} layers (0 to {full_config.num_hidden_layers - 1})."
         )
+    # The magnitude baseline has no calibration branch: its budget goes to FFN neurons, at the same total.
     calibration_rank = (
         max(1, math.floor(config.calibration_rank_ratio * full_config.hidden_size))
-        if config.num_calibrated_layers > 0
+        if config.num_calibrated_layers > 0 and method == "olica"
         else 0
     )
     plan = plan_dimensions(

@@ -11,6 +11,10 @@ from .checkpoint import (
     save_pruned_model,
     to_stock_model,
 )
+from .configuration import OlicaConfig
+from .data import get_calibration_dataset
+from .evaluation import perplexity
+from .pruner import OlicaPruner, format_summary, prune_model
 from .modeling import (
     OlicaLlamaConfig,
     OlicaLlamaForCausalLM,
@@ -26,6 +30,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "OlicaConfig",
+    "OlicaPruner",
+    "format_summary",
+    "get_calibration_dataset",
+    "perplexity",
+    "prune_model",
     "OlicaLlamaConfig",
     "OlicaLlamaForCausalLM",
     "OlicaMistralConfig",

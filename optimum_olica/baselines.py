@@ -35,7 +35,7 @@ class MagnitudeLayerPruner:
     def finish_layer(self, pruned, layer_idx: int, outputs) -> dict:
         return planned_dimensions(self.plan_config, layer_idx)
 
-    def choose_calibrated_layers(self, count: int) -> list:
+    def choose_calibrated_layers(self, count: int, exclude=()) -> list:
         return []
 
     @torch.no_grad()

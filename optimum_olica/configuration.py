@@ -160,13 +160,15 @@ class OlicaConfig:
         },
     )
 
-    refit_damping: float | None = field(
-        default=0.01,
+    refit_damping: float | str | None = field(
+        default="auto",
         metadata={
             "help": (
                 "Damping of the least-squares refit of o_proj and down_proj on the pruned layer's own inputs "
-                "(our addition to the method, see docs/method.md), > 0: lambda = refit_damping * mean(diag(Z^T Z)), "
-                "pulling towards the pruned weights. None disables the refit (the paper's method as published)."
+                "(our addition to the method, see docs/method.md): lambda = refit_damping * mean(diag(Z^T Z)), "
+                "pulling towards the pruned weights. 'auto' (default) picks it per projection by two-fold "
+                "cross-validation on the calibration tokens among 1e-3, 1e-2, 1e-1, 1, 10 (and declines the refit "
+                "when it does not help); a number > 0 fixes it; None disables the refit (the paper's method)."
             )
         },
     )
@@ -282,8 +284,12 @@ class OlicaConfig:
         if not self.ridge_strength > 0.0:
             raise ValueError(f"`ridge_strength` must be > 0 (finite), got {self.ridge_strength!r}.")
 
-        if self.refit_damping is not None:
-            self.refit_damping = self._real("refit_damping", self.refit_damping, "a finite number > 0, or None")
+        if self.refit_damping is not None and self.refit_damping != "auto":
+            if isinstance(self.refit_damping, str):
+                raise ValueError(
+                    f"`refit_damping` must be 'auto', a number > 0 or None, got {self.refit_damping!r}."
+                )
+            self.refit_damping = self._real("refit_damping", self.refit_damping, "'auto', a finite number > 0, or None")
             if not self.refit_damping > 0.0:
                 raise ValueError(
                     f"`refit_damping` must be > 0 (finite) or None to disable the refit, got {self.refit_damping!r}."

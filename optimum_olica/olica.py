@@ -44,7 +44,8 @@ class OlicaLayerPruner:
         plan_config: Olica config whose per-layer lists hold the target dimensions.
         calibration_rank: rank of the linear-calibration branch fitted for each layer (0: none).
         ridge_strength: ridge factor of the least-squares fit (method §3).
-        refit_damping: damping of the least-squares refit of ``o_proj`` and ``down_proj`` (None: no refit).
+        refit_damping: damping of the least-squares refit of ``o_proj`` and ``down_proj``: ``"auto"`` (chosen per
+            projection by two-fold cross-validation, which may also decline the refit), a number, or None (no refit).
         storage_device: where per-batch tensors kept between passes live (None: where they are computed).
         statistics_dtype: accumulation dtype of the activation statistics.
     """
@@ -52,14 +53,15 @@ class OlicaLayerPruner:
     plan_config: object
     calibration_rank: int = 0
     ridge_strength: float = 0.5
-    refit_damping: float | None = 1e-2
+    refit_damping: float | str | None = "auto"
     storage_device: torch.device | None = None
     statistics_dtype: torch.dtype = torch.float64
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
     _ffn_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    _ffn_refit: om.StreamingMoments | None = None
+    _ffn_refit: list[om.StreamingMoments] | None = None
+    _record: dict = field(default_factory=dict)
 
     # ---- statistics of the dense layer ----------------------------------------------------------------------
 
@@ -200,13 +202,11 @@ class OlicaLayerPruner:
         if self.refit_damping is None:
             return
         o_proj = pruned.self_attn.o_proj
-        moments = om.StreamingMoments(
-            o_proj.in_features, gram=True, target_dim=o_proj.out_features, dtype=self.statistics_dtype
-        )
+        folds = self._folds(o_proj.in_features, o_proj.out_features)
         targets = iter(self._dense_attention_outputs)
 
         def on_value_output(module, args):
-            moments.update(args[0], next(targets).to(args[0].device))
+            _update_folds(folds, args[0], next(targets).to(args[0].device))
 
         handle = o_proj.register_forward_pre_hook(on_value_output)
         try:
@@ -214,8 +214,35 @@ class OlicaLayerPruner:
         finally:
             handle.remove()
         self._dense_attention_outputs = []
-        weight = om.refit_output_projection(moments.gram, moments.cross, o_proj.weight, self.refit_damping)
-        o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
+        weight, damping = self._refit(folds, o_proj.weight)
+        self._record = {"o_proj_refit_damping": damping}
+        if weight is not None:
+            o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
+
+    def _folds(self, in_features: int, out_features: int) -> list[om.StreamingMoments]:
+        return [
+            om.StreamingMoments(in_features, gram=True, target_dim=out_features, dtype=self.statistics_dtype)
+            for _ in range(2)
+        ]
+
+    def _refit(self, folds: list[om.StreamingMoments], weight: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """The refitted weight and its damping, or (None, None) when the refit is disabled or declined."""
+        filled = [fold for fold in folds if fold.count > 0]
+        if self.refit_damping is None or not filled:
+            return None, None
+        damping = self.refit_damping
+        if damping == "auto":
+            if len(filled) < 2:
+                damping = max(REFIT_DAMPING_CANDIDATES)  # one sequence: no validation possible, damp strongly
+            else:
+                damping = om.choose_refit_damping(
+                    [(fold.gram, fold.cross) for fold in folds], weight, REFIT_DAMPING_CANDIDATES
+                )
+                if damping is None:
+                    return None, None
+        gram = sum(fold.gram for fold in filled)
+        cross = sum(fold.cross for fold in filled)
+        return om.refit_output_projection(gram, cross, weight, damping), damping
 
     # ---- the FFN on the pruned layer's own inputs: down_proj refit and linear calibration -------------------
 
@@ -228,9 +255,7 @@ class OlicaLayerPruner:
         """
         mlp = pruned.mlp
         self._ffn_batches = []
-        self._ffn_refit = om.StreamingMoments(
-            mlp.down_proj.in_features, gram=True, target_dim=mlp.hidden_size, dtype=self.statistics_dtype
-        )
+        self._ffn_refit = self._folds(mlp.down_proj.in_features, mlp.hidden_size)
         if self.refit_damping is None and self.calibration_rank <= 0:
             yield
             return
@@ -243,7 +268,7 @@ class OlicaLayerPruner:
             ffn_input, activation = args[0], kept_activations.pop()
             target = dense.mlp(ffn_input)
             if self.refit_damping is not None:
-                self._ffn_refit.update(activation, target)
+                _update_folds(self._ffn_refit, activation, target)
             self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target)))
 
         handles = [mlp.down_proj.register_forward_pre_hook(on_down_input), mlp.register_forward_hook(on_mlp)]
@@ -258,16 +283,16 @@ class OlicaLayerPruner:
         """Apply the ``down_proj`` refit (amending ``outputs`` to match), fit the calibration branch, report."""
         mlp = pruned.mlp
         down = mlp.down_proj
-        if self.refit_damping is not None and self._ffn_batches:
-            weight = om.refit_output_projection(
-                self._ffn_refit.gram, self._ffn_refit.cross, down.weight, self.refit_damping
-            ).to(down.weight.dtype)
+        weight, damping = self._refit(self._ffn_refit, down.weight) if self._ffn_batches else (None, None)
+        if weight is not None:
+            weight = weight.to(down.weight.dtype)
             delta = (weight - down.weight).T  # (intermediate, hidden)
             down.weight.copy_(weight)
             # down_proj is linear: the refit changes each layer output by activation @ delta, no rerun needed.
             for index, (_, activation, _) in enumerate(self._ffn_batches):
                 outputs[index] += (activation.to(delta.device) @ delta).to(outputs[index].device)
-        record = planned_dimensions(self.plan_config, layer_idx)
+        record = {**planned_dimensions(self.plan_config, layer_idx), **self._record, "down_proj_refit_damping": damping}
+        self._record = {}
         if self.calibration_rank > 0 and self._ffn_batches:
             d = mlp.hidden_size
             moments = om.StreamingMoments(d, gram=True, target_dim=d, dtype=self.statistics_dtype)
@@ -286,12 +311,13 @@ class OlicaLayerPruner:
         self._ffn_batches, self._ffn_refit = [], None
         return record
 
-    def choose_calibrated_layers(self, count: int) -> list[CalibrationCandidate]:
-        """The ``count`` layers whose branch removes the most residual energy (never the last layer)."""
+    def choose_calibrated_layers(self, count: int, exclude=()) -> list[CalibrationCandidate]:
+        """The ``count`` layers whose branch removes the most residual energy (never the last layer, never a
+        layer in ``exclude``, i.e. a skipped layer, which was not pruned)."""
         if count <= 0 or not self.candidates:
             return []
         last = max(candidate.layer_idx for candidate in self.candidates)
-        eligible = [candidate for candidate in self.candidates if candidate.layer_idx != last]
+        eligible = [c for c in self.candidates if c.layer_idx != last and c.layer_idx not in set(exclude)]
         eligible.sort(key=lambda c: c.fit.explained_energy * c.residual_energy, reverse=True)
         return sorted(eligible[:count], key=lambda c: c.layer_idx)
 
@@ -317,6 +343,19 @@ def planned_dimensions(config, layer_idx: int) -> dict:
         "value_head_dim": config.value_head_dims[layer_idx],
         "intermediate_size": config.intermediate_sizes[layer_idx],
     }
+
+
+# Relative dampings tried by the cross-validated refit (multiples of the mean diagonal of Z^T Z).
+REFIT_DAMPING_CANDIDATES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def _update_folds(folds: list[om.StreamingMoments], inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Alternate sequences between the two folds (whole batches when a batch holds one sequence)."""
+    if inputs.ndim >= 3 and inputs.shape[0] >= 2:
+        folds[0].update(inputs[0::2], targets[0::2])
+        folds[1].update(inputs[1::2], targets[1::2])
+    else:
+        min(folds, key=lambda fold: fold.count).update(inputs, targets)
 
 
 class _AttentionBlock(torch.nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor
 __all__ = [
     "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "ffn_neuron_scores",
     "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
-    "refit_output_projection", "ridge_least_squares", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
+    "choose_refit_damping", "refit_output_projection", "ridge_least_squares", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
     "value_output_rotation",
 ]
 
@@ -518,6 +518,44 @@ def refit_output_projection(gram: Tensor, cross: Tensor, weight: Tensor, damping
     lam = damping * float(gram.diagonal().mean().clamp_min(1e-30))
     solution, _ = _ridge_solve(gram, cross + lam * weight.T, lam)
     return solution.T
+
+
+def _squared_error_up_to_constant(weight: Tensor, gram: Tensor, cross: Tensor) -> float:
+    # ||Y - Z W^T||^2 = ||Y||^2 - 2 tr(W Z^T Y) + tr(W Z^T Z W^T); ||Y||^2 is the same for every candidate W.
+    return float((weight @ gram * weight).sum() - 2.0 * (weight * cross.T).sum())
+
+
+def choose_refit_damping(
+    folds: list[tuple[Tensor, Tensor]], weight: Tensor, candidates: tuple[float, ...]
+) -> float | None:
+    """Pick the refit damping by two-fold cross-validation on the calibration tokens (our addition).
+
+    Each candidate is fitted on one fold and scored on the other, both ways, from the folds' ``(Z^T Z, Z^T Y)``
+    alone. Keeping the pruned weight unchanged competes too: with few calibration tokens (fewer than the
+    projection's inputs) a refit can overfit, and then no refit is chosen.
+
+    Args:
+        folds: two ``(gram (in, in), cross (in, out))`` pairs from disjoint halves of the tokens.
+        weight (`torch.Tensor` of shape `(out, in)`): the pruned projection's weight.
+        candidates: relative dampings to try, each > 0.
+
+    Returns:
+        The best damping, or None when no refit beats the unchanged weight.
+    """
+    if len(folds) != 2:
+        raise ValueError(f"`folds` must hold two (gram, cross) pairs, got {len(folds)}.")
+    weight = weight.double()
+    (gram_a, cross_a), (gram_b, cross_b) = [(g.double(), c.double()) for g, c in folds]
+    best, best_error = None, _squared_error_up_to_constant(weight, gram_a, cross_a) + _squared_error_up_to_constant(
+        weight, gram_b, cross_b
+    )
+    for damping in candidates:
+        error = _squared_error_up_to_constant(
+            refit_output_projection(gram_a, cross_a, weight, damping), gram_b, cross_b
+        ) + _squared_error_up_to_constant(refit_output_projection(gram_b, cross_b, weight, damping), gram_a, cross_a)
+        if error < best_error:
+            best, best_error = damping, error
+    return best
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -182,7 +182,10 @@ class ModelLayerSource:
         layer = self.layers[layer_idx]
         if _has_accelerate_hook(layer) or _device_of(layer) != device:
             # A hook-free copy on the compute device: offloaded weights are read once, not at every batch.
-            with align_module_device(layer, device):
+            # accelerate hooks the leaf modules, so each one is aligned (its offloaded weights loaded) in turn.
+            with ExitStack() as stack:
+                for module in layer.modules():
+                    stack.enter_context(align_module_device(module, device))
                 state = {name: tensor.to(device) for name, tensor in layer.state_dict().items()}
             yield _module_from_state(layer, state)
         else:

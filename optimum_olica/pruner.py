@@ -96,7 +96,7 @@ def _layer_dimensions(layers) -> dict[str, list]:
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
-        from accelerate.utils import get_state_dict_offloaded_model
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
 
         return get_state_dict_offloaded_model(model)
     return model.state_dict()
@@ -215,7 +215,7 @@ def prune_model(
     )
     del activations
 
-    chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers)
+    chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers, exclude=skip_layers)
     if streaming:
         dimensions = plan.per_layer_lists()
         for candidate in chosen:

@@ -162,21 +162,26 @@ class StreamingMoments:
                 shapes.update(t=(self.target_dim,), t2=(self.target_dim,), cross=(self.dim, self.target_dim))
             self._sums = {key: torch.zeros(shape, dtype=self.dtype, device=device) for key, shape in shapes.items()}
         sums = self._sums
-        parts = [part.to(device=sums["x"].device, dtype=self.dtype) for part in parts]
-        # Checked before touching the sums: one bad batch must not poison what was already accumulated.
-        if not all(bool(torch.isfinite(part).all()) for part in parts):
-            raise ValueError("non-finite activations: the batch holds NaN or Inf in a counted token.")
+        # Per-batch products in float32 (float64 inputs stay float64), accumulated across batches in `dtype`: the
+        # float64 sums keep error from growing with the token count, at a fraction of float64 GEMM cost.
+        batch_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        parts = [part.to(device=sums["x"].device, dtype=batch_dtype) for part in parts]
         rows = parts[0]
-        self._count += rows.shape[0]
-        sums["x"] += rows.sum(dim=0)
-        sums["x2"] += rows.square().sum(dim=0)
-        if self.has_gram:
-            sums["gram"] += rows.T @ rows
+        batch = {"x": rows.sum(dim=0), "x2": rows.square().sum(dim=0)}
         if target is not None:
             target_rows = parts[1]
-            sums["t"] += target_rows.sum(dim=0)
-            sums["t2"] += target_rows.square().sum(dim=0)
-            sums["cross"] += rows.T @ target_rows
+            batch.update(t=target_rows.sum(dim=0), t2=target_rows.square().sum(dim=0))
+        # A NaN/Inf in any counted token reaches these per-channel sums; checked before touching the accumulated
+        # sums, so one bad batch cannot poison what was already accumulated.
+        if not all(bool(torch.isfinite(value).all()) for value in batch.values()):
+            raise ValueError("non-finite activations: the batch holds NaN or Inf in a counted token.")
+        if self.has_gram:
+            batch["gram"] = rows.T @ rows
+        if target is not None:
+            batch["cross"] = rows.T @ target_rows
+        for key, value in batch.items():
+            sums[key] += value.to(self.dtype)
+        self._count += rows.shape[0]
 
     def _read(self, key: str, per_token: bool = False) -> Tensor:
         if self._count == 0:

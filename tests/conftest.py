@@ -63,3 +63,12 @@ def make_tiny_model(family: str = "llama_gqa", seed: int = 0, num_hidden_layers:
 @pytest.fixture(params=list(TINY_FAMILIES))
 def tiny_family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: tiny matrices gain nothing from more, and on a busy 2-core machine they run much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

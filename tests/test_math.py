@@ -18,6 +18,8 @@ from optimum_olica.olica_math import (
     low_rank_saves_parameters,
     prune_ffn,
     prune_value_output,
+    choose_refit_damping,
+    refit_output_projection,
     ridge_least_squares,
     rotate_value_output,
     rotated_value_second_moment,
@@ -42,6 +44,9 @@ def randn(*shape, seed: int = 0, generator=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------- statistics
 
 
+BATCH_PRODUCT_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
+
+
 def test_streaming_moments_match_direct_computation_with_mask_and_low_precision():
     g = gen(1)
     x1, t1 = randn(2, 5, 6, generator=g), randn(2, 5, 3, generator=g)
@@ -53,13 +58,14 @@ def test_streaming_moments_match_direct_computation_with_mask_and_low_precision(
     x = torch.cat([x1.to(torch.bfloat16).double()[mask1], x2])
     t = torch.cat([t1.to(torch.bfloat16).double()[mask1], t2])
     assert moments.count == x.shape[0]
-    torch.testing.assert_close(moments.mean, x.mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moments.second_moment, x.square().mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moments.gram, x.T @ x, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moments.cross, x.T @ t, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moments.target_mean, t.mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moments.target_second_moment, t.square().mean(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(moments.target_sum_squares, t.square().sum(0), rtol=1e-12, atol=1e-12)
+    # Non-float64 batches are multiplied in float32 (then accumulated in float64): float32 rounding per batch.
+    torch.testing.assert_close(moments.mean, x.mean(0), **BATCH_PRODUCT_TOLERANCE)
+    torch.testing.assert_close(moments.second_moment, x.square().mean(0), **BATCH_PRODUCT_TOLERANCE)
+    torch.testing.assert_close(moments.gram, x.T @ x, **BATCH_PRODUCT_TOLERANCE)
+    torch.testing.assert_close(moments.cross, x.T @ t, **BATCH_PRODUCT_TOLERANCE)
+    torch.testing.assert_close(moments.target_mean, t.mean(0), **BATCH_PRODUCT_TOLERANCE)
+    torch.testing.assert_close(moments.target_second_moment, t.square().mean(0), **BATCH_PRODUCT_TOLERANCE)
+    torch.testing.assert_close(moments.target_sum_squares, t.square().sum(0), **BATCH_PRODUCT_TOLERANCE)
     assert moments.mean.dtype == F64
 
 
@@ -476,3 +482,45 @@ def test_fit_linear_calibration_validation():
     zero = calibration_moments(x, torch.zeros_like(e))
     fit = fit_linear_calibration(zero, rank=2)
     assert fit.explained_energy == 0.0 and fit.mean_correlation == 0.0
+
+
+def test_refit_output_projection_matches_damped_least_squares_brute_force():
+    generator = torch.Generator().manual_seed(7)
+    z = torch.randn(200, 12, dtype=torch.float64, generator=generator)
+    y = torch.randn(200, 5, dtype=torch.float64, generator=generator)
+    weight = torch.randn(5, 12, dtype=torch.float64, generator=generator)
+    damping = 0.3
+    refit = refit_output_projection(z.T @ z, z.T @ y, weight, damping)
+    lam = damping * float((z.T @ z).diagonal().mean())
+    # argmin ||z W^T - y||^2 + lam ||W - weight||^2, as an augmented ordinary least-squares problem
+    augmented_z = torch.cat([z, lam**0.5 * torch.eye(12, dtype=torch.float64)])
+    augmented_y = torch.cat([y, lam**0.5 * weight.T])
+    expected = torch.linalg.lstsq(augmented_z, augmented_y).solution.T
+    torch.testing.assert_close(refit, expected, atol=1e-9, rtol=1e-9)
+    # a huge damping keeps the pruned weight
+    torch.testing.assert_close(refit_output_projection(z.T @ z, z.T @ y, weight, 1e9), weight, atol=1e-6, rtol=0)
+
+
+def test_choose_refit_damping_prefers_refit_with_data_and_declines_it_without():
+    generator = torch.Generator().manual_seed(8)
+    true_weight = torch.randn(4, 10, dtype=torch.float64, generator=generator)
+    pruned_weight = true_weight + 0.5 * torch.randn(4, 10, dtype=torch.float64, generator=generator)
+
+    def folds(tokens: int, noise: float):
+        pairs = []
+        for _ in range(2):
+            z = torch.randn(tokens, 10, dtype=torch.float64, generator=generator)
+            y = z @ true_weight.T + noise * torch.randn(tokens, 4, dtype=torch.float64, generator=generator)
+            pairs.append((z.T @ z, z.T @ y))
+        return pairs
+
+    candidates = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    # plenty of clean data: a light damping wins
+    assert choose_refit_damping(folds(500, 0.01), pruned_weight, candidates) in (1e-3, 1e-2)
+    # targets unrelated to the inputs and very few tokens: the pruned weight is already the best guess
+    noise_only = []
+    for _ in range(2):
+        z = torch.randn(3, 10, dtype=torch.float64, generator=generator)
+        y = z @ pruned_weight.T + 5.0 * torch.randn(3, 4, dtype=torch.float64, generator=generator)
+        noise_only.append((z.T @ z, z.T @ y))
+    assert choose_refit_damping(noise_only, pruned_weight, candidates) in (None, 10.0)

@@ -22,17 +22,10 @@ from optimum_olica.pruner import REPORT_NAME, OlicaPruner, prune_model
 
 from conftest import TINY_FAMILIES, make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TOLERANCE_POINTS = 0.005  # the method's promise: the achieved ratio is within 0.5 percentage points of the target
 VOCAB_SIZE = 128  # make_tiny_model's vocabulary
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: tiny matrices gain nothing from more, and on a busy 2-core machine they run 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def calibration_ids(num_samples: int = 16, sequence_length: int = 32, seed: int = 0) -> torch.Tensor:

@@ -30,15 +30,6 @@ RATIO = 0.2
 MAX_PERPLEXITY_FACTOR = 3.0
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: slower than two on an idle 2-core machine, but 3x faster when another job shares it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_path() -> str:
     try:

@@ -284,7 +284,8 @@ class OlicaLayerPruner:
             target = next(dense_outputs).to(ffn_input.device) - residuals.pop()
             if self.refit_damping is not None:
                 _update_folds(self._ffn_refit, activation, target)
-            self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target)))
+            # Kept: the FFN input, the kept neurons' activations and what the pruned FFN still misses.
+            self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target - output)))
 
         handles = [
             pruned.post_attention_layernorm.register_forward_pre_hook(on_residual),
@@ -308,18 +309,19 @@ class OlicaLayerPruner:
             weight = weight.to(down.weight.dtype)
             delta = (weight - down.weight).T  # (intermediate, hidden)
             down.weight.copy_(weight)
-            # down_proj is linear: the refit changes each layer output by activation @ delta, no rerun needed.
-            for index, (_, activation, _) in enumerate(self._ffn_batches):
-                outputs[index] += (activation.to(delta.device) @ delta).to(outputs[index].device)
+            # down_proj is linear: the refit adds activation @ delta to each layer output and removes it from the
+            # residual the calibration branch will model; no rerun needed.
+            for index, (ffn_input, activation, residual) in enumerate(self._ffn_batches):
+                change = activation.to(delta.device) @ delta
+                outputs[index] += change.to(outputs[index].device)
+                self._ffn_batches[index] = (ffn_input, activation, residual - change.to(residual.device))
         record = {**planned_dimensions(self.plan_config, layer_idx), **self._record, "down_proj_refit_damping": damping}
         self._record = {}
         if self.calibration_rank > 0 and self._ffn_batches:
             d = mlp.hidden_size
             moments = om.StreamingMoments(d, gram=True, target_dim=d, dtype=self.statistics_dtype)
-            for ffn_input, activation, target in self._ffn_batches:
-                device = down.weight.device
-                ffn_input, activation = ffn_input.to(device), activation.to(device)
-                moments.update(ffn_input, target.to(device) - down(activation))
+            for ffn_input, _, residual in self._ffn_batches:
+                moments.update(ffn_input, residual.to(ffn_input.device))
             fit = om.fit_linear_calibration(moments, self.calibration_rank, ridge_factor=self.ridge_strength)
             energy = float(moments.target_sum_squares.sum() / moments.count)
             self.candidates.append(CalibrationCandidate(layer_idx, fit, energy))

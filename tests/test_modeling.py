@@ -270,3 +270,13 @@ def test_every_config_field_is_documented():
         if f"`{field.name}`" not in format_doc
     }
     assert not undocumented, f"fields missing from docs/format.md: {sorted(undocumented)}"
+
+
+def test_static_cache_holds_keys_and_values_of_different_widths():
+    model = make_reduced_model("llama_gqa")
+    input_ids = probe_inputs()["input_ids"][:1]
+    dynamic = model.generate(input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    static = model.generate(
+        input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static"
+    )
+    assert torch.equal(dynamic, static)

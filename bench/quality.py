@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "optimum_olica": __version__,
             "threads": torch.get_num_threads(),
         },
-        "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if sys.argv[0] else "bench/quality.py",
-                                         *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -214,8 +214,10 @@ class OlicaConfig:
         default=False,
         metadata={
             "help": (
-                "Load one decoder layer at a time from the safetensors checkpoint instead of the "
-                "whole model (for models larger than memory)."
+                "Read one decoder layer at a time from the safetensors checkpoint instead of using "
+                "the loaded model, and write each pruned layer to disk at once (for models larger than "
+                "memory). Needs OlicaPruner.from_pretrained(path, streaming=True) (which sets up the "
+                "checkpoint and loads no weights) and a save_directory."
             )
         },
     )

@@ -2,7 +2,9 @@
 
 optimum has no pruner base class; ``OlicaPruner`` follows the shape of its quantizers
 (``ORTQuantizer.from_pretrained(model_or_path)`` then ``quantize(config, save_dir)``): ``from_pretrained``, then
-``prune(config, calibration_dataset, save_directory)``, ``save_pretrained`` and ``push_to_hub``.
+``prune(config, calibration_dataset, save_directory)`` and ``save_pretrained`` (``push_to_hub`` is not implemented
+yet). The recipe, ``OlicaConfig``, is a peft-style dataclass rather than optimum's ``BaseConfig``, which is a
+transformers model config: a pruning recipe describes a procedure, not a model.
 """
 
 from __future__ import annotations

@@ -48,13 +48,18 @@ class PruningPlan:
 
     def per_layer_lists(self) -> dict[str, list]:
         """The Olica config fields described by this plan."""
-        return {
-            "query_ranks": [layer.query_rank for layer in self.layers],
-            "key_ranks": [layer.key_rank for layer in self.layers],
-            "value_head_dims": [layer.value_head_dim for layer in self.layers],
-            "intermediate_sizes": [layer.intermediate_size for layer in self.layers],
-            "calibration_ranks": [layer.calibration_rank for layer in self.layers],
-        }
+        return per_layer_lists(self.layers)
+
+
+def per_layer_lists(layers) -> dict[str, list]:
+    """The Olica config's per-layer fields for a sequence of ``LayerDimensions``."""
+    return {
+        "query_ranks": [layer.query_rank for layer in layers],
+        "key_ranks": [layer.key_rank for layer in layers],
+        "value_head_dims": [layer.value_head_dim for layer in layers],
+        "intermediate_sizes": [layer.intermediate_size for layer in layers],
+        "calibration_ranks": [layer.calibration_rank for layer in layers],
+    }
 
 
 class RatioTooHighError(ValueError):
@@ -130,7 +135,7 @@ def plan_dimensions(
                 layers.append(LayerDimensions(None, None, d_h, d_ff, 0))
             else:
                 layers.append(LayerDimensions(q_rank, k_rank, value_head_dim, intermediate_size, 0))
-        candidate = config.__class__(**{**_plain_values(config), **_lists(layers)})
+        candidate = config.from_base_config(config, **per_layer_lists(layers))
         # Branches are attached to `calibrated` layers chosen later from the data; their cost is known now.
         after = candidate.count_parameters() + calibrated * 2 * d * calibration_rank
         return PruningPlan(tuple(layers), PartRatios(qk, vo, 1 - intermediate_size / d_ff), before, after)
@@ -150,23 +155,13 @@ def plan_dimensions(
     return plan_with(min(width, d_ff))
 
 
-def _lists(layers: list[LayerDimensions]) -> dict[str, list]:
-    return PruningPlan(tuple(layers), PartRatios(0, 0, 0), 0, 0).per_layer_lists()
-
-
-def _plain_values(config) -> dict:
-    values = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        values.pop(key, None)
-    return values
-
-
 __all__ = [
     "LayerDimensions",
     "PartRatios",
     "PruningPlan",
     "RatioTooHighError",
     "factored_rank",
+    "per_layer_lists",
     "plan_dimensions",
     "reference_split",
 ]

@@ -37,14 +37,8 @@ def olica_config_class_for(config) -> type:
 
 def olica_config_from(config, **dimensions):
     """The Olica config of a stock config with the given per-layer dimensions (full dimensions by default)."""
-    config_class = olica_config_class_for(config)
-    if isinstance(config, OlicaDimensionsMixin):
-        values = config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-            values.pop(key, None)
-        values.update(dimensions)
-        return config_class(**values)
-    return config_class.from_base_config(config, **dimensions)
+    # from_base_config copies every field but the model identity, so it also re-dimensions an Olica config.
+    return olica_config_class_for(config).from_base_config(config, **dimensions)
 
 
 def causal_lm_class_for(olica_config) -> type[PreTrainedModel]:

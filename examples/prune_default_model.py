@@ -6,7 +6,8 @@ calibration), prune `--ratio` of all parameters calibrating on the bundled Auste
 with plain `AutoModelForCausalLM.from_pretrained` and answer one question, beside the dense model's answer.
 
 On 2 CPU cores the defaults take several minutes, mostly perplexity; `--eval-tokens 4096` makes it about a minute
-faster per evaluation. `--dry-run` only checks the arguments and paths.
+faster per evaluation. `--dry-run` only checks the arguments and paths. `--model` runs the same steps on another
+local folder or Hub id (the test suite runs it on a tiny model).
 
 Usage:
     python examples/prune_default_model.py [--ratio 0.2] [--output-dir outputs/smollm2-olica-20] [--overwrite]
@@ -28,6 +29,10 @@ PROMPT = "What is the capital of France?"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=None,
+        help="a local model folder or Hub id to prune instead of the embedded SmolLM2-135M-Instruct",
+    )
     recipe = parser.add_argument_group("pruning")
     recipe.add_argument("--ratio", type=float, default=0.2, help="fraction of ALL parameters to remove (default 0.2)")
     recipe.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default 128)")
@@ -79,6 +84,10 @@ def dry_run(args: argparse.Namespace) -> None:
 
     print(f"ratio {args.ratio}, calibration {args.num_samples} x {args.sequence_length} tokens")
     print(f"output: {args.output_dir.resolve()}{' (will be replaced)' if args.output_dir.exists() else ''}")
+    if args.model is not None:
+        print(f"model: {args.model} ({'local folder' if Path(args.model).is_dir() else 'Hub id, downloaded first'})")
+        print("dry run: arguments and paths are fine.")
+        return
     try:
         print(f"default model: {default_gguf_path()}")
     except (ImportError, FileNotFoundError) as error:  # the message gives the pip command
@@ -141,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
     from optimum_olica.pruner import OlicaPruner
 
     started = time.perf_counter()
-    model_path = default_model_path()
+    model_path = args.model or default_model_path()
     pruner = OlicaPruner.from_pretrained(model_path)
     tokenizer = pruner.tokenizer
     parameters_before = pruner.model.num_parameters()

@@ -12,9 +12,18 @@ from .checkpoint import (
     to_stock_model,
 )
 from .configuration import OlicaConfig
+from .errors import (
+    CalibrationDataError,
+    CheckpointVerificationError,
+    NonFiniteActivationsError,
+    OlicaConfigError,
+    OlicaError,
+    ResumeMismatchError,
+)
 from .data import get_calibration_dataset
 from .evaluation import perplexity
 from .pruner import OlicaPruner, format_summary, prune_model
+from .zero_shot import evaluate_zero_shot  # lm-eval itself is imported only when it runs
 from .modeling import (
     OlicaLlamaConfig,
     OlicaLlamaForCausalLM,
@@ -48,4 +57,11 @@ __all__ = [
     "convert_to_olica",
     "save_pruned_model",
     "to_stock_model",
+    "CalibrationDataError",
+    "CheckpointVerificationError",
+    "NonFiniteActivationsError",
+    "OlicaConfigError",
+    "OlicaError",
+    "ResumeMismatchError",
+    "evaluate_zero_shot",
 ]

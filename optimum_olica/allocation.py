@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import OlicaError
+
 
 # Reference split constant: attention products are pruned k times harder on Q/K than on V/O.
 QK_TO_VO_FACTOR = 3.0
@@ -62,7 +64,7 @@ def per_layer_lists(layers) -> dict[str, list]:
     }
 
 
-class RatioTooHighError(ValueError):
+class RatioTooHighError(OlicaError):
     """The target cannot be reached while keeping at least one neuron per pruned module."""
 
 

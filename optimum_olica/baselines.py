@@ -38,6 +38,12 @@ class MagnitudeLayerPruner:
     def choose_calibrated_layers(self, count: int, exclude=()) -> list:
         return []
 
+    def state_dict(self) -> dict:
+        return {}  # nothing is carried from one layer to the next
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     @torch.no_grad()
     def prune(self, layer, layer_idx: int) -> OlicaDecoderLayer:
         config = self.plan_config

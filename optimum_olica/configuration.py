@@ -2,7 +2,7 @@
 
 A plain dataclass in the style of peft's configs: every field carries a
 ``help`` string in its metadata, user input is validated in ``__post_init__``
-with ``ValueError`` (the message names the field, the bad value and what is
+with ``OlicaConfigError``, a ``ValueError`` (the message names the field, the bad value and what is
 allowed), and the config round-trips through sorted JSON
 (``olica_config.json``) with a format version so that a file written by a
 newer release is refused with a clear message instead of being misread.
@@ -21,11 +21,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
+from .errors import OlicaConfigError
+
 __all__ = ["CONFIG_NAME", "OlicaConfig"]
 
 CONFIG_NAME = "olica_config.json"
 
 StatisticsDtype = Literal["float64", "float32"]
+ValueDecomposition = Literal["fast", "exact"]
 
 
 def _is_int(value: Any) -> bool:
@@ -194,6 +197,18 @@ class OlicaConfig:
         },
     )
 
+    value_decomposition: ValueDecomposition = field(
+        default="fast",
+        metadata={
+            "help": (
+                "How V/O are cut per KV group: 'fast' (default; the fast orthogonal neuron decomposition: an "
+                "orthogonal rotation from the SVD of the weighted o_proj columns, then the lowest-scored value "
+                "neurons dropped) or 'exact' (the truncated SVD of the activation-weighted value-to-output product "
+                "D_x V^T O^T D_out itself, which the fast one approximates; compared in docs/benchmarks.md)."
+            )
+        },
+    )
+
     # -- Resources ----------------------------------------------------------
     device: str | None = field(
         default=None,
@@ -240,7 +255,7 @@ class OlicaConfig:
 
         self.ratio = self._real("ratio", self.ratio, "a number in (0, 1)")
         if not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"`ratio` must be in (0, 1) (exclusive), got {self.ratio!r}.")
+            raise OlicaConfigError(f"`ratio` must be in (0, 1) (exclusive), got {self.ratio!r}.")
 
         for name in ("qk_ratio", "vo_ratio", "ffn_ratio"):
             value = getattr(self, name)
@@ -248,19 +263,19 @@ class OlicaConfig:
                 continue
             value = self._real(name, value, "None or a number in [0, 1)")
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be None or in [0, 1), got {value!r}.")
+                raise OlicaConfigError(f"`{name}` must be None or in [0, 1), got {value!r}.")
             setattr(self, name, value)
 
         if isinstance(self.calibration_source, os.PathLike):
             self.calibration_source = os.fspath(self.calibration_source)
         if not isinstance(self.calibration_source, str):
-            raise ValueError(
+            raise OlicaConfigError(
                 "`calibration_source` must be a string ('austen', a local path or a Hub dataset "
                 f"name), got {type(self.calibration_source).__name__}. Lists of strings and "
                 "datasets.Dataset objects are not stored in the config: pass them to the pruner directly."
             )
         if not self.calibration_source.strip():
-            raise ValueError(
+            raise OlicaConfigError(
                 "`calibration_source` must be a non-empty string, got ''. Use 'austen' for the bundled text."
             )
 
@@ -272,28 +287,28 @@ class OlicaConfig:
             "calibration_rank_ratio", self.calibration_rank_ratio, "a number in [0, 1]"
         )
         if not 0.0 <= self.calibration_rank_ratio <= 1.0:
-            raise ValueError(
+            raise OlicaConfigError(
                 f"`calibration_rank_ratio` must be in [0, 1], got {self.calibration_rank_ratio!r}."
             )
         self._check_int("num_calibrated_layers", self.num_calibrated_layers, minimum=0)
         if self.num_calibrated_layers > 0 and self.calibration_rank_ratio == 0.0:
-            raise ValueError(
+            raise OlicaConfigError(
                 f"`num_calibrated_layers={self.num_calibrated_layers}` needs `calibration_rank_ratio` > 0, "
                 "got 0.0: a rank-0 calibration branch adds nothing. Set num_calibrated_layers=0 to "
                 "disable linear calibration, or give calibration_rank_ratio a value in (0, 1]."
             )
         self.ridge_strength = self._real("ridge_strength", self.ridge_strength, "a finite number > 0")
         if not self.ridge_strength > 0.0:
-            raise ValueError(f"`ridge_strength` must be > 0 (finite), got {self.ridge_strength!r}.")
+            raise OlicaConfigError(f"`ridge_strength` must be > 0 (finite), got {self.ridge_strength!r}.")
 
         if self.refit_damping is not None and self.refit_damping != "auto":
             if isinstance(self.refit_damping, str):
-                raise ValueError(
+                raise OlicaConfigError(
                     f"`refit_damping` must be 'auto', a number > 0 or None, got {self.refit_damping!r}."
                 )
             self.refit_damping = self._real("refit_damping", self.refit_damping, "'auto', a finite number > 0, or None")
             if not self.refit_damping > 0.0:
-                raise ValueError(
+                raise OlicaConfigError(
                     f"`refit_damping` must be > 0 (finite) or None to disable the refit, got {self.refit_damping!r}."
                 )
 
@@ -301,8 +316,14 @@ class OlicaConfig:
 
         allowed_dtypes = get_args(StatisticsDtype)
         if self.statistics_dtype not in allowed_dtypes:
-            raise ValueError(
+            raise OlicaConfigError(
                 f"`statistics_dtype` must be one of {list(allowed_dtypes)}, got {self.statistics_dtype!r}."
+            )
+
+        allowed_decompositions = get_args(ValueDecomposition)
+        if self.value_decomposition not in allowed_decompositions:
+            raise OlicaConfigError(
+                f"`value_decomposition` must be one of {list(allowed_decompositions)}, got {self.value_decomposition!r}."
             )
 
         if self.device is not None and not isinstance(self.device, str):
@@ -310,50 +331,51 @@ class OlicaConfig:
             if type(self.device).__module__ == "torch" and type(self.device).__name__ == "device":
                 self.device = str(self.device)
             else:
-                raise ValueError(
+                raise OlicaConfigError(
                     f"`device` must be None or a device string such as 'cpu' or 'cuda:0', got {self.device!r}."
                 )
         if self.device is not None and not self.device.strip():
-            raise ValueError("`device` must be None (auto) or a non-empty device string such as 'cpu', got ''.")
+            raise OlicaConfigError("`device` must be None (auto) or a non-empty device string such as 'cpu', got ''.")
 
         for name in ("offload_activations", "streaming"):
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
+                raise OlicaConfigError(f"`{name}` must be a bool (True or False), got {value!r}.")
 
     @staticmethod
     def _real(name: str, value: Any, allowed: str) -> float:
         """Checks that `value` is a finite real number (not a bool) and returns it as a float."""
-        if not _is_real(value) or not math.isfinite(value):
-            raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+        # An int too large for a float (10**400) is not finite here either, rather than an OverflowError.
+        if not _is_real(value) or (isinstance(value, int) and abs(value) > 2**1023) or not math.isfinite(value):
+            raise OlicaConfigError(f"`{name}` must be {allowed}, got {value!r}.")
         return float(value)
 
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:
         if not _is_int(value):
-            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+            raise OlicaConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
         if value < minimum:
-            raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+            raise OlicaConfigError(f"`{name}` must be >= {minimum}, got {value!r}.")
 
     @staticmethod
     def _check_skip_layers(value: Any) -> list[int]:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise ValueError(f"`skip_layers` must be a list of layer indices (integers >= 0), got {value!r}.")
+            raise OlicaConfigError(f"`skip_layers` must be a list of layer indices (integers >= 0), got {value!r}.")
         layers = list(value)
         bad = [index for index in layers if not _is_int(index) or index < 0]
         if bad:
-            raise ValueError(f"`skip_layers` must contain integers >= 0, got invalid entries {bad!r}.")
+            raise OlicaConfigError(f"`skip_layers` must contain integers >= 0, got invalid entries {bad!r}.")
         duplicates = sorted({index for index in layers if layers.count(index) > 1})
         if duplicates:
-            raise ValueError(f"`skip_layers` must not contain duplicates, got {duplicates!r} more than once.")
+            raise OlicaConfigError(f"`skip_layers` must not contain duplicates, got {duplicates!r} more than once.")
         return sorted(layers)
 
     @classmethod
     def _check_format_version(cls, version: Any) -> None:
         if not _is_int(version) or version < 1:
-            raise ValueError(f"`format_version` must be an integer in [1, {cls.FORMAT_VERSION}], got {version!r}.")
+            raise OlicaConfigError(f"`format_version` must be an integer in [1, {cls.FORMAT_VERSION}], got {version!r}.")
         if version > cls.FORMAT_VERSION:
-            raise ValueError(
+            raise OlicaConfigError(
                 f"This Olica config has format_version={version}, but this optimum-olica understands "
                 f"format_version <= {cls.FORMAT_VERSION}: it was written by a newer optimum-olica. "
                 "Upgrade with `pip install -U optimum-olica`."
@@ -384,7 +406,7 @@ class OlicaConfig:
                 the field).
         """
         if not isinstance(config_dict, dict):
-            raise ValueError(f"An Olica config must be a dict of field values, got {type(config_dict).__name__}.")
+            raise OlicaConfigError(f"An Olica config must be a dict of field values, got {type(config_dict).__name__}.")
         # Check the version first: a newer file's unknown keys are explained by its version.
         cls._check_format_version(config_dict.get("format_version", 1))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -413,8 +435,11 @@ class OlicaConfig:
         with open(json_file_path, encoding="utf-8") as file:
             try:
                 config_dict = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{os.fspath(json_file_path)!r} is not valid JSON: {error}") from error
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+                raise OlicaConfigError(
+                    f"{os.fspath(json_file_path)!r} is not valid JSON in UTF-8 ({error}); write it again with "
+                    "OlicaConfig.save_pretrained, or delete it."
+                ) from error
         return cls.from_dict(config_dict)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
@@ -425,7 +450,7 @@ class OlicaConfig:
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!r} is a file; give a directory.")
+            raise OlicaConfigError(f"save_directory {save_directory!r} is a file; give a directory.")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         self.to_json_file(path)

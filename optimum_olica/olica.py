@@ -8,6 +8,7 @@ observed on the pruned layer's own FFN inputs. The pipeline decides where layers
 from __future__ import annotations
 
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,8 @@ class OlicaLayerPruner:
             projection by two-fold cross-validation, which may also decline the refit), a number, or None (no refit).
         storage_device: where per-batch tensors kept between passes live (None: where they are computed).
         statistics_dtype: accumulation dtype of the activation statistics.
+        value_decomposition: ``"fast"`` (the fast OND: rotate, score, drop) or ``"exact"`` (truncated SVD of each
+            group's activation-weighted V/O product, ``olica_math.exact_value_output_decomposition``).
     """
 
     plan_config: object
@@ -56,6 +59,7 @@ class OlicaLayerPruner:
     refit_damping: float | str | None = "auto"
     storage_device: torch.device | None = None
     statistics_dtype: torch.dtype = torch.float64
+    value_decomposition: str = "fast"
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -146,22 +150,29 @@ class OlicaLayerPruner:
 
         # §1b: rotate each KV group's value neurons by importance (fast OND), then drop the weakest.
         v_proj, o_proj = attention.v_proj, attention.o_proj
-        rotations = om.value_output_rotation(
-            o_proj.weight, stats.attention_output.second_moment, heads, kv_heads, head_dim
-        )
-        v_weight, v_bias, o_weight = om.rotate_value_output(
-            v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
-        )
-        value_second_moment = om.rotated_value_second_moment(
-            stats.value_head_gram.double() / max(stats.value_tokens, 1), rotations, heads, kv_heads
-        )
-        value_scores = om.value_neuron_scores(
-            v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
-        )
-        keep_values = om.keep_top_neurons(value_scores, config.value_head_dims[layer_idx])
-        v_weight, v_bias, o_weight = om.prune_value_output(
-            v_weight, v_bias, o_weight, keep_values, heads, kv_heads, head_dim
-        )
+        if self.value_decomposition == "exact":
+            # The variant the fast OND approximates: truncated SVD of each group's weighted V/O product.
+            v_weight, v_bias, o_weight = om.exact_value_output_decomposition(
+                v_proj.weight, v_proj.bias, o_proj.weight, s_attention, stats.attention_output.second_moment,
+                heads, kv_heads, head_dim, config.value_head_dims[layer_idx],
+            )
+        else:
+            rotations = om.value_output_rotation(
+                o_proj.weight, stats.attention_output.second_moment, heads, kv_heads, head_dim
+            )
+            v_weight, v_bias, o_weight = om.rotate_value_output(
+                v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
+            )
+            value_second_moment = om.rotated_value_second_moment(
+                stats.value_head_gram.double() / max(stats.value_tokens, 1), rotations, heads, kv_heads
+            )
+            value_scores = om.value_neuron_scores(
+                v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
+            )
+            keep_values = om.keep_top_neurons(value_scores, config.value_head_dims[layer_idx])
+            v_weight, v_bias, o_weight = om.prune_value_output(
+                v_weight, v_bias, o_weight, keep_values, heads, kv_heads, head_dim
+            )
         state["self_attn.v_proj.weight"] = v_weight
         if v_bias is not None:
             state["self_attn.v_proj.bias"] = v_bias
@@ -259,7 +270,8 @@ class OlicaLayerPruner:
 
         The target is what the FFN must add to the pruned layer's residual stream to reproduce the dense layer's
         output on the same layer input; ``down_proj`` is refitted to it and the linear-calibration branch models
-        what remains.
+        what remains. ``down_proj`` itself is not run in this pass (its weights are refitted from it):
+        ``finish_layer`` adds its final output to the layer outputs, one projection instead of two.
         """
         mlp = pruned.mlp
         self._ffn_batches = []
@@ -267,61 +279,61 @@ class OlicaLayerPruner:
         if self.refit_damping is None and self.calibration_rank <= 0:
             yield
             return
-        kept_activations, residuals = [], []
+        down_proj, deferred = mlp.down_proj, _DeferredProjection(mlp.down_proj.out_features)
+        bias = down_proj.bias
+        residuals = []
         dense_outputs = iter(self._dense_layer_outputs)
 
         def on_residual(module, args):
             residuals.append(args[0])
 
-        def on_down_input(module, args):
-            kept_activations.append(args[0])
-
         def on_mlp(module, args, output):
-            ffn_input, activation = args[0], kept_activations.pop()
+            ffn_input, activation = args[0], deferred.inputs.pop()
             # What the FFN must add to the pruned layer's residual stream to give the dense layer's output: the fit
             # then also absorbs what is left of the attention error (measured: better than targeting the dense
             # FFN's output on the same input, 48.2 vs 49.1 on SmolLM2 at 20%, and no dense FFN rerun).
             target = next(dense_outputs).to(ffn_input.device) - residuals.pop()
+            if bias is not None:
+                target = target - bias  # the refit fits the weight; the bias is added unchanged
             if self.refit_damping is not None:
                 _update_folds(self._ffn_refit, activation, target)
-            # Kept: the FFN input, the kept neurons' activations and what the pruned FFN still misses.
-            self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target - output)))
+            self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target)))
 
         handles = [
             pruned.post_attention_layernorm.register_forward_pre_hook(on_residual),
-            mlp.down_proj.register_forward_pre_hook(on_down_input),
             mlp.register_forward_hook(on_mlp),
         ]
+        mlp.down_proj = deferred
         try:
             yield
         finally:
+            mlp.down_proj = down_proj
             for handle in handles:
                 handle.remove()
             self._dense_layer_outputs = []
 
     @torch.no_grad()
     def finish_layer(self, pruned, layer_idx: int, outputs: list[torch.Tensor]) -> dict:
-        """Apply the ``down_proj`` refit (amending ``outputs`` to match), fit the calibration branch, report."""
+        """Refit ``down_proj``, add its output to ``outputs`` (deferred from the pass), fit the calibration branch."""
         mlp = pruned.mlp
         down = mlp.down_proj
         weight, damping = self._refit(self._ffn_refit, down.weight) if self._ffn_batches else (None, None)
         if weight is not None:
-            weight = weight.to(down.weight.dtype)
-            delta = (weight - down.weight).T  # (intermediate, hidden)
-            down.weight.copy_(weight)
-            # down_proj is linear: the refit adds activation @ delta to each layer output and removes it from the
-            # residual the calibration branch will model; no rerun needed.
-            for index, (ffn_input, activation, residual) in enumerate(self._ffn_batches):
-                change = activation.to(delta.device) @ delta
-                outputs[index] += change.to(outputs[index].device)
-                self._ffn_batches[index] = (ffn_input, activation, residual - change.to(residual.device))
+            down.weight.copy_(weight.to(down.weight.dtype))
         record = {**planned_dimensions(self.plan_config, layer_idx), **self._record, "down_proj_refit_damping": damping}
         self._record = {}
+        moments = None
         if self.calibration_rank > 0 and self._ffn_batches:
             d = mlp.hidden_size
             moments = om.StreamingMoments(d, gram=True, target_dim=d, dtype=self.statistics_dtype)
-            for ffn_input, _, residual in self._ffn_batches:
-                moments.update(ffn_input, residual.to(ffn_input.device))
+        for index, (ffn_input, activation, target) in enumerate(self._ffn_batches):
+            projected = down(activation.to(down.weight.device))  # bias included
+            outputs[index] += projected.to(outputs[index].device)
+            if moments is not None:
+                # What the pruned FFN (refitted down_proj included) still misses: the branch's target.
+                projected = projected if down.bias is None else projected - down.bias
+                moments.update(ffn_input, (target.to(projected.device) - projected).to(ffn_input.device))
+        if moments is not None:
             fit = om.fit_linear_calibration(moments, self.calibration_rank, ridge_factor=self.ridge_strength)
             energy = float(moments.target_sum_squares.sum() / moments.count)
             self.candidates.append(CalibrationCandidate(layer_idx, fit, energy))
@@ -342,6 +354,23 @@ class OlicaLayerPruner:
         eligible = [c for c in self.candidates if c.layer_idx != last and c.layer_idx not in set(exclude)]
         eligible.sort(key=lambda c: c.fit.explained_energy * c.residual_energy, reverse=True)
         return sorted(eligible[:count], key=lambda c: c.layer_idx)
+
+    # ---- resume: the state carried from one layer to the next (everything else is reset per layer) ---------------
+
+    def state_dict(self) -> dict:
+        """The cross-layer state, tensors and plain values only: the calibration candidates fitted so far."""
+        return {
+            "candidates": [
+                {"layer_idx": c.layer_idx, "residual_energy": c.residual_energy, "fit": dataclasses.asdict(c.fit)}
+                for c in self.candidates
+            ]
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.candidates = [
+            CalibrationCandidate(c["layer_idx"], om.LinearCalibrationFit(**c["fit"]), c["residual_energy"])
+            for c in state["candidates"]
+        ]
 
 
 def assemble_pruned_layer(config, layer_idx: int, state: dict[str, torch.Tensor], *, device, dtype):
@@ -378,6 +407,19 @@ def _update_folds(folds: list[om.StreamingMoments], inputs: torch.Tensor, target
         folds[1].update(inputs[1::2], targets[1::2])
     else:
         min(folds, key=lambda fold: fold.count).update(inputs, targets)
+
+
+class _DeferredProjection(torch.nn.Module):
+    """Stands in for ``down_proj`` during the propagation pass: keeps its inputs and contributes nothing yet."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, activation: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(activation)
+        return activation.new_zeros(*activation.shape[:-1], self.out_features)
 
 
 class _AttentionBlock(torch.nn.Module):

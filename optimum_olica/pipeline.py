@@ -28,6 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .errors import CheckpointVerificationError, NonFiniteActivationsError
+from .integrity import read_safetensors_header
+
 
 class LayerAlgorithm(Protocol):
     """What the pipeline needs from a pruning algorithm (see ``optimum_olica.olica.OlicaLayerPruner``)."""
@@ -160,7 +163,9 @@ def replay(
         output = layer(states.to(device), **_move(kwargs, device))
         if isinstance(output, tuple):
             output = output[0]
-        if not torch.isfinite(output).all():
+        # A NaN/Inf anywhere reaches the float32 sum: one reduction instead of a boolean tensor the size of the
+        # output; the elementwise test only runs to rule out a sum that overflowed on finite (huge bf16) values.
+        if not torch.isfinite(output.sum(dtype=torch.float32)) and not torch.isfinite(output).all():
             raise FloatingPointError("non-finite activations")
         if keep_outputs:
             outputs.append(output.to(activations.storage_device))
@@ -211,21 +216,40 @@ class ModelLayerSink:
 class SafetensorsWeights:
     """Read-only access to a checkpoint's tensors by name, across the shards of a safetensors checkpoint."""
 
-    def __init__(self, checkpoint_dir: str | Path):
-        self.directory = Path(checkpoint_dir)
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {name: self.directory / file for name, file in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.file_of = {name: self.directory / file for name, file in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise CheckpointVerificationError(
+                    f"{index} is not a valid shard index ({type(error).__name__}: {error}). Download or save the "
+                    "checkpoint again."
+                ) from None
         elif (self.directory / "model.safetensors").exists():
             single = self.directory / "model.safetensors"
-            with safe_open(single, framework="pt") as handle:
-                self.file_of = {name: single for name in handle.keys()}
+            self.file_of = {name: single for name in read_safetensors_header(single)}
         else:
             raise FileNotFoundError(
                 f"Streaming needs safetensors weights, but {self.directory} has neither model.safetensors nor "
                 "model.safetensors.index.json. Convert the checkpoint with save_pretrained(safe_serialization=True)."
             )
+        # Headers against file sizes, now: a truncated or corrupted shard fails before any layer is pruned, not
+        # after an hour (the data itself is read layer by layer, and a damaged read there still names the file).
+        for file in sorted(set(self.file_of.values())):
+            if not file.is_file():
+                raise CheckpointVerificationError(
+                    f"{file} is named by the shard index but does not exist. Download or save the checkpoint again."
+                )
+            stored = read_safetensors_header(file)
+            absent = [name for name, owner in self.file_of.items() if owner == file and name not in stored]
+            if absent:
+                raise CheckpointVerificationError(
+                    f"{file} lacks tensors its shard index assigns to it ({absent[:3]}). Download or save the "
+                    "checkpoint again."
+                )
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return [name for name in self.file_of if name.startswith(prefix)]
@@ -242,7 +266,7 @@ class SafetensorsWeights:
                     for name in file_names:
                         tensors[name] = handle.get_tensor(name)
             except Exception as error:  # safetensors raises its own error types for damaged files
-                raise OSError(
+                raise CheckpointVerificationError(
                     f"Could not read {name!r} from {file}: {error}. The file is truncated or corrupted; download or "
                     "save the checkpoint again."
                 ) from error
@@ -333,11 +357,19 @@ def run_sequential(
     *,
     timings: PipelineTimings,
     progress: bool = True,
-    on_layer_done: Callable[[int, dict], None] | None = None,
+    on_layer_done: Callable[[int, dict, torch.nn.Module], None] | None = None,
+    first_layer: int = 0,
 ) -> list[dict]:
-    """The layer loop. Returns the algorithm's per-layer records."""
+    """The layer loop from ``first_layer`` on (earlier layers were restored from a resume checkpoint).
+
+    ``on_layer_done(layer_idx, record, pruned)`` runs once a layer is stored and ``activations`` hold the next
+    layer's inputs: the point where a resume checkpoint is complete. Returns the algorithm's per-layer records.
+    """
     records = []
-    bar = tqdm(range(len(source)), desc="Olica pruning", unit="layer", disable=not progress)
+    bar = tqdm(
+        range(first_layer, len(source)), desc="Olica pruning", unit="layer", disable=not progress,
+        initial=first_layer, total=len(source),
+    )
     for layer_idx in bar:
         started = time.perf_counter()
         tick = started
@@ -377,7 +409,7 @@ def run_sequential(
         timings.per_layer.append(time.perf_counter() - started)
         records.append(record)
         if on_layer_done is not None:
-            on_layer_done(layer_idx, record)
+            on_layer_done(layer_idx, record, pruned)
     return records
 
 
@@ -387,9 +419,10 @@ def _run_checked(layer, activations, device, layer_idx: int, keep_outputs: bool)
     except (FloatingPointError, ValueError) as error:
         if "non-finite" not in str(error):
             raise
-        raise FloatingPointError(
-            f"Layer {layer_idx} produced NaN/Inf activations on the calibration data. With float16 models this is "
-            "an overflow: load the model in bfloat16 or float32 (dtype=torch.bfloat16)."
+        raise NonFiniteActivationsError(
+            f"Layer {layer_idx} produced NaN/Inf activations on the calibration data, so no pruned model was made. "
+            "With float16 models this is an overflow: load the model in bfloat16 or float32 "
+            "(dtype=torch.bfloat16); otherwise check that the model's weights are finite."
         ) from None
 
 

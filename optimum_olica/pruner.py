@@ -2,13 +2,14 @@
 
 optimum has no pruner base class; ``OlicaPruner`` follows the shape of its quantizers
 (``ORTQuantizer.from_pretrained(model_or_path)`` then ``quantize(config, save_dir)``): ``from_pretrained``, then
-``prune(config, calibration_dataset, save_directory)`` and ``save_pretrained`` (``push_to_hub`` is not implemented
-yet). The recipe, ``OlicaConfig``, is a peft-style dataclass rather than optimum's ``BaseConfig``, which is a
-transformers model config: a pruning recipe describes a procedure, not a model.
+``prune(config, calibration_dataset, save_directory)``, ``save_pretrained`` and ``push_to_hub`` (uploads the saved
+folder with a model card, `optimum_olica.hub`). The recipe, ``OlicaConfig``, is a peft-style dataclass rather than
+optimum's ``BaseConfig``, which is a transformers model config: a pruning recipe describes a procedure, not a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,11 +30,20 @@ from .checkpoint import (
     olica_config_from,
     prepare_output_directory,
     save_pruned_model,
+    verify_saved_checkpoint,
     write_directory_atomically,
 )
 from .configuration import OlicaConfig
+from .errors import CalibrationDataError, OlicaError
 from .data import get_calibration_dataset
 from .olica import OlicaLayerPruner, attach_linear_calibration
+from .resume import (
+    LayerCheckpoint,
+    fingerprint_safetensors_files,
+    fingerprint_state_dict,
+    restore_timings,
+    run_manifest,
+)
 from .pipeline import (
     ModelLayerSink,
     ModelLayerSource,
@@ -113,6 +123,7 @@ def prune_model(
     method: str = "olica",
     stream_from: str | os.PathLike | None = None,
     stream_to: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PruningResult:
     """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
 
@@ -130,26 +141,20 @@ def prune_model(
             at a time (``model`` may then be an empty skeleton on the meta device).
         stream_to: streaming mode: a directory (normally a staging directory) where the pruned checkpoint is written
             layer by layer; the returned ``PruningResult.model`` is then None.
+        checkpoint_dir: a directory where the progress is saved after each layer (see ``optimum_olica.resume``). A
+            run interrupted at any point (a kill included) and started again with the same arguments continues after
+            the last finished layer and gives bit-identical weights; different arguments, model or data are refused
+            with ``ResumeMismatchError``. The directory is kept: delete it once the pruned model is saved.
     """
     if method not in ("olica", "magnitude"):
-        raise ValueError(f"method={method!r} is not one of 'olica', 'magnitude'.")
+        raise OlicaError(f"method={method!r} is not one of 'olica', 'magnitude'.")
     started = time.perf_counter()
-    if calibration_input_ids.ndim != 2 or calibration_input_ids.numel() == 0:
-        raise ValueError(
-            f"calibration_input_ids must be a non-empty (num_samples, sequence_length) tensor, got shape "
-            f"{tuple(calibration_input_ids.shape)}."
-        )
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and calibration_input_ids.shape[1] > max_positions:
-        raise ValueError(
-            f"sequence_length={calibration_input_ids.shape[1]} exceeds the model's max_position_embeddings="
-            f"{max_positions}; use a shorter sequence_length."
-        )
+    _check_calibration_input_ids(calibration_input_ids, model.config)
     full_config = olica_config_from(model.config)
     skip_layers = tuple(config.skip_layers)
     out_of_range = [layer for layer in skip_layers if layer >= full_config.num_hidden_layers]
     if out_of_range:
-        raise ValueError(
+        raise OlicaError(
             f"skip_layers={list(skip_layers)} names layers {out_of_range} but the model has "
             f"{full_config.num_hidden_layers} layers (0 to {full_config.num_hidden_layers - 1})."
         )
@@ -182,8 +187,27 @@ def prune_model(
     streaming = stream_from is not None
     if streaming:
         if stream_to is None:
-            raise ValueError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
+            raise OlicaError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
         weights = SafetensorsWeights(stream_from)
+    checkpoint = resume_point = None
+    if checkpoint_dir is not None:
+        # Fingerprinted before any layer is replaced; opened before any work, so a mismatch fails at once.
+        checkpoint = LayerCheckpoint(
+            checkpoint_dir,
+            run_manifest(
+                model_config=model.config,
+                weights_fingerprint=(
+                    fingerprint_safetensors_files(list(weights.file_of.values())) if streaming
+                    else fingerprint_state_dict(model.state_dict())
+                ),
+                recipe=config.to_dict(),
+                input_ids=calibration_input_ids,
+                method=method,
+                streaming=streaming,
+            ),
+        )
+        resume_point = checkpoint.open()
+    if streaming:
         _materialize_input_embeddings(model, weights)
         source = SafetensorsLayerSource(model, weights)
         sink = SafetensorsLayerSink(Path(stream_to), f"{model.base_model_prefix}.layers.")
@@ -205,8 +229,30 @@ def prune_model(
             refit_damping=config.refit_damping,
             storage_device=storage,
             statistics_dtype=getattr(torch, config.statistics_dtype),
+            value_decomposition=config.value_decomposition,
         )
-    records = run_sequential(
+    restored_records, first_layer, on_layer_done = [], 0, None
+    if checkpoint is not None:
+        if resume_point is not None:
+            first_layer = _restore_finished_layers(
+                checkpoint, resume_point, sink, plan_config, activations, algorithm, timings
+            )
+            restored_records = list(resume_point.records)
+            logger.info("Resuming from %s after layer %d.", checkpoint.directory, first_layer - 1)
+        finished_records, num_layers = list(restored_records), len(source)
+
+        def on_layer_done(layer_idx: int, record: dict, pruned: torch.nn.Module) -> None:
+            finished_records.append(record)
+            checkpoint.save_layer(
+                layer_idx,
+                pruned.state_dict(),
+                activations.hidden_states if layer_idx + 1 < num_layers else [],  # the last layer's feed nothing
+                algorithm.state_dict(),
+                finished_records,
+                dataclasses.asdict(timings),
+            )
+
+    records = restored_records + run_sequential(
         source,
         sink,
         activations,
@@ -214,6 +260,8 @@ def prune_model(
         device,
         timings=timings,
         progress=progress,
+        on_layer_done=on_layer_done,
+        first_layer=first_layer,
     )
     del activations
 
@@ -273,6 +321,62 @@ def prune_model(
     for record, dims in zip(report["layers"], _rows(final_config)):
         record.update(dims)
     return PruningResult(pruned, report)
+
+
+def _check_calibration_input_ids(input_ids, model_config) -> None:
+    """Refuse calibration data the pipeline would fail on deep inside, or that would calibrate nothing."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise CalibrationDataError(
+            f"calibration_input_ids must be a torch tensor of token ids, got {type(input_ids).__name__}; tokenize "
+            "the text first (optimum_olica.get_calibration_dataset) or pass the text to OlicaPruner.prune."
+        )
+    if input_ids.ndim != 2 or input_ids.numel() == 0:
+        raise CalibrationDataError(
+            f"calibration_input_ids must be a non-empty (num_samples, sequence_length) tensor, got shape "
+            f"{tuple(input_ids.shape)}."
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise CalibrationDataError(
+            f"calibration_input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass token ids from "
+            "the model's tokenizer (torch.long), not embeddings or a mask."
+        )
+    vocab_size = getattr(model_config, "vocab_size", None)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise CalibrationDataError(
+            f"calibration_input_ids hold token ids from {low} to {high}, outside the model's vocabulary "
+            f"[0, {vocab_size}); they were made with another tokenizer. Tokenize with the model's own tokenizer."
+        )
+    pad = getattr(model_config, "pad_token_id", None)
+    if pad is not None and bool((input_ids == pad).all()):
+        raise CalibrationDataError(
+            f"calibration_input_ids are all padding (pad_token_id={pad}): there is no text to calibrate on. Use "
+            "longer documents or a shorter sequence_length, so that windows are filled with text."
+        )
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    if max_positions is not None and input_ids.shape[1] > max_positions:
+        raise CalibrationDataError(
+            f"sequence_length={input_ids.shape[1]} exceeds the model's max_position_embeddings="
+            f"{max_positions}; use a shorter sequence_length."
+        )
+
+
+def _restore_finished_layers(checkpoint, point, sink, plan_config, activations, algorithm, timings) -> int:
+    """Put the layers a checkpoint finished back in place (model or shards), with the activations and the algorithm
+    state that follow them; returns the first layer still to prune."""
+    from accelerate import init_empty_weights
+
+    from .modeling import OlicaDecoderLayer
+
+    for layer_idx in range(point.last_layer + 1):
+        with init_empty_weights():
+            layer = OlicaDecoderLayer(plan_config, layer_idx)
+        layer.load_state_dict(checkpoint.load_layer(layer_idx), strict=True, assign=True)
+        sink.store(layer_idx, layer.eval())
+    activations.hidden_states = [batch.to(activations.storage_device) for batch in point.activations]
+    algorithm.load_state_dict(point.algorithm_state)
+    restore_timings(timings, point.timings)
+    return point.last_layer + 1
 
 
 def _materialize_input_embeddings(model, weights: SafetensorsWeights) -> None:
@@ -357,21 +461,43 @@ class OlicaPruner:
         ```
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer=None, checkpoint_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer=None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        *,
+        weights_dir: str | os.PathLike | None = None,
+    ):
+        """
+        Args:
+            model: the model to prune (for streaming, an empty skeleton on the meta device).
+            tokenizer: needed for text calibration data.
+            checkpoint_dir: default resume directory of ``prune`` (progress saved after each layer).
+            weights_dir: streaming: the local safetensors checkpoint the weights are read from, one layer at a time.
+        """
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"OlicaPruner needs a transformers PreTrainedModel, got {type(model).__name__}.")
         olica_config_from(model.config)  # fails early, naming the supported families
         self.model = model
         self.tokenizer = tokenizer
-        # Set for streaming: the local safetensors checkpoint the weights are read from, one layer at a time.
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.weights_dir = None if weights_dir is None else Path(weights_dir)
         self.pruned_model: PreTrainedModel | None = None
         self.report: dict | None = None
         self.config: OlicaConfig | None = None
+        # The folder the checkpoint was last written to; push_to_hub uploads it.
+        self.saved_directory: Path | None = None
 
     @classmethod
     def from_pretrained(
-        cls, model_or_path, tokenizer=None, *, streaming: bool = False, **model_kwargs
+        cls,
+        model_or_path,
+        tokenizer=None,
+        *,
+        streaming: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        **model_kwargs,
     ) -> "OlicaPruner":
         """Load the model to prune (a Hub id or a local folder) or wrap one already loaded.
 
@@ -382,10 +508,12 @@ class OlicaPruner:
             streaming: load nothing now: build the model skeleton on the meta device and, while pruning, read each
                 layer's weights from the safetensors files only while that layer is processed (peak memory is about
                 one layer plus the calibration activations). A Hub id is downloaded first.
+            checkpoint_dir: where ``prune`` saves its progress after each layer, so that a run killed at any point
+                continues, when started again with the same arguments, after the last finished layer (see ``prune``).
             model_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ``token``, ...).
         """
         if streaming:
-            return cls._streaming_skeleton(model_or_path, tokenizer, **model_kwargs)
+            return cls._streaming_skeleton(model_or_path, tokenizer, checkpoint_dir, **model_kwargs)
         if isinstance(model_or_path, PreTrainedModel):
             model = model_or_path
             name = getattr(model.config, "_name_or_path", None)
@@ -398,15 +526,15 @@ class OlicaPruner:
                 tokenizer = AutoTokenizer.from_pretrained(name)
             except (OSError, ValueError) as error:
                 logger.warning("No tokenizer could be loaded from %s (%s); pass tokenizer= for text data.", name, error)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, checkpoint_dir)
 
     @classmethod
-    def _streaming_skeleton(cls, model_or_path, tokenizer=None, **model_kwargs) -> "OlicaPruner":
+    def _streaming_skeleton(cls, model_or_path, tokenizer=None, checkpoint_dir=None, **model_kwargs) -> "OlicaPruner":
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
         if isinstance(model_or_path, PreTrainedModel):
-            raise ValueError("streaming=True reads weights from files: pass a checkpoint path or Hub id, not a model.")
+            raise OlicaError("streaming=True reads weights from files: pass a checkpoint path or Hub id, not a model.")
         directory = Path(str(model_or_path)).expanduser()
         if not directory.is_dir():
             from huggingface_hub import snapshot_download
@@ -422,14 +550,15 @@ class OlicaPruner:
                 tokenizer = AutoTokenizer.from_pretrained(directory)
             except (OSError, ValueError) as error:
                 logger.warning("No tokenizer in %s (%s); pass tokenizer= for text data.", directory, error)
-        return cls(model, tokenizer, checkpoint_dir=directory)
+        return cls(model, tokenizer, checkpoint_dir, weights_dir=directory)
 
     def calibration_input_ids(self, config: OlicaConfig, calibration_dataset=None) -> torch.Tensor:
         """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's."""
         if isinstance(calibration_dataset, torch.Tensor):
+            _check_calibration_input_ids(calibration_dataset, self.model.config)  # before .long() hides floats
             return calibration_dataset.long()
         if self.tokenizer is None:
-            raise ValueError(
+            raise OlicaError(
                 "The model has no tokenizer, so text calibration data cannot be tokenized: pass tokenizer= to "
                 "OlicaPruner.from_pretrained, or pass calibration_dataset as a (num_samples, sequence_length) tensor."
             )
@@ -447,6 +576,7 @@ class OlicaPruner:
         *,
         overwrite: bool = False,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> PreTrainedModel:
         """Prune the model; returns the pruned model and, with ``save_directory``, writes the checkpoint.
 
@@ -460,40 +590,59 @@ class OlicaPruner:
             save_directory: where to write the checkpoint (atomically); checked before pruning starts.
             overwrite: replace an existing non-empty ``save_directory``.
             progress: show progress bars and print the summary table.
+            checkpoint_dir: save the progress here after each layer (default: the pruner's ``checkpoint_dir``). A
+                run killed at any point and started again with the same model, recipe and calibration data continues
+                after the last finished layer and writes a bit-identical checkpoint; other arguments are refused
+                (``ResumeMismatchError``). Once ``save_directory`` is written and verified, the resume files are
+                deleted; without ``save_directory`` they are kept.
         """
         config = config or OlicaConfig()
         if self.pruned_model is not None:
             raise RuntimeError("This pruner has already pruned its model; create a new OlicaPruner to prune again.")
+        checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else self.checkpoint_dir
         if save_directory is not None:
-            prepare_output_directory(save_directory, overwrite)
+            target = prepare_output_directory(save_directory, overwrite)
+            if checkpoint_dir is not None:
+                resume_directory = Path(checkpoint_dir).expanduser().resolve()
+                if resume_directory == target or target in resume_directory.parents:
+                    raise OlicaError(
+                        f"checkpoint_dir {resume_directory} is (inside) save_directory {target}, which is replaced "
+                        "when the pruned model is saved: choose a checkpoint_dir outside save_directory."
+                    )
         input_ids = self.calibration_input_ids(config, calibration_dataset)
         if not isinstance(calibration_dataset, (type(None), str)):
             config_source = type(calibration_dataset).__name__
         else:
             config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
-        if config.streaming or self.checkpoint_dir is not None:
-            return self._prune_streaming(config, input_ids, str(config_source), save_directory, overwrite, progress)
-        result = prune_model(self.model, config, input_ids, progress=progress)
+        if config.streaming or self.weights_dir is not None:
+            return self._prune_streaming(
+                config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir
+            )
+        result = prune_model(self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir)
         result.report["calibration_data"]["source"] = str(config_source)
         self.pruned_model, self.report, self.config = result.model, result.report, config
         if progress:
             print(format_summary(result.report))
         if save_directory is not None:
             self.save_pretrained(save_directory, overwrite=overwrite)
+            _remove_resume_files(checkpoint_dir)
         return result.model
 
-    def _prune_streaming(self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool):
-        if self.checkpoint_dir is None:
-            raise ValueError(
+    def _prune_streaming(
+        self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool, checkpoint_dir
+    ):
+        if self.weights_dir is None:
+            raise OlicaError(
                 "config.streaming=True needs the pruner to know the checkpoint files: create it with "
                 "OlicaPruner.from_pretrained(path_or_hub_id, streaming=True)."
             )
         if save_directory is None:
-            raise ValueError("Streaming writes the pruned checkpoint layer by layer: pass save_directory=.")
+            raise OlicaError("Streaming writes the pruned checkpoint layer by layer: pass save_directory=.")
 
         def write(staging: Path) -> None:
             result = prune_model(
-                self.model, config, input_ids, progress=progress, stream_from=self.checkpoint_dir, stream_to=staging
+                self.model, config, input_ids, progress=progress, stream_from=self.weights_dir, stream_to=staging,
+                checkpoint_dir=checkpoint_dir,
             )
             result.report["calibration_data"]["source"] = source
             self.report, self.config = result.report, config
@@ -502,7 +651,11 @@ class OlicaPruner:
             (staging / "olica_config.json").write_text(config.to_json_string(), encoding="utf-8")
             (staging / REPORT_NAME).write_text(json.dumps(result.report, indent=2, sort_keys=True), encoding="utf-8")
 
-        self.saved_directory = write_directory_atomically(save_directory, write, overwrite=overwrite)
+        self.saved_directory = write_directory_atomically(
+            save_directory, write, overwrite=overwrite,
+            verify=lambda staging: verify_saved_checkpoint(staging, self.report["parameters_after"]),
+        )
+        _remove_resume_files(checkpoint_dir)
         if progress:
             print(format_summary(self.report))
         return None
@@ -511,7 +664,7 @@ class OlicaPruner:
         """Write the pruned checkpoint: weights, config, tokenizer, ``olica_config.json``, ``olica_report.json``."""
         if self.pruned_model is None:
             raise RuntimeError("Nothing to save yet: call prune() first.")
-        return save_pruned_model(
+        self.saved_directory = save_pruned_model(
             self.pruned_model,
             save_directory,
             tokenizer=self.tokenizer,
@@ -520,7 +673,54 @@ class OlicaPruner:
                 "olica_config.json": self.config.to_json_string(),
                 REPORT_NAME: json.dumps(self.report, indent=2, sort_keys=True),
             },
+            expected_parameters=self.report["parameters_after"],
         )
+        return self.saved_directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        *,
+        commit_message: str | None = None,
+        base_model: str | None = None,
+        license: str | None = None,
+        endpoint: str | None = None,
+    ) -> str:
+        """Upload the saved checkpoint folder (the last ``save_directory``) to the Hub, with a model card.
+
+        The card (``README.md``, written into the folder) holds the base model, recipe, parameters before and after,
+        calibration data, recorded evaluations, how to load the model, and the base model's license when its card is
+        available locally (see `optimum_olica.hub.build_model_card`). Returns the commit URL. Raises
+        `optimum_olica.hub.HubUploadError` (the local checkpoint intact) without a token or network.
+
+        Args:
+            repo_id: ``"user/name"``; created if missing.
+            private: make a new repository private (None: the account's default).
+            token: a token with write access (default: ``HF_TOKEN`` or the ``hf auth login`` token).
+            commit_message: see `optimum_olica.hub.push_to_hub`.
+            base_model: see `optimum_olica.hub.push_to_hub`.
+            license: see `optimum_olica.hub.push_to_hub`.
+            endpoint: see `optimum_olica.hub.push_to_hub`.
+        """
+        from .hub import push_to_hub
+
+        if self.saved_directory is None:
+            raise RuntimeError(
+                "Nothing saved yet: push_to_hub uploads the saved checkpoint folder. Call "
+                "prune(config, save_directory=...) or save_pretrained(directory) first."
+            )
+        return push_to_hub(
+            self.saved_directory, repo_id, private=private, token=token, commit_message=commit_message,
+            base_model=base_model, license=license, endpoint=endpoint,
+        )
+
+
+def _remove_resume_files(checkpoint_dir) -> None:
+    """The output is written and verified: the resume files (as large as the pruned model) have served."""
+    if checkpoint_dir is not None:
+        LayerCheckpoint(checkpoint_dir, manifest={}).remove()
 
 
 __all__ = ["OlicaPruner", "PruningResult", "format_summary", "prune_model"]

@@ -524,3 +524,50 @@ def test_choose_refit_damping_prefers_refit_with_data_and_declines_it_without():
         y = z @ pruned_weight.T + 5.0 * torch.randn(3, 4, dtype=torch.float64, generator=generator)
         noise_only.append((z.T @ z, z.T @ y))
     assert choose_refit_damping(noise_only, pruned_weight, candidates) in (None, 10.0)
+
+
+def test_choose_refit_damping_sketch_matches_brute_force_choice_on_wide_outputs():
+    """With 300 outputs the 64-probe sketch is active; its choice equals the exact cross-validation's, computed
+    here by brute force from the tokens themselves (fit on one fold, squared error on the other)."""
+    generator = torch.Generator().manual_seed(3)
+    inputs, outputs = 24, 300
+    true_weight = torch.randn(outputs, inputs, dtype=torch.float64, generator=generator)
+    pruned_weight = true_weight + 0.3 * torch.randn(outputs, inputs, dtype=torch.float64, generator=generator)
+    candidates = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    chosen = []
+    for tokens, noise in ((400, 0.05), (30, 3.0), (60, 1.0)):
+        data = []
+        for _ in range(2):
+            z = torch.randn(tokens, inputs, dtype=torch.float64, generator=generator)
+            y = z @ true_weight.T + noise * torch.randn(tokens, outputs, dtype=torch.float64, generator=generator)
+            data.append((z, y))
+
+        def validation_error(fit_on, score_on, damping):
+            (z_fit, y_fit), (z_score, y_score) = data[fit_on], data[score_on]
+            if damping is None:
+                refit = pruned_weight
+            else:
+                lam = damping * float((z_fit.T @ z_fit).diagonal().mean())
+                # argmin ||Z W^T - Y||^2 + lam ||W - W0||^2 by the normal equations
+                refit = torch.linalg.solve(
+                    z_fit.T @ z_fit + lam * torch.eye(inputs, dtype=torch.float64), z_fit.T @ y_fit + lam * pruned_weight.T
+                ).T
+            return float(((z_score @ refit.T - y_score) ** 2).sum())
+
+        errors = {d: validation_error(0, 1, d) + validation_error(1, 0, d) for d in (None, *candidates)}
+        brute_force = min(errors, key=errors.get)
+        folds = [(z.T @ z, z.T @ y) for z, y in data]
+        assert choose_refit_damping(folds, pruned_weight, candidates, num_probes=None) == brute_force
+        assert choose_refit_damping(folds, pruned_weight, candidates) == brute_force
+        chosen.append(brute_force)
+    assert len(set(chosen)) == 3, chosen  # the three regimes call for three different choices
+
+
+@pytest.mark.parametrize("dim", [5, 200, 397, 1000])
+def test_symmetric_gram_equals_the_plain_product(dim):
+    from optimum_olica.olica_math import _symmetric_gram
+
+    rows = randn(37, dim, seed=dim)
+    torch.testing.assert_close(_symmetric_gram(rows), rows.T @ rows, rtol=1e-12, atol=1e-12)
+    rows32 = rows.float()
+    torch.testing.assert_close(_symmetric_gram(rows32), rows32.T @ rows32, rtol=1e-5, atol=1e-4)

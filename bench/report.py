@@ -1,0 +1,440 @@
+"""Regenerate docs/benchmarks.md (and its plot) from bench/results/*.json; nothing in it is typed by hand.
+
+Every bench script calls this at the end; it can also be run alone. Quick runs (``--quick``) read the ``*_quick.json``
+files and write bench/results/benchmarks_quick.md and its plot instead, so a smoke run never touches the page.
+
+    python bench/report.py            # docs/benchmarks.md + docs/img/quality_perplexity.png
+    python bench/report.py --quick    # bench/results/benchmarks_quick.md + bench/results/quality_perplexity_quick.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, results_path  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "img" / "quality_perplexity.png"
+QUICK_DOC = ROOT / "bench" / "results" / "benchmarks_quick.md"
+QUICK_PLOT = ROOT / "bench" / "results" / "quality_perplexity_quick.png"
+PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
+VARIANT_ORDER = ("olica", "olica_no_lc", "olica_exact", "olica_no_refit", "magnitude")
+
+
+def _load(name: str, quick: bool) -> dict | None:
+    path = results_path(name, quick)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "**no**")
+
+
+def _provenance(results: dict) -> str:
+    env = results.get("environment", {})
+    machine = env.get("cpu") or env.get("processor") or env.get("machine", "?")
+    if env.get("cores"):
+        machine += f", {env['cores']} cores"
+    if env.get("ram_gib"):
+        machine += f", {env['ram_gib']} GiB RAM"
+    if env.get("gpu"):
+        machine += f", {env['gpu']['name']}"
+    versions = ", ".join(f"{key} {env[key]}" for key in ("python", "torch", "transformers", "optimum_olica")
+                         if env.get(key))
+    date = results.get("date", "date not recorded")
+    return f"Measured {date} on {machine} ({versions}) with `{results.get('command', '?')}`."
+
+
+def _missing(script: str, quick: bool) -> str:
+    flag = " --quick" if quick else ""
+    return f"Not measured yet: run `python bench/{script}{flag}`.\n"
+
+
+# ---- the summary table ------------------------------------------------------------------------------------------
+
+
+def summary_rows(cost, memory, speed, quality, gpu) -> list[tuple[str, str, str, str, str]]:
+    """(figure, target, measured, measured/target, met) for every figure of the issue."""
+    rows = []
+    if cost:
+        ratio = cost["prune_over_dense_forward"]
+        rows.append(("Pruning time / one dense forward (SmolLM2, 20%, "
+                     f"{cost['protocol']['calibration'].split(',')[0]})", f"<= {cost['target_ratio']}",
+                     f"{ratio:.2f}x", f"{ratio / cost['target_ratio']:.2f}", _verdict(ratio <= cost["target_ratio"])))
+    else:
+        rows.append(("Pruning time / one dense forward", "<= 2.5", "not measured", "-", "-"))
+    if memory:
+        target = memory["target_streaming_ratio"]
+        for run in memory["runs"]:
+            value = run["peak_over_checkpoint"]
+            if run["mode"] == "streaming":
+                rows.append((f"Streaming peak RSS / checkpoint on disk ({memory['protocol']['model'].split(',')[1].strip()})",
+                             f"<= {target}", f"{value:.3f}", f"{value / target:.2f}", _verdict(value <= target)))
+            else:
+                rows.append(("Fully-loaded peak RSS / checkpoint (contrast)", "-", f"{value:.3f}", "-", "-"))
+    else:
+        rows.append(("Streaming peak RSS / checkpoint on disk", "<= 0.35", "not measured", "-", "-"))
+    if speed:
+        for row in speed["rows"][1:]:
+            target = row["decode_target_speedup"]
+            rows.append((f"Decode speedup, {row['model']} (batch 1, 128 tokens)",
+                         f">= {target:.3f} (0.9 x {row['params_ratio']:.3f})", f"{row['decode_speedup']:.3f}x",
+                         f"{row['decode_speedup_over_target']:.2f}", _verdict(row["decode_speedup"] >= target)))
+            rows.append((f"Prefill speedup, {row['model']}, batch 1 / batch 8", "report",
+                         f"{row['prefill_b1_speedup']:.3f}x / {row['prefill_b8_speedup']:.3f}x", "-", "-"))
+            rows.append((f"KV-cache bytes per token, {row['model']} vs dense", "report",
+                         f"{row['kv_bytes_per_token_config']:,} vs {speed['rows'][0]['kv_bytes_per_token_config']:,} "
+                         f"({_pct(row['kv_fraction_of_dense'])})", "-", "-"))
+    else:
+        rows.append(("Decode speedup vs 0.9 x parameter ratio", ">= 0.9 x params ratio", "not measured", "-", "-"))
+    if quality:
+        dense = next(row for row in quality["rows"] if row["variant"] == "dense")
+        for row in quality["rows"]:
+            if row["variant"] == "olica":
+                rows.append((f"Perplexity, Olica {100 * row['ratio']:.0f}% (dense {dense['perplexity']:.2f})", "report",
+                             f"{row['perplexity']:.2f}", f"{row['perplexity'] / dense['perplexity']:.2f} x dense", "-"))
+    if gpu and gpu.get("gpu_run"):
+        targets = gpu["targets"]
+        for run in gpu["llama2_7b_streaming"]:
+            where = "CPU" if run["offload_activations"] else "GPU"
+            rows.append((f"7B streaming wall time (activations on {where})", f"< {targets['wall_s']:.0f} s",
+                         f"{run['wall_s']:.1f} s", f"{run['wall_s'] / targets['wall_s']:.2f}",
+                         _verdict(run["wall_s"] < targets["wall_s"])))
+            rows.append((f"7B streaming peak GPU memory (activations on {where})",
+                         f"< {_gb(targets['peak_gpu_bytes'])}", _gb(run["peak_gpu_bytes"]),
+                         f"{run['peak_gpu_bytes'] / targets['peak_gpu_bytes']:.2f}",
+                         _verdict(run["peak_gpu_bytes"] < targets["peak_gpu_bytes"])))
+        comparison = gpu.get("smollm2_cpu_vs_gpu")
+        if comparison:
+            gap = comparison["relative_gap"]
+            rows.append(("SmolLM2 20% perplexity, pruned on GPU vs CPU", f"< {_pct(comparison['target_relative_gap'])}",
+                         _pct(gap), f"{gap / comparison['target_relative_gap']:.2f}",
+                         _verdict(gap < comparison["target_relative_gap"])))
+    else:
+        reason = "no CUDA device where bench/gpu.py ran" if gpu else "bench/gpu.py has not been run"
+        for figure, target in (("7B streaming wall time", "< 90 s"), ("7B streaming peak GPU memory", "< 2 GB"),
+                               ("SmolLM2 perplexity, pruned on GPU vs CPU", "< 1%")):
+            rows.append((figure, target, f"not run ({reason})", "-", "-"))
+    return rows
+
+
+# ---- sections ---------------------------------------------------------------------------------------------------
+
+
+def cost_section(cost, quick: bool) -> str:
+    lines = ["## Pruning cost against the floor", ""]
+    if not cost:
+        return "\n".join(lines + [_missing("cost.py", quick)])
+    forward = ", ".join(f"{seconds:.1f}" for seconds in cost["dense_forward_s"])
+    lines += [
+        f"{cost['protocol']['model']}, ratio {cost['protocol']['ratio']}, calibration {cost['protocol']['calibration']}.",
+        f"Floor: {cost['protocol']['floor']}. {_provenance(cost)}",
+        "",
+        "| pruning | dense forward (runs) | ratio | target |",
+        "| --- | --- | --- | --- |",
+        f"| {cost['prune_s']:.1f} s | {cost['dense_forward_median_s']:.1f} s ({forward}) | "
+        f"{cost['prune_over_dense_forward']:.2f}x | <= {cost['target_ratio']} |",
+        "",
+        "Where the pruning time goes (the report's phase timings, summed over layers):",
+        "",
+        "| phase | seconds | share | in floor units |",
+        "| --- | --- | --- | --- |",
+    ]
+    phases = dict(cost["phase_seconds"])
+    phases["other"] = cost["phase_shares"]["other"] * cost["prune_s"]
+    for phase in PHASES:
+        seconds = phases.get(phase, 0.0)
+        lines.append(f"| {phase} | {seconds:.1f} | {_pct(seconds / cost['prune_s'])} | "
+                     f"{seconds / cost['dense_forward_median_s']:.2f}x |")
+    lines += ["", "Phases: capture = embeddings up to layer 0; load = reading a layer's weights; statistics = the dense "
+              "layer pass with the statistics hooks; decomposition = the SVDs and scores; refit = the o_proj "
+              "replay, the cross-validated o_proj/down_proj refits and the LC fit; propagation = the pruned layer "
+              "pass that produces the next layer's inputs; store = handing the pruned layer over; other = planning, "
+              "choosing the LC layers, assembling the model.", ""]
+    return "\n".join(lines)
+
+
+def memory_section(memory, quick: bool) -> str:
+    lines = ["## Memory in streaming mode", ""]
+    if not memory:
+        return "\n".join(lines + [_missing("memory.py", quick)])
+    lines += [
+        f"{memory['protocol']['model']} ({memory['parameters']:,} parameters, {_gib(memory['checkpoint_bytes'])} of "
+        f"safetensors), ratio {memory['protocol']['ratio']}, calibration {memory['protocol']['calibration']}. "
+        f"Measure: {memory['protocol']['measure']}. {_provenance(memory)}",
+        "",
+        "| mode | peak RSS | polled peak | runtime after imports | peak / checkpoint | target | pruning time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in memory["runs"]:
+        target = f"<= {memory['target_streaming_ratio']}" if run["mode"] == "streaming" else "- (contrast)"
+        lines.append(
+            f"| {run['mode']} | {_gib(run['peak_rss_bytes'])} | {_gib(run['polled_peak_rss_bytes'])} | "
+            f"{_gib(run['baseline_rss_bytes'])} | {run['peak_over_checkpoint']:.3f} | {target} | {run['total_s']:.0f} s |"
+        )
+    lines += ["", "\"Runtime after imports\" is the resident memory of the same process once torch, transformers and "
+              "the package are imported, before any weight is read: it is part of the peak.", ""]
+    return "\n".join(lines)
+
+
+def speed_section(speed, quick: bool) -> str:
+    lines = ["## Pruned-model speed", ""]
+    if not speed:
+        return "\n".join(lines + [_missing("speed.py", quick)])
+    protocol = speed["protocol"]
+    lines += [
+        f"{protocol['model']}; pruned models: {protocol['pruned_models']}. Prefill: {protocol['prefill']}. Decode: "
+        f"{protocol['decode']}. {protocol['statistic'].capitalize()} ({protocol['rounds']} rounds). {_provenance(speed)}",
+        "",
+        "| model | parameters | prefill b1 tok/s | prefill b8 tok/s | decode tok/s | decode speedup | target "
+        "(0.9 x params ratio) | KV bytes/token (config / DynamicCache) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in speed["rows"]:
+        speedup = f"{row['decode_speedup']:.3f}x" if "decode_speedup" in row else "-"
+        target = f"{row['decode_target_speedup']:.3f}x" if "decode_target_speedup" in row else "-"
+        prefill_b1 = f"{row['prefill_b1_tokens_per_s']:.0f}"
+        prefill_b8 = f"{row['prefill_b8_tokens_per_s']:.0f}"
+        if "prefill_b1_speedup" in row:
+            prefill_b1 += f" ({row['prefill_b1_speedup']:.2f}x)"
+            prefill_b8 += f" ({row['prefill_b8_speedup']:.2f}x)"
+        lines.append(
+            f"| {row['model']} | {row['parameters']:,} | {prefill_b1} | {prefill_b8} | "
+            f"{row['decode_tokens_per_s']:.1f} | {speedup} | {target} | {row['kv_bytes_per_token_config']:,} / "
+            f"{row['kv_bytes_per_token_measured']:,.0f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def quality_section(quality, quick: bool, plot_name: str | None) -> str:
+    lines = ["## Quality: perplexity against parameters removed", ""]
+    if not quality:
+        return "\n".join(lines + [_missing("quality.py", quick)])
+    protocol = quality["protocol"]
+    lines += [
+        f"Protocol: {protocol['model']}; calibration {protocol['calibration']}; perplexity on the "
+        f"{protocol['evaluation']}. {_provenance(quality)}",
+        "",
+    ]
+    if quality.get("complete") is False:
+        lines += ["**This run was interrupted: the table holds the rows it finished.**", ""]
+    lines += [
+        "| variant | target | parameters | removed | perplexity | pruning time / dense forward | decomposition s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    dense = next(row for row in quality["rows"] if row["variant"] == "dense")
+    lines.append(f"| dense | - | {dense['parameters']:,} | 0% | {dense['perplexity']:.2f} | - | - |")
+    pruned = [row for row in quality["rows"] if row["variant"] != "dense"]
+    order = {name: index for index, name in enumerate(VARIANT_ORDER)}
+    pruned.sort(key=lambda row: (row["ratio"], order.get(row["variant"], len(order))))
+    for row in pruned:
+        decomposition = row.get("timings", {}).get("decomposition_s")
+        lines.append(
+            f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['parameters']:,} | "
+            f"{100 * row['achieved_ratio']:.2f}% | {_format_perplexity(row['perplexity'])} | "
+            f"{row['prune_over_dense_forward']:.2f}x | {'-' if decomposition is None else f'{decomposition:.1f}'} |"
+        )
+    measured = sorted({(row["variant"], row["ratio"]) for row in pruned})
+    variants = sorted({variant for variant, _ in measured}, key=lambda name: order.get(name, len(order)))
+    ratios = sorted({ratio for _, ratio in measured})
+    absent = [f"{variant} at {100 * ratio:.0f}%" for variant in variants for ratio in ratios
+              if (variant, ratio) not in measured]
+    if absent:
+        lines += ["", f"Not in this run: {', '.join(absent)}."]
+    descriptions = quality.get("variants") or {}
+    if descriptions:
+        lines += ["", "Variants:"]
+        lines += [f"- `{name}`: {descriptions[name]}" for name in variants if name in descriptions]
+    if plot_name:
+        lines += ["", f"![Perplexity against parameters removed]({plot_name})"]
+    lines += [
+        "",
+        "The paper's own code on this protocol (it expands GQA to MHA, so its nominal 20%/33% remove only "
+        "11.9%/26.1% of the real parameters) reaches 55.6 with 118.5M parameters and 87.2 with 99.4M (figures "
+        "given in the project's issue tracker, not re-measured here).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _format_perplexity(value: float) -> str:
+    if not math.isfinite(value):
+        return "inf"
+    return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"
+
+
+def gpu_section(gpu, quick: bool) -> str:
+    lines = ["## GPU", ""]
+    if not gpu:
+        return "\n".join(lines + [_missing("gpu.py", quick)])
+    lines += [f"Protocol: {gpu['protocol']['model']}, calibration {gpu['protocol']['calibration']}; the checkpoint's "
+              "files are dropped from the page cache first, so the wall time includes reading the weights from disk. "
+              f"{_provenance(gpu)}", ""]
+    if not gpu.get("gpu_run"):
+        lines += [f"**The GPU benchmark was not run ({gpu['reason']}).** Run `python bench/gpu.py` on a machine with an "
+                  "NVIDIA GPU to measure the 7B wall time, its peak GPU memory and the CPU/GPU perplexity agreement."]
+        rehearsal = gpu.get("cpu_rehearsal")
+        if rehearsal:
+            lines += ["", f"What did run: {rehearsal['note']} ({rehearsal['model']}, {rehearsal['calibration']}, "
+                      f"streaming): pruned to {_pct(rehearsal['achieved_ratio'])} in {rehearsal['wall_s']:.1f} s."]
+        return "\n".join(lines + [""])
+    lines += ["| activations between layers | wall time | target | peak GPU memory | target | achieved ratio |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    targets = gpu["targets"]
+    for run in gpu["llama2_7b_streaming"]:
+        lines.append(f"| {'CPU (offload_activations)' if run['offload_activations'] else 'GPU'} | "
+                     f"{run['wall_s']:.1f} s | < {targets['wall_s']:.0f} s | {_gb(run['peak_gpu_bytes'])} | "
+                     f"< {_gb(targets['peak_gpu_bytes'])} | {_pct(run['achieved_ratio'])} |")
+    comparison = gpu.get("smollm2_cpu_vs_gpu")
+    if comparison:
+        lines += ["", f"SmolLM2-135M at 20% ({comparison['calibration']}; {comparison['evaluation']}): perplexity "
+                  f"{comparison['pruned_on_cpu']['perplexity']:.3f} pruned on the CPU, "
+                  f"{comparison['pruned_on_gpu']['perplexity']:.3f} pruned on the GPU: a gap of "
+                  f"{_pct(comparison['relative_gap'])} (target < {_pct(comparison['target_relative_gap'])})."]
+    return "\n".join(lines + [""])
+
+
+def closing_note(cost, memory, speed, quality, gpu) -> str:
+    """Quote the headline figures and name the largest remaining cost, from the data."""
+    lines = ["## Closing note", ""]
+    quoted = []
+    if cost:
+        quoted.append(f"pruning SmolLM2 by 20% costs {cost['prune_over_dense_forward']:.2f} dense forwards over the "
+                      f"calibration set (target 2.5)")
+    if memory:
+        for run in memory["runs"]:
+            if run["mode"] == "streaming":
+                quoted.append(f"streaming peaks at {run['peak_over_checkpoint']:.3f} of the checkpoint's size "
+                              f"(target 0.35)")
+            else:
+                quoted.append(f"the fully-loaded mode at {run['peak_over_checkpoint']:.3f}")
+    if speed:
+        for row in speed["rows"][1:]:
+            quoted.append(f"{row['model']} decodes {row['decode_speedup']:.2f}x faster than dense (target "
+                          f"{row['decode_target_speedup']:.2f}x) and prefills {row['prefill_b8_speedup']:.2f}x at "
+                          f"batch 8, with {_pct(row['kv_fraction_of_dense'])} of the dense KV cache")
+    if quality:
+        dense = next(row for row in quality["rows"] if row["variant"] == "dense")
+        for row in quality["rows"]:
+            if row["variant"] == "olica":
+                quoted.append(f"Olica at {100 * row['ratio']:.0f}% keeps perplexity at {row['perplexity']:.2f} "
+                              f"(dense {dense['perplexity']:.2f})")
+    if gpu is None or not gpu.get("gpu_run"):
+        quoted.append("the GPU targets are not measured yet")
+    if quoted:
+        lines.append("Measured: " + "; ".join(quoted) + ".")
+    if cost:
+        shares = {phase: share for phase, share in cost["phase_shares"].items()}
+        largest = max(shares, key=shares.get)
+        second = sorted(shares, key=shares.get, reverse=True)[1]
+        lines += ["", f"The largest remaining cost is the **{largest}** phase, {_pct(shares[largest])} of the pruning "
+                  f"time ({shares[largest] * cost['prune_over_dense_forward']:.2f} dense forwards), then {second} "
+                  f"({_pct(shares[second])}). The pipeline runs every layer at least twice (a statistics pass on the "
+                  "dense layer, a propagation pass on the pruned one), so about 2x is its floor unless passes are "
+                  "fused; everything above that is decomposition and refit work."]
+    return "\n".join(lines + [""])
+
+
+# ---- the plot ---------------------------------------------------------------------------------------------------
+
+
+def plot_quality(quality, path: Path) -> bool:
+    """Perplexity (log scale) against the fraction of parameters removed, one line per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", flush=True)
+        return False
+    dense = next(row for row in quality["rows"] if row["variant"] == "dense")
+    by_variant: dict[str, list[tuple[float, float]]] = {}
+    for row in quality["rows"]:
+        if row["variant"] != "dense" and math.isfinite(row["perplexity"]):
+            by_variant.setdefault(row["variant"], []).append((100 * row["achieved_ratio"], row["perplexity"]))
+    order = {name: index for index, name in enumerate(VARIANT_ORDER)}
+    names = sorted(by_variant, key=lambda name: order.get(name, len(order)))
+    colours = {name: f"C{index}" for index, name in enumerate(VARIANT_ORDER)}
+    # Left: every variant on a log scale (the magnitude baseline sits orders of magnitude above); right: the
+    # Olica variants alone on a linear scale, where their differences are visible.
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    for axis, shown, log in ((axes[0], names, True), (axes[1], [n for n in names if n.startswith("olica")], False)):
+        for variant in shown:
+            points = [(0.0, dense["perplexity"])] + sorted(by_variant[variant])
+            axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=variant,
+                      color=colours.get(variant))
+        axis.axhline(dense["perplexity"], color="gray", linestyle="--", label=f"dense ({dense['perplexity']:.1f})")
+        if log:
+            axis.set_yscale("log")
+        axis.set_xlim(left=-1)
+        axis.set_xlabel("parameters removed (%)")
+        axis.set_ylabel("perplexity" + (" (log scale)" if log else ""))
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[0].set_title("all variants")
+    axes[1].set_title("Olica variants")
+    figure.suptitle("SmolLM2-135M: perplexity on Pride and Prejudice against parameters removed")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Fixed metadata: regenerating the same data gives the same file.
+    figure.savefig(path, metadata={"Software": None})
+    plt.close(figure)
+    return True
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="render the *_quick.json results, away from docs/")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    cost, memory, speed, quality, gpu = (_load(name, quick) for name in ("cost", "memory", "speed", "quality", "gpu"))
+    doc, plot = (QUICK_DOC, QUICK_PLOT) if quick else (DOC, PLOT)
+    plot_name = None
+    if quality and plot_quality(quality, plot):
+        plot_name = plot.name if quick else f"img/{plot.name}"
+    summary = summary_rows(cost, memory, speed, quality, gpu)
+    lines = [
+        "# Benchmarks" + (" (quick smoke run: small settings, not the reference figures)" if quick else ""),
+        "",
+        "<!-- generated by bench/report.py from bench/results/*.json; do not edit by hand -->",
+        "Generated by `bench/report.py` from the JSON files under `bench/results/` (`make bench` runs every "
+        "benchmark and rewrites this page; `make bench-quick` is a smoke run that writes "
+        "`bench/results/*_quick.json` and `bench/results/benchmarks_quick.md` instead). Every ratio divides two "
+        "measurements taken in the same run; each section names its machine, versions, command and date.",
+        "",
+        "## Summary",
+        "",
+        "| figure | target | measured | measured / target | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {' | '.join(row)} |" for row in summary]
+    lines += ["", cost_section(cost, quick), memory_section(memory, quick), speed_section(speed, quick),
+              quality_section(quality, quick, plot_name), gpu_section(gpu, quick),
+              closing_note(cost, memory, speed, quality, gpu)]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}", flush=True)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Resumable pruning: after each finished layer, save what is needed to continue; refuse to mix two runs.
+
+A checkpoint directory (``prune_model(..., checkpoint_dir=...)``, ``OlicaPruner.prune(..., checkpoint_dir=...)``,
+``--checkpoint-dir`` on the CLI) holds:
+
+- ``manifest.json``: fingerprints of the run (format version, package version, model config and weights, the recipe,
+  the calibration token ids, the method and the mode), written once when the directory is first used;
+- ``layer-NNNNN.safetensors``: the pruned weights of each finished layer (kept until the run is complete);
+- ``state-NNNNN.safetensors``: after layer ``NNNNN``, the propagated activations (the next layer's inputs) and the
+  tensors of the algorithm's cross-layer state (only the latest is kept);
+- ``progress.json``: the commit record: the last finished layer, the per-layer report entries, the timings and the
+  JSON part of the algorithm state. Replacing it (write a temporary file, fsync, rename, fsync the directory) is the
+  single atomic step that makes a layer count as finished; a file it does not name is ignored and removed.
+
+Temporary files are named ``.olica-tmp-*`` and removed when the directory is next opened. A rerun with the same
+arguments continues after the last finished layer and yields bit-identical weights; a rerun whose fingerprints differ
+is refused with a ``ResumeMismatchError`` naming what differs. The recipe (``OlicaConfig``) deliberately has no
+checkpoint field: where a run keeps its scratch files is a property of one invocation on one machine, not of the
+recipe that is saved beside the pruned weights and shared with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._faults import fault_point
+from .errors import CheckpointVerificationError, ResumeMismatchError
+
+RESUME_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "progress.json"
+TEMPORARY_PREFIX = ".olica-tmp-"
+LOCK_NAME = ".olica-lock"  # held (flock) by the run using the directory; the OS releases it when that process dies
+_OUR_FILE_PREFIXES = ("layer-", "state-", TEMPORARY_PREFIX)
+
+# Tensors with at most this many elements are hashed whole; larger ones through an evenly spaced sample, which is
+# enough to tell two checkpoints apart (a different model changes nearly every weight) at a cost independent of size.
+_WHOLE_TENSOR_ELEMENTS = 1 << 16
+_SAMPLED_ELEMENTS = 4096
+# Streaming: bytes read from each safetensors file's data section, in evenly spaced chunks.
+_FILE_SAMPLE_CHUNKS, _FILE_SAMPLE_CHUNK_BYTES = 16, 1 << 16
+
+
+# ---- fingerprints -----------------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and (whole or sampled) values; meta tensors contribute their shapes only."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > _WHOLE_TENSOR_ELEMENTS:
+            # Integer arithmetic: a float linspace rounds past the last index for tensors of tens of millions.
+            positions = torch.arange(_SAMPLED_ELEMENTS, device=flat.device) * (flat.numel() - 1) // (
+                _SAMPLED_ELEMENTS - 1
+            )
+            flat = flat[positions]
+        digest.update(_tensor_bytes(flat))
+    return digest.hexdigest()
+
+
+def fingerprint_safetensors_files(files: list[Path]) -> str:
+    """SHA-256 over each file's name, size, header and a fixed sample of its data: cheap for any checkpoint size."""
+    digest = hashlib.sha256()
+    for path in sorted(set(files), key=lambda p: p.name):
+        size = path.stat().st_size
+        digest.update(f"{path.name}|{size}|".encode())
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(min(header_length, size)))
+            data_start, data_size = 8 + header_length, max(size - 8 - header_length, 0)
+            for chunk in range(_FILE_SAMPLE_CHUNKS):
+                handle.seek(data_start + data_size * chunk // _FILE_SAMPLE_CHUNKS)
+                digest.update(handle.read(_FILE_SAMPLE_CHUNK_BYTES))
+    return digest.hexdigest()
+
+
+def fingerprint_model_config(config) -> str:
+    """SHA-256 of a transformers config, without the fields that name where it was loaded from."""
+    values = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "_commit_hash"):
+        values.pop(volatile, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_token_ids(input_ids: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{tuple(input_ids.shape)}|".encode())
+    digest.update(_tensor_bytes(input_ids.long()))
+    return digest.hexdigest()
+
+
+def run_manifest(
+    *, model_config, weights_fingerprint: str, recipe: dict, input_ids: torch.Tensor, method: str, streaming: bool
+) -> dict:
+    """What identifies a run: a checkpoint written by a run with any other manifest is not resumed."""
+    from . import __version__
+
+    return {
+        "format_version": RESUME_FORMAT_VERSION,
+        "package_version": __version__,
+        "model_config": fingerprint_model_config(model_config),
+        "model_weights": weights_fingerprint,
+        "olica_config": recipe,
+        "calibration_token_ids": fingerprint_token_ids(input_ids),
+        "method": method,
+        "mode": "streaming" if streaming else "in-memory",
+    }
+
+
+_WHAT = {
+    "format_version": "the checkpoint format version",
+    "package_version": "the optimum-olica version",
+    "model_config": "the model's config",
+    "model_weights": "the model's weights",
+    "calibration_token_ids": "the calibration data (token ids)",
+    "method": "the method",
+    "mode": "the mode (streaming or in-memory)",
+}
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    differences = []
+    for key in current:
+        if key == "olica_config":
+            old, new = saved.get(key) or {}, current[key]
+            for field_name in sorted(set(old) | set(new)):
+                if old.get(field_name) != new.get(field_name):
+                    differences.append(
+                        f"OlicaConfig.{field_name} is {new.get(field_name)!r}, the checkpoint has {old.get(field_name)!r}"
+                    )
+        elif saved.get(key) != current[key]:
+            if key in ("method", "mode", "package_version", "format_version"):
+                differences.append(f"{_WHAT[key]} is {current[key]!r}, the checkpoint has {saved.get(key)!r}")
+            else:
+                differences.append(f"{_WHAT[key]} differ{'' if key.endswith('s') else 's'}")
+    return differences
+
+
+# ---- atomic files -----------------------------------------------------------------------------------------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+
+
+def _split_tensors(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able ``value`` with each tensor replaced by ``{"__tensor__": key}`` and moved into ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {str(k): _split_tensors(v, f"{prefix}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
+
+
+# ---- the checkpoint directory -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """What a checkpoint restores: layers ``0 .. last_layer`` are finished."""
+
+    last_layer: int
+    records: list[dict]
+    timings: dict
+    algorithm_state: Any
+    activations: list[torch.Tensor]
+
+
+class LayerCheckpoint:
+    """The resume files of one pruning run (see the module docstring for the layout and the commit protocol).
+
+    Args:
+        directory: the checkpoint directory; created if missing. A non-empty directory without a manifest is refused
+            (it is not ours, and files in it could be removed).
+        manifest: ``run_manifest(...)`` of the current run.
+    """
+
+    def __init__(self, directory: str | os.PathLike, manifest: dict):
+        self.directory = Path(directory).expanduser().resolve()
+        self.manifest = manifest
+
+    @staticmethod
+    def layer_file(layer_idx: int) -> str:
+        return f"layer-{layer_idx:05d}.safetensors"
+
+    @staticmethod
+    def state_file(layer_idx: int) -> str:
+        return f"state-{layer_idx:05d}.safetensors"
+
+    def open(self) -> ResumePoint | None:
+        """Create or check the directory; return where to resume, or None to start at layer 0.
+
+        Raises:
+            ResumeMismatchError: the directory holds the progress of a run with other arguments, model or data.
+            CheckpointVerificationError: the directory is not a checkpoint directory, or its files are damaged.
+        """
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointVerificationError(
+                f"checkpoint_dir {self.directory} is a file; give a directory path (it is created if missing)."
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.directory / MANIFEST_NAME
+        if not manifest_path.exists():
+            foreign = [p.name for p in self.directory.iterdir() if not p.name.startswith(_OUR_FILE_PREFIXES)
+                       and p.name not in (PROGRESS_NAME, LOCK_NAME)]
+            if foreign:
+                raise CheckpointVerificationError(
+                    f"checkpoint_dir {self.directory} is not empty and holds no Olica resume manifest "
+                    f"({', '.join(sorted(foreign)[:3])}...): it was not written by an Olica run. Choose an empty or new "
+                    "directory for checkpoint_dir."
+                )
+            self._lock()
+            self._remove_files(keep=set())
+            (self.directory / PROGRESS_NAME).unlink(missing_ok=True)  # no manifest: nothing here can be trusted
+            _write_json_atomically(manifest_path, self.manifest)
+            return None
+        try:
+            saved = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CheckpointVerificationError(
+                f"The resume manifest {manifest_path} cannot be read ({error}). Delete {self.directory} to start over."
+            ) from error
+        self._lock()
+        differences = _differences(saved, self.manifest)
+        if differences:
+            raise ResumeMismatchError(
+                f"Cannot resume from checkpoint_dir {self.directory}: it holds the progress of a different run ("
+                + "; ".join(differences)
+                + "). Resuming would mix two runs. Rerun with the original model, recipe and calibration data to "
+                f"continue it, or delete {self.directory} (or choose another checkpoint_dir) to start over."
+            )
+        progress_path = self.directory / PROGRESS_NAME
+        if not progress_path.exists():
+            self._remove_files(keep=set())
+            return None
+        try:
+            progress = json.loads(progress_path.read_text(encoding="utf-8"))
+            last = int(progress["last_layer"])
+            keep = {self.layer_file(i) for i in range(last + 1)} | {self.state_file(last)}
+            self._remove_files(keep=keep)
+            with safe_open(self.directory / self.state_file(last), framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            for layer_idx in range(last + 1):
+                with safe_open(self.directory / self.layer_file(layer_idx), framework="pt") as handle:
+                    handle.keys()
+        except Exception as error:  # a damaged file: json, safetensors or a missing key
+            raise CheckpointVerificationError(
+                f"The resume checkpoint in {self.directory} is damaged ({type(error).__name__}: {error}). Delete "
+                f"{self.directory} to start over."
+            ) from error
+        activations = [tensors[f"activations.{i}"] for i in range(int(progress["num_activation_batches"]))]
+        algorithm_state = _join_tensors(progress["algorithm"], tensors)
+        return ResumePoint(last, progress["records"], progress["timings"], algorithm_state, activations)
+
+    def _lock(self) -> None:
+        """Hold the directory for this run: two runs writing the same checkpoint would mix their layers."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; one run per directory is then the user's to ensure
+            return
+        handle = open(self.directory / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise CheckpointVerificationError(
+                f"checkpoint_dir {self.directory} is in use by another running pruning job. Wait for it to finish, "
+                "or give this run another checkpoint_dir."
+            ) from None
+        self._lock_handle = handle  # released when this object (or the process) goes away
+
+    def load_layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """The pruned weights of a finished layer (names relative to the layer)."""
+        with safe_open(self.directory / self.layer_file(layer_idx), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def save_layer(
+        self,
+        layer_idx: int,
+        layer_state: dict[str, torch.Tensor],
+        activations: list[torch.Tensor],
+        algorithm_state: Any,
+        records: list[dict],
+        timings: dict,
+    ) -> None:
+        """Commit layer ``layer_idx`` as finished: its weights, the next layer's inputs, the algorithm state."""
+        tensors: dict[str, torch.Tensor] = {}
+        algorithm_json = _split_tensors(algorithm_state, "algorithm", tensors)
+        for index, batch in enumerate(activations):
+            tensors[f"activations.{index}"] = batch.detach().cpu().contiguous()
+        progress = {
+            "last_layer": layer_idx,
+            "num_activation_batches": len(activations),
+            "records": records,
+            "timings": timings,
+            "algorithm": algorithm_json,
+        }
+        json.dumps(progress)  # fail before writing anything if a record is not JSON
+        written = []
+        for name, content in (
+            (self.layer_file(layer_idx), {k: v.detach().cpu().contiguous() for k, v in layer_state.items()}),
+            (self.state_file(layer_idx), tensors),
+        ):
+            temporary = self.directory / f"{TEMPORARY_PREFIX}{name}"
+            save_file(content, temporary, metadata={"format": "pt"})
+            _fsync_file(temporary)
+            written.append((temporary, self.directory / name))
+        fault_point("checkpoint_before_rename", layer_idx)
+        for temporary, final in written:
+            os.replace(temporary, final)
+        fault_point("checkpoint_before_commit", layer_idx)
+        _write_json_atomically(self.directory / PROGRESS_NAME, progress)
+        fault_point("layer_checkpointed", layer_idx)
+        stale = self.directory / self.state_file(layer_idx - 1)
+        if layer_idx > 0 and stale.exists():
+            stale.unlink()
+
+    def remove(self) -> None:
+        """Delete this run's files (after its output is safely written) and the directory if nothing else is left."""
+        if not (self.directory / MANIFEST_NAME).is_file():
+            return  # not a checkpoint directory (or already removed): touch nothing
+        self._remove_files(keep=set())
+        for name in (PROGRESS_NAME, MANIFEST_NAME, LOCK_NAME):
+            (self.directory / name).unlink(missing_ok=True)
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass  # something else lives there: leave it
+
+    def _remove_files(self, keep: set[str]) -> None:
+        for path in self.directory.iterdir():
+            if path.name.startswith(_OUR_FILE_PREFIXES) and path.name not in keep and path.is_file():
+                path.unlink()
+
+
+def restore_timings(timings, saved: dict) -> None:
+    """Put the saved phase totals back into a ``PipelineTimings``."""
+    for field_ in dataclasses.fields(timings):
+        if field_.name in saved:
+            value = saved[field_.name]
+            setattr(timings, field_.name, list(value) if isinstance(value, list) else value)
+
+
+__all__ = [
+    "LayerCheckpoint",
+    "MANIFEST_NAME",
+    "PROGRESS_NAME",
+    "RESUME_FORMAT_VERSION",
+    "ResumePoint",
+    "fingerprint_model_config",
+    "fingerprint_safetensors_files",
+    "fingerprint_state_dict",
+    "fingerprint_token_ids",
+    "restore_timings",
+    "run_manifest",
+]

@@ -1,0 +1,100 @@
+"""The benchmark scripts' shared pieces: the random checkpoints they build and the page they generate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import report  # noqa: E402
+
+
+def test_random_checkpoint_is_written_layer_by_layer_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    shape = common.LlamaShape(hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=256)
+    directory = common.random_llama_checkpoint(shape, "bfloat16", directory=tmp_path / "model")
+    shards = sorted(directory.glob("*.safetensors"))
+    assert len(shards) == shape.num_hidden_layers + 1  # one shard per layer, one for the rest
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 2 * shape.num_parameters()
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert model.dtype == torch.bfloat16
+    assert model.num_parameters() == shape.num_parameters()
+    weight = model.model.layers[1].mlp.up_proj.weight.detach().float()
+    assert 0.015 < float(weight.std()) < 0.025  # N(0, 0.02), not left uninitialised
+    assert (directory / ".complete").exists()
+    # Built once: a second call reuses the files.
+    before = shards[0].stat().st_mtime_ns
+    common.random_llama_checkpoint(shape, "bfloat16", directory=directory)
+    assert shards[0].stat().st_mtime_ns == before
+
+
+def _fake_results(quick: bool) -> dict[str, dict]:
+    record = {"command": "python bench/x.py", "date": "2026-01-01 00:00 UTC", "quick": quick,
+              "environment": {"cpu": "Test CPU", "cores": 2, "ram_gib": 8.0, "python": "3.11", "torch": "2"}}
+    quality_rows = [{"variant": "dense", "ratio": 0.0, "parameters": 100, "perplexity": 10.0}]
+    for ratio, ppl in ((0.2, 12.0), (0.33, 15.0)):
+        for variant, factor in (("olica", 1.0), ("olica_exact", 1.01), ("magnitude", 1e5)):
+            quality_rows.append({"variant": variant, "ratio": ratio, "parameters": 80, "achieved_ratio": ratio,
+                                 "perplexity": ppl * factor, "prune_over_dense_forward": 3.0,
+                                 "timings": {"decomposition_s": 1.0}})
+    speed_row = {"parameters": 80, "prefill_b1_tokens_per_s": 110.0, "prefill_b8_tokens_per_s": 120.0,
+                 "decode_tokens_per_s": 11.0, "kv_bytes_per_token_config": 900, "kv_bytes_per_token_measured": 900.0,
+                 "kv_fraction_of_dense": 0.9, "params_ratio": 1.25, "decode_speedup": 1.1,
+                 "decode_target_speedup": 1.125, "decode_speedup_over_target": 1.1 / 1.125,
+                 "prefill_b1_speedup": 1.1, "prefill_b8_speedup": 1.2}
+    return {
+        "cost": {**record, "protocol": {"model": "m", "calibration": "128 x 128 tokens, seed 0", "ratio": 0.2,
+                                        "floor": "f"},
+                 "prune_s": 30.0, "dense_forward_s": [10.0, 10.0, 10.0], "dense_forward_median_s": 10.0,
+                 "prune_over_dense_forward": 3.0, "target_ratio": 2.5,
+                 "phase_seconds": {"capture": 0, "load": 0, "statistics": 8, "decomposition": 2, "refit": 12,
+                                   "propagation": 7, "store": 0},
+                 "phase_shares": {"capture": 0, "load": 0, "statistics": 8 / 30, "decomposition": 2 / 30,
+                                  "refit": 0.4, "propagation": 7 / 30, "store": 0, "other": 1 / 30}},
+        "memory": {**record, "protocol": {"model": "random-initialised Llama, 1.48B parameters, float32",
+                                          "calibration": "c", "ratio": 0.2, "measure": "m"},
+                   "checkpoint_bytes": 6 * 2**30, "parameters": 1_480_000_000, "target_streaming_ratio": 0.35,
+                   "runs": [{"mode": "streaming", "peak_rss_bytes": 2**30, "polled_peak_rss_bytes": 2**30,
+                             "baseline_rss_bytes": 2**28, "peak_over_checkpoint": 1 / 6, "total_s": 100.0},
+                            {"mode": "loaded", "peak_rss_bytes": 7 * 2**30, "polled_peak_rss_bytes": 7 * 2**30,
+                             "baseline_rss_bytes": 2**28, "peak_over_checkpoint": 7 / 6, "total_s": 90.0}]},
+        "speed": {**record, "protocol": {"model": "m", "pruned_models": "p", "prefill": "p", "decode": "d",
+                                         "rounds": 5, "statistic": "median"},
+                  "rows": [{**speed_row, "model": "dense", "parameters": 100, "kv_fraction_of_dense": 1.0,
+                            "kv_bytes_per_token_config": 1000, "kv_bytes_per_token_measured": 1000.0},
+                           {**speed_row, "model": "olica 20%"}]},
+        "quality": {**record, "protocol": {"model": "m", "calibration": "c", "evaluation": "e"}, "complete": True,
+                    "variants": {"olica": "Olica", "olica_exact": "exact", "magnitude": "baseline"},
+                    "rows": quality_rows},
+        "gpu": {**record, "gpu_run": False, "reason": "no CUDA device on this machine",
+                "targets": {"wall_s": 90.0, "peak_gpu_bytes": 2e9, "perplexity_relative_gap": 0.01},
+                "protocol": {"model": "7B", "calibration": "256 x 128"}},
+    }
+
+
+def test_report_renders_every_figure_with_its_target(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "QUICK_DOC", tmp_path / "benchmarks_quick.md")
+    monkeypatch.setattr(report, "QUICK_PLOT", tmp_path / "plot.png")
+    for name, results in _fake_results(quick=True).items():
+        (tmp_path / f"{name}_quick.json").write_text(json.dumps(results))
+    text = report.main(["--quick"]).read_text()
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert "| Pruning time / one dense forward (SmolLM2, 20%, 128 x 128 tokens) | <= 2.5 | 3.00x | 1.20 | **no** |" in text
+    assert "| Streaming peak RSS / checkpoint on disk (1.48B parameters) | <= 0.35 | 0.167 | 0.48 | yes |" in text
+    assert "| Decode speedup, olica 20% (batch 1, 128 tokens) | >= 1.125 (0.9 x 1.250) | 1.100x | 0.98 | **no** |" in text
+    assert "not run (no CUDA device where bench/gpu.py ran)" in text
+    assert "The GPU benchmark was not run" in text
+    assert "largest remaining cost is the **refit** phase" in text
+    assert "| olica_exact | 33% |" in text and "1.50e+06" in text  # magnitude's perplexity in scientific notation

@@ -1,0 +1,300 @@
+"""``optimum-cli olica``: end to end on a tiny model (prune, inspect, eval, reload), flags, errors and exit codes.
+
+Most runs are in-process through `optimum_olica.commands.main` (the same parser optimum-cli builds, without a new
+Python start); a few go through the real ``optimum-cli`` executable in a subprocess to check the registration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from tiny_checkpoint import make_tiny_tokenizer
+
+from optimum_olica import OlicaConfig
+from optimum_olica.commands import main
+from optimum_olica.commands.prune import OlicaPruneCommand, config_flag_name, recipe_from_args
+
+OPTIMUM_CLI = Path(sys.executable).with_name("optimum-cli")
+# A fixed refit damping: 'auto' cross-validates it, which costs seconds per layer even on a tiny model.
+FAST_RECIPE = ["--num-samples", "8", "--sequence-length", "32", "--num-calibrated-layers", "1", "--refit-damping",
+               "0.1", "--device", "cpu"]
+
+
+def run_cli(*argv: str) -> int:
+    """Runs ``optimum-cli olica <argv>`` in-process; returns the exit code."""
+    try:
+        main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama (GQA) with a real BPE tokenizer, saved like a Hub checkpoint."""
+    directory = tmp_path_factory.mktemp("base")
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model("llama_gqa", vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(base_model_dir, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pruned") / "tiny-olica"
+    code = run_cli("prune", base_model_dir, output, "--ratio", "0.2", "--skip-layers", "2", *FAST_RECIPE)
+    assert code == 0
+    return output
+
+
+def test_prune_writes_a_checkpoint_with_the_recipe_the_flags_describe(pruned_dir):
+    recipe = json.loads((pruned_dir / "olica_config.json").read_text())
+    assert recipe == OlicaConfig(
+        ratio=0.2, skip_layers=[2], num_samples=8, sequence_length=32, num_calibrated_layers=1, refit_damping=0.1,
+        device="cpu",
+    ).to_dict()
+    report = json.loads((pruned_dir / "olica_report.json").read_text())
+    assert report["calibration_data"]["source"] == "austen"
+    assert report["calibration_data"]["num_tokens"] == 8 * 32
+    assert abs(report["achieved_ratio"] - 0.2) < 0.05
+    assert report["layers"][2]["intermediate_size"] == 96  # the skipped layer stays dense
+
+
+def test_pruned_output_reloads_with_auto_model(pruned_dir):
+    from transformers import AutoModelForCausalLM
+
+    report = json.loads((pruned_dir / "olica_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    assert model.num_parameters() == report["parameters_after"]
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 17, 42, 8]])).logits
+    assert logits.shape == (1, 4, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_streaming_flag_prunes_from_the_files(base_model_dir, pruned_dir, tmp_path):
+    """--streaming is both an OlicaConfig field and from_pretrained(streaming=True): same result as in memory."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "streamed"
+    assert run_cli("prune", base_model_dir, output, "--ratio", "0.2", "--skip-layers", "2", "--streaming",
+                   *FAST_RECIPE) == 0
+    report = json.loads((output / "olica_report.json").read_text())
+    assert report["streaming"] is True
+    assert run_cli("inspect", output) == 0
+    assert report["parameters_after"] == json.loads((pruned_dir / "olica_report.json").read_text())["parameters_after"]
+    streamed = {}
+    for shard in output.glob("*.safetensors"):
+        streamed.update(load_file(shard))
+    in_memory = load_file(pruned_dir / "model.safetensors")
+    assert set(streamed) == set(in_memory)
+    for name, tensor in in_memory.items():
+        torch.testing.assert_close(streamed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inspect_shows_layers_parameters_recipe_and_calibration(pruned_dir, capsys):
+    assert run_cli("inspect", pruned_dir) == 0
+    out = capsys.readouterr().out
+    report = json.loads((pruned_dir / "olica_report.json").read_text())
+    assert f"{report['parameters_before']:,} -> {report['parameters_after']:,}" in out
+    assert "layer  q rank  k rank  v dim" in out  # format_summary's per-layer table
+    for record in report["layers"]:
+        assert f"{record['parameters']:,}" in out
+    assert "austen: 8 x 32 tokens" in out
+    assert "refit_damping           0.1" in out
+    assert "OlicaLlamaForCausalLM" in out
+
+
+def test_eval_perplexity_matches_the_python_api_and_is_recorded(pruned_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_olica.evaluation import evaluation_token_ids, perplexity
+
+    results = tmp_path / "eval.json"
+    code = run_cli("eval", pruned_dir, "--max-tokens", "1024", "--sequence-length", "64", "--output-json", results,
+                   "--record")
+    assert code == 0
+    (entry,) = json.loads(results.read_text())["evaluations"]
+    assert entry["kind"] == "perplexity" and entry["dataset"] == "pride-and-prejudice"
+    assert entry["num_tokens"] == 1024
+
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    tokens = evaluation_token_ids(AutoTokenizer.from_pretrained(pruned_dir), num_tokens=1024)
+    assert entry["value"] == pytest.approx(perplexity(model, tokens, sequence_length=64), rel=1e-6)
+
+    recorded = json.loads((pruned_dir / "olica_report.json").read_text())["evaluations"]
+    assert recorded == [entry]
+    capsys.readouterr()
+    assert run_cli("inspect", pruned_dir) == 0
+    assert f"perplexity {entry['value']:.3f} on pride-and-prejudice" in capsys.readouterr().out
+
+
+def test_eval_zero_shot_on_the_bundled_task(pruned_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    results = tmp_path / "eval.json"
+    code = run_cli("eval", pruned_dir, "--tasks", "austen_cloze", "--limit", "4", "--no-perplexity",
+                   "--output-json", results)
+    assert code == 0
+    entries = json.loads(results.read_text())["evaluations"]
+    accuracy = next(entry for entry in entries if entry["metric"] == "acc")
+    assert accuracy["task"] == "austen_cloze" and accuracy["num_samples"] == 4
+    assert accuracy["value"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_eval_tasks_without_lm_eval_says_how_to_install_it(pruned_dir, monkeypatch, capsys):
+    for name in ("lm_eval", "lm_eval.models.huggingface", "lm_eval.tasks"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import lm_eval` fail as if it were not installed
+    assert run_cli("eval", pruned_dir, "--tasks", "austen_cloze", "--no-perplexity") == 1
+    assert "pip install 'optimum-olica[eval]'" in _one_line_error(capsys.readouterr())
+
+
+def test_every_config_field_has_a_flag_and_no_flag_means_the_default():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    OlicaPruneCommand.parse_args(parser)
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for field in dataclasses.fields(OlicaConfig):
+        if field.name != "format_version":
+            assert config_flag_name(field.name) in flags, field.name
+    assert recipe_from_args(parser.parse_args(["model", "out"])) == OlicaConfig()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--refit-damping", "none"], {"refit_damping": None}),
+        (["--refit-damping", "auto"], {"refit_damping": "auto"}),
+        (["--refit-damping", "0.5"], {"refit_damping": 0.5}),
+        (["--skip-layers", "0,3"], {"skip_layers": [0, 3]}),
+        (["--dataset", "corpus.txt", "--num-samples", "4"], {"calibration_source": "corpus.txt", "num_samples": 4}),
+        (["--qk-ratio", "0.3", "--streaming", "--statistics-dtype", "float32"],
+         {"qk_ratio": 0.3, "streaming": True, "statistics_dtype": "float32"}),
+    ],
+)
+def test_config_flags_parse_to_config_values(flags, expected):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    OlicaPruneCommand.parse_args(parser)
+    assert recipe_from_args(parser.parse_args(["model", "out", *flags])) == OlicaConfig(**expected)
+
+
+def _one_line_error(captured) -> str:
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_bad_ratio_exits_1_with_one_line(base_model_dir, tmp_path, capsys):
+    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "1.5") == 1
+    line = _one_line_error(capsys.readouterr())
+    assert line.startswith("optimum-cli olica prune: error:") and "ratio" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_is_refused_before_the_model_is_loaded(tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    # The model does not exist: the error must be about OUTPUT, which is checked first.
+    assert run_cli("prune", tmp_path / "no-such-model", output) == 1
+    line = _one_line_error(capsys.readouterr())
+    assert "not empty" in line and "--overwrite" in line
+    assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_missing_model_exits_1_with_one_line(tmp_path, capsys):
+    assert run_cli("prune", tmp_path / "no-such-model", tmp_path / "out") == 1
+    assert "no-such-model" in _one_line_error(capsys.readouterr())
+
+
+def test_inspect_refuses_a_folder_that_is_not_an_olica_checkpoint(base_model_dir, capsys):
+    assert run_cli("inspect", base_model_dir) == 1
+    line = _one_line_error(capsys.readouterr())
+    assert "is not an Olica checkpoint" in line and "olica_config.json" in line
+
+
+def test_inspect_refuses_a_report_the_pruner_did_not_write(pruned_dir, tmp_path, capsys):
+    import shutil
+
+    damaged = Path(shutil.copytree(pruned_dir, tmp_path / "damaged"))
+    report = json.loads((damaged / "olica_report.json").read_text())
+    del report["timings"]
+    (damaged / "olica_report.json").write_text(json.dumps(report))
+    assert run_cli("inspect", damaged) == 1
+    assert "lacks ['timings']" in _one_line_error(capsys.readouterr())
+    (damaged / "olica_report.json").write_text("{not json")
+    assert run_cli("inspect", damaged) == 1
+    assert "is not valid JSON" in _one_line_error(capsys.readouterr())
+
+
+def test_eval_with_nothing_to_do_exits_1(pruned_dir, capsys):
+    assert run_cli("eval", pruned_dir, "--no-perplexity") == 1
+    assert "Nothing to evaluate" in _one_line_error(capsys.readouterr())
+
+
+@pytest.mark.parametrize("flag", [["--private"], ["--base-model", "org/base"]])
+def test_hub_flags_without_push_to_hub_are_refused(flag, tmp_path, capsys):
+    assert run_cli("prune", tmp_path / "model", tmp_path / "out", *flag) == 1
+    assert f"{flag[0]} only applies with --push-to-hub" in _one_line_error(capsys.readouterr())
+
+
+def test_verbose_shows_the_exception_instead(base_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="ratio"):
+        main(["prune", str(base_model_dir), str(tmp_path / "out"), "--ratio", "1.5", "--verbose"])
+
+
+def test_unknown_flag_is_a_usage_error(capsys):
+    assert run_cli("prune", "model", "out", "--no-such-flag") == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+# -- Through the real optimum-cli executable ----------------------------------------------------------------------
+
+
+def _cli(*argv, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(OPTIMUM_CLI), *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_optimum_cli_help_lists_olica_without_importing_torch():
+    result = _cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "olica" in result.stdout and "Olica structured pruning" in result.stdout
+    # The stand-in registered for `optimum-cli --help` says what the real command says.
+    from optimum.commands.register import register_olica
+
+    from optimum_olica.commands import OlicaCommand
+
+    assert register_olica.OlicaCommand is not OlicaCommand  # pytest's argv does not ask for olica
+    assert register_olica.OlicaCommand.COMMAND == OlicaCommand.COMMAND
+    # optimum-cli imports every register file at each start: ours must stay light when olica is not asked for.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, optimum.commands.register.register_olica as r; "
+         "print(r.REGISTER_COMMANDS[0].COMMAND.name, 'torch' in sys.modules, 'optimum_olica' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert probe.stdout.split() == ["olica", "False", "False"], probe.stderr
+
+
+def test_optimum_cli_olica_inspect_and_its_errors(pruned_dir, base_model_dir):
+    result = _cli("olica", "inspect", pruned_dir)
+    assert result.returncode == 0, result.stderr
+    assert "Per layer (olica_report.json):" in result.stdout
+
+    result = _cli("olica", "inspect", base_model_dir)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not an Olica checkpoint" in lines[0], result.stderr

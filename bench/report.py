@@ -164,9 +164,10 @@ def cost_section(cost, quick: bool) -> str:
         lines.append(f"| {phase} | {seconds:.1f} | {_pct(seconds / cost['prune_s'])} | "
                      f"{seconds / cost['dense_forward_median_s']:.2f}x |")
     lines += ["", "Phases: capture = embeddings up to layer 0; load = reading a layer's weights; statistics = the dense "
-              "layer pass with the statistics hooks; decomposition = the SVDs and scores; refit = the o_proj "
-              "replay, the cross-validated o_proj/down_proj refits and the LC fit; propagation = the pruned layer "
-              "pass that produces the next layer's inputs; store = handing the pruned layer over; other = planning, "
+              "layer pass with the statistics hooks; decomposition = the SVDs and scores; refit = the pass through "
+              "the pruned attention for the o_proj refit, the cross-validated o_proj/down_proj refits, the refitted "
+              "down_proj applied to the kept activations and the LC fit; propagation = the pruned layer pass (all "
+              "but down_proj) that produces the next layer's inputs; store = handing the pruned layer over; other = planning, "
               "choosing the LC layers, assembling the model.", ""]
     return "\n".join(lines)
 

@@ -140,6 +140,12 @@ class OlicaAttention(nn.Module):
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
+        narrow_values = self.value_head_dim < self.head_dim and self.config._attn_implementation != "eager"
+        if narrow_values:
+            # Fused kernels (SDPA's flash path on CPU, flash-attention on GPU) need one head dim for Q, K and V; with
+            # narrower values SDPA falls back to its unfused path (2.4x slower prefill on CPU). Zero value channels
+            # only add zero output channels, sliced off below; the cache keeps the narrow values.
+            value_states = nn.functional.pad(value_states, (0, self.head_dim - self.value_head_dim))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -154,6 +160,8 @@ class OlicaAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
+        if narrow_values:
+            attn_output = attn_output[..., : self.value_head_dim]
         # (batch, seq, heads, value_head_dim) -> (batch, seq, heads * value_head_dim)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)

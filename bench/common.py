@@ -273,3 +273,14 @@ def random_token_ids(num_samples: int, sequence_length: int, vocab_size: int, se
     generator = torch.Generator().manual_seed(seed)
     # Ids 0-2 are the special tokens of the generated configs.
     return torch.randint(3, vocab_size, (num_samples, sequence_length), generator=generator)
+
+
+def dense_forward_seconds(model, input_ids, batch_size: int) -> float:
+    """One forward pass over the calibration set, batched as the pipeline batches it (no KV cache)."""
+    import torch
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+    return time.perf_counter() - started

@@ -20,22 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import regenerate_report, results_path, write_results  # noqa: E402
+from common import dense_forward_seconds, regenerate_report, results_path, write_results  # noqa: E402
 
 TARGET_RATIO = 2.5
 PRUNE_RATIO = 0.2
 PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store")
-
-
-def dense_forward_seconds(model, input_ids, batch_size: int) -> float:
-    """One forward pass over the calibration set, batched as the pipeline batches it (no KV cache)."""
-    import torch
-
-    started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start : start + batch_size], use_cache=False)
-    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> dict:

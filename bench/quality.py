@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, regenerate_report, results_path, write_results  # noqa: E402
+from common import ROOT, dense_forward_seconds, regenerate_report, results_path, write_results  # noqa: E402
 
 from optimum_olica.configuration import OlicaConfig  # noqa: E402
 from optimum_olica.data import get_calibration_dataset, tokenize_for_perplexity  # noqa: E402
@@ -47,14 +47,6 @@ VARIANTS = {
     "olica_no_refit": ("olica", {"refit_damping": None}, "the paper's method as published (no refit)"),
     "magnitude": ("magnitude", {}, "uniform magnitude-based structured pruning of the same modules, same dims"),
 }
-
-
-def timed_dense_forward(model, input_ids: torch.Tensor, batch_size: int) -> float:
-    started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start : start + batch_size], use_cache=False)
-    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "variant": "dense", "ratio": 0.0, "parameters": dense.num_parameters(),
         "perplexity": perplexity(dense, evaluation),
     }]
-    dense_forward_s = timed_dense_forward(dense, calibration, batch_size)
+    dense_forward_s = dense_forward_seconds(dense, calibration, batch_size)
     del dense
     print(f"dense: ppl {rows[0]['perplexity']:.2f}, forward over calibration {dense_forward_s:.1f} s", flush=True)
 
@@ -108,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = load()
             # The dense forward is timed again right before each prune, so every ratio compares two measurements
             # taken minutes apart on this shared machine, not one taken at the start of a half-hour run.
-            dense_forward_s = timed_dense_forward(model, calibration, batch_size)
+            dense_forward_s = dense_forward_seconds(model, calibration, batch_size)
             started = time.perf_counter()
             result = prune_model(model, config, calibration, progress=False, method=method)
             prune_s = time.perf_counter() - started

@@ -260,6 +260,10 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
               if (variant, ratio) not in measured]
     if absent:
         lines += ["", f"Not in this run: {', '.join(absent)}."]
+    lines += ["", "Each row's time ratio divides its prune by a dense forward timed right before it, and its "
+              "decomposition time is wall time: when other jobs share the machine, the load can change between "
+              "the two measurements, so the cost section above (one prune between three dense forwards) is the "
+              "reference figure for the pruning cost."]
     descriptions = quality.get("variants") or {}
     if descriptions:
         lines += ["", "Variants:"]

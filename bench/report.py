@@ -167,8 +167,8 @@ def cost_section(cost, quick: bool) -> str:
               "layer pass with the statistics hooks; decomposition = the SVDs and scores; refit = the pass through "
               "the pruned attention for the o_proj refit, the cross-validated o_proj/down_proj refits, the refitted "
               "down_proj applied to the kept activations and the LC fit; propagation = the pruned layer pass (all "
-              "but down_proj) that produces the next layer's inputs; store = handing the pruned layer over; other = planning, "
-              "choosing the LC layers, assembling the model.", ""]
+              "but down_proj) that produces the next layer's inputs; store = handing the pruned layer over; "
+              "other = planning, choosing the LC layers, assembling the model.", ""]
     return "\n".join(lines)
 
 

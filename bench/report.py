@@ -23,7 +23,7 @@ PLOT = ROOT / "docs" / "img" / "quality_perplexity.png"
 QUICK_DOC = ROOT / "bench" / "results" / "benchmarks_quick.md"
 QUICK_PLOT = ROOT / "bench" / "results" / "quality_perplexity_quick.png"
 PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
-VARIANT_ORDER = ("olica", "olica_no_lc", "olica_refit_only", "olica_branch_only", "olica_exact", "magnitude")
+VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
 
 
 def _load(name: str, quick: bool) -> dict | None:
@@ -290,8 +290,9 @@ def _ablation_lines(pruned: list[dict]) -> list[str]:
         if olica is None:
             continue
         parts = []
-        for name, label in (("olica_no_lc", "without linear calibration"), ("olica_refit_only", "refit only"),
-                            ("olica_branch_only", "branch only"), ("magnitude", "magnitude pruning")):
+        for name, label in (("olica_no_lc", "without linear calibration"),
+                            ("olica_branch_only", "the paper's LC branch instead of the refit"),
+                            ("olica_refit_and_branch", "refit and branch"), ("magnitude", "magnitude pruning")):
             other = by_key.get((name, ratio))
             if other is not None:
                 verdict = "better" if olica["perplexity"] < other["perplexity"] else "not better"

@@ -145,11 +145,13 @@ class OlicaConfig:
         },
     )
     num_calibrated_layers: int = field(
-        default=6,
+        default=0,
         metadata={
             "help": (
-                "Number of decoder layers that get a linear-calibration branch, >= 0 "
-                "(0 disables linear calibration). Needs calibration_rank_ratio > 0."
+                "Number of decoder layers that get the paper's low-rank linear-calibration branch, >= 0 "
+                "(reference: 6 of 32). Default 0: the least-squares refit of o_proj/down_proj already does the "
+                "linear calibration, inside the weights, and the branch measured no gain on top of it. "
+                "Needs calibration_rank_ratio > 0."
             )
         },
     )

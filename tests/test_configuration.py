@@ -37,7 +37,7 @@ def test_defaults():
     assert (config.qk_ratio, config.vo_ratio, config.ffn_ratio) == (None, None, None)
     assert config.calibration_source == "austen"
     assert (config.num_samples, config.sequence_length, config.seed) == (128, 128, 0)
-    assert (config.calibration_rank_ratio, config.num_calibrated_layers, config.ridge_strength) == (0.03, 6, 0.5)
+    assert (config.calibration_rank_ratio, config.num_calibrated_layers, config.ridge_strength) == (0.03, 0, 0.5)
     assert config.skip_layers == []
     assert config.statistics_dtype == "float64"
     assert config.device is None and config.offload_activations is False and config.streaming is False
@@ -202,7 +202,7 @@ def test_validation_errors_name_the_field(kwargs, field_name):
 
 def test_calibrated_layers_need_a_positive_rank():
     with pytest.raises(ValueError, match=r"num_calibrated_layers=6.*calibration_rank_ratio") as error:
-        OlicaConfig(calibration_rank_ratio=0.0)
+        OlicaConfig(num_calibrated_layers=6, calibration_rank_ratio=0.0)
     assert "num_calibrated_layers=0" in str(error.value)  # says how to disable it instead
 
 

@@ -273,8 +273,9 @@ def test_skipped_layer_keeps_full_dimensions():
 
 
 def test_skipped_layer_gets_no_calibration_branch():
-    config = prune_tiny("llama", OlicaConfig(ratio=0.2, skip_layers=[0])).model.config
+    config = prune_tiny("llama", OlicaConfig(ratio=0.2, skip_layers=[0], num_calibrated_layers=2)).model.config
     assert config.calibration_ranks[0] == 0, config.calibration_ranks
+    assert sum(rank > 0 for rank in config.calibration_ranks) == 2, config.calibration_ranks
 
 
 def test_unsupported_architecture_names_the_supported_families():

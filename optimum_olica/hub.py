@@ -140,9 +140,10 @@ def build_model_card(
         "## Method and recipe",
         "",
         "Olica factors the query/key projections into activation-weighted low-rank pairs, rotates and prunes value "
-        "neurons per key/value group, removes FFN neurons, and adds a small low-rank linear branch to a few layers' "
-        "FFN to compensate the pruning error. Key/value heads keep their grouping, so the KV cache shrinks with the "
-        "value heads.",
+        "neurons per key/value group, removes FFN neurons, and compensates the pruning error by linear calibration: "
+        "a ridge least-squares refit of each layer's `o_proj` and `down_proj` (and, when the recipe asks for it, a "
+        "small low-rank branch beside a few layers' FFN). Key/value heads keep their grouping, so the KV cache "
+        "shrinks with the value heads.",
         "",
     ]
     parts = report.get("part_ratios") or {}
@@ -150,8 +151,8 @@ def build_model_card(
         lines += [
             "Parameter reduction per part: "
             + ", ".join(f"{part.upper()} {100 * value:.1f}%" for part, value in parts.items())
-            + f"; linear-calibration branches (rank {report.get('calibration_rank', 0)}) in layers "
-            f"{report.get('calibrated_layers', [])}.",
+            + (f"; linear-calibration branches (rank {report.get('calibration_rank', 0)}) in layers "
+               f"{report.get('calibrated_layers')}." if report.get("calibrated_layers") else "; no calibration branch."),
             "",
         ]
     lines += ["The recipe (`olica_config.json`, readable with `OlicaConfig.from_pretrained`):", ""]

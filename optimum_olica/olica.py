@@ -263,9 +263,10 @@ class OlicaLayerPruner:
                 )
                 if damping is None:
                     return None, None
-        gram = sum(fold.gram for fold in filled)
-        cross = sum(fold.cross for fold in filled)
-        return om.refit_output_projection(gram, cross, weight, damping), damping
+        merged = filled[0]
+        for fold in filled[1:]:
+            merged.absorb(fold)  # in place: no third copy of the (in x in) Gram at the peak
+        return om.refit_output_projection(merged.gram, merged.cross, weight, damping), damping
 
     # ---- the FFN on the pruned layer's own inputs: down_proj refit and linear calibration -------------------
 

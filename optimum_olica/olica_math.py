@@ -205,6 +205,24 @@ class StreamingMoments:
             sums[key] += value.to(self.dtype)
         self._count += rows.shape[0]
 
+    def absorb(self, other: "StreamingMoments") -> None:
+        """Add ``other``'s sums into this one, in place, and empty ``other``.
+
+        The sums of two folds become the sums of both without allocating a third set (a Gram matrix of a wide FFN
+        is hundreds of MB), and ``other`` releases its memory.
+        """
+        if (other.dim, other.target_dim, other.has_gram) != (self.dim, self.target_dim, self.has_gram):
+            raise ValueError("`absorb` needs StreamingMoments of the same dim, target_dim and gram setting.")
+        if not other._sums:
+            return
+        if not self._sums:
+            self._sums, self._count = other._sums, other._count
+        else:
+            for key, value in other._sums.items():
+                self._sums[key] += value.to(self._sums[key].device)
+            self._count += other._count
+        other._sums, other._count = {}, 0
+
     def _read(self, key: str, per_token: bool = False) -> Tensor:
         if self._count == 0:
             raise RuntimeError("StreamingMoments has seen no token yet: call `update` with at least one token.")
@@ -485,10 +503,14 @@ def _ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> tuple[Tensor, flo
     gram, cross = gram.double(), cross.double()
     if not bool(torch.isfinite(gram).all()) or not bool(torch.isfinite(cross).all()):
         raise ValueError("`gram` and `cross` must be finite.")
-    identity = torch.eye(dim, dtype=torch.float64, device=gram.device)
     tried = float(ridge)
     for attempt in range(_RIDGE_RETRIES + 1):
-        factor, info = torch.linalg.cholesky_ex(gram + tried * identity)
+        # The ridge goes onto the diagonal of one copy (no identity matrix): for an FFN-wide system each extra
+        # (dim x dim) float64 temporary is hundreds of MB at the peak of a streaming run.
+        regularized = gram.clone()
+        regularized.diagonal().add_(tried)
+        factor, info = torch.linalg.cholesky_ex(regularized)
+        del regularized
         solution = torch.cholesky_solve(cross.reshape(dim, -1), factor) if int(info) == 0 else None
         if solution is not None and bool(torch.isfinite(solution).all()):
             if attempt:

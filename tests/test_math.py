@@ -69,6 +69,27 @@ def test_streaming_moments_match_direct_computation_with_mask_and_low_precision(
     assert moments.mean.dtype == F64
 
 
+def test_absorb_gives_the_sums_of_both_folds_and_empties_the_other():
+    g = gen(11)
+    x, t = randn(9, 5, generator=g).double(), randn(9, 2, generator=g).double()
+    whole, first, second = (StreamingMoments(5, gram=True, target_dim=2) for _ in range(3))
+    whole.update(x, t)
+    first.update(x[:4], t[:4])
+    second.update(x[4:], t[4:])
+    first.absorb(second)
+    assert first.count == 9 and second.count == 0
+    torch.testing.assert_close(first.gram, x.T @ x)
+    torch.testing.assert_close(first.cross, x.T @ t)
+    torch.testing.assert_close(first.target_sum_squares, whole.target_sum_squares)
+    with pytest.raises(RuntimeError):
+        second.gram  # emptied: its memory is released
+    empty = StreamingMoments(5, gram=True, target_dim=2)
+    empty.absorb(first)
+    assert empty.count == 9 and first.count == 0
+    with pytest.raises(ValueError, match="same dim"):
+        empty.absorb(StreamingMoments(4))
+
+
 def test_streaming_moments_errors():
     moments = StreamingMoments(3)
     with pytest.raises(RuntimeError, match="no token"):

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     LLAMA_1_5B,
     LLAMA_100M,
     checkpoint_bytes,
+    git_commit,
     random_llama_checkpoint,
     regenerate_report,
     results_path,
@@ -127,6 +128,20 @@ def measure(mode: str, checkpoint: Path, num_samples: int, sequence_length: int,
     }
 
 
+def _kept_runs(quick: bool, modes: list[str], num_samples: int, sequence_length: int, refit_damping: str,
+               size: int) -> list[dict]:
+    """The runs of the other modes from the existing results file, when it measured the same checkpoint and
+    settings (so `--modes streaming` re-measures one mode without discarding the other); each run names its commit."""
+    path = results_path("memory", quick)
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    protocol = previous.get("protocol", {})
+    same = (previous.get("checkpoint_bytes") == size and protocol.get("refit_damping") == refit_damping
+            and protocol.get("calibration") == f"{num_samples} x {sequence_length} random token ids")
+    return [run for run in previous.get("runs", []) if same and run["mode"] not in modes]
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="0.1B model, 8 x 64 tokens (a smoke run)")
@@ -151,10 +166,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     checkpoint = random_llama_checkpoint(shape, "float32")
     print(f"checkpoint {checkpoint} ready in {time.perf_counter() - started:.0f} s", flush=True)
     size = checkpoint_bytes(checkpoint)
-    runs = []
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    runs = _kept_runs(args.quick, modes, num_samples, sequence_length, args.refit_damping, size)
+    for mode in modes:
         run = measure(mode, checkpoint, num_samples, sequence_length, args.refit_damping)
         run["peak_over_checkpoint"] = run["peak_rss_bytes"] / size
+        run["commit"] = git_commit()
         runs.append(run)
         print(f"{mode}: peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB = {run['peak_over_checkpoint']:.3f} x "
               f"checkpoint ({size / 2**30:.2f} GiB), pruning {run['total_s']:.0f} s", flush=True)

@@ -399,9 +399,11 @@ def run_sequential(
                 outputs = _run_checked(pruned, activations, device, layer_idx, keep_outputs=True)
             timings.propagation += time.perf_counter() - tick
 
-            tick = time.perf_counter()
-            record = algorithm.finish_layer(pruned, layer_idx, outputs)
-            timings.refit += time.perf_counter() - tick
+        # The dense layer is released first: finishing (the down_proj refit's solve) is the per-layer memory peak.
+        del dense
+        tick = time.perf_counter()
+        record = algorithm.finish_layer(pruned, layer_idx, outputs)
+        timings.refit += time.perf_counter() - tick
         tick = time.perf_counter()
         sink.store(layer_idx, pruned)
         activations.hidden_states = outputs

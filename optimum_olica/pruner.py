@@ -218,6 +218,8 @@ def prune_model(
         model, calibration_input_ids, batch_size=batch_size, storage_device=storage, input_device=_input_device(model)
     )
     timings.capture = time.perf_counter() - tick
+    if streaming:
+        _release_input_embeddings(model)  # only the capture needed them; the layer loop is the memory peak
 
     if method == "magnitude":
         algorithm = MagnitudeLayerPruner(plan_config)
@@ -390,6 +392,12 @@ def _materialize_input_embeddings(model, weights: SafetensorsWeights) -> None:
             tensor = weights.load([key], torch.device("cpu"))[key]
             set_module_tensor_to_device(model, key, "cpu", value=tensor)
             return
+
+
+def _release_input_embeddings(model) -> None:
+    """Put the input embeddings of a streamed skeleton back on the meta device (the checkpoint is written from the
+    source files, not from the skeleton)."""
+    model.get_input_embeddings().to("meta")
 
 
 def _write_streamed_checkpoint(directory: Path, config, weights: SafetensorsWeights, sink, model) -> None:

@@ -9,12 +9,13 @@ transformers runtime itself (recorded as ``baseline_rss``).
 
 The refit damping is fixed (``--refit-damping``, default 0.1) instead of the shipped ``"auto"``: the cross-validation
 that picks it adds many Cholesky solves and ``W G`` products on (intermediate x intermediate) Gram matrices per layer
-(most of an hour for this model on 2 cores) but allocates no buffer that the fixed-damping refit does not (both fold
+(several minutes more for this model on 2 cores) but allocates no buffer that the fixed-damping refit does not (both fold
 Gram matrices, then one factorisation at a time), so the peak is the same; pass ``--refit-damping auto`` to measure
 the shipped setting as it is.
 
-    python bench/memory.py           # 1.5B model, 16 x 128 tokens (30-60 min on 2 cores: the per-layer SVDs and
-                                     # solves on width-2048/5632 matrices dominate, not the calibration size)
+    python bench/memory.py           # 1.5B model, 16 x 128 tokens (about 5 min streaming + 11 min loaded on 2 quiet
+                                     # cores: the per-layer SVDs and solves on width-2048/5632 matrices dominate)
+    python bench/memory.py --modes streaming   # re-measure one mode, keeping the other's run from the results file
     python bench/memory.py --quick   # 0.1B model, 8 x 64 tokens; writes bench/results/memory_quick.json
 """
 

@@ -166,9 +166,10 @@ def cost_section(cost, quick: bool) -> str:
     lines += ["", "Phases: capture = embeddings up to layer 0; load = reading a layer's weights; statistics = the dense "
               "layer pass with the statistics hooks; decomposition = the SVDs and scores; refit = the pass through "
               "the pruned attention for the o_proj refit, the cross-validated o_proj/down_proj refits, the refitted "
-              "down_proj applied to the kept activations and the LC fit; propagation = the pruned layer pass (all "
-              "but down_proj) that produces the next layer's inputs; store = handing the pruned layer over; "
-              "other = planning, choosing the LC layers, assembling the model.", ""]
+              "down_proj applied to the kept activations and, when the recipe has calibration branches, their fit; "
+              "propagation = the rest of the pruned layer (the refitted o_proj on the attention values kept from "
+              "the refit pass, then the FFN but down_proj) producing the next layer's inputs; store = handing the "
+              "pruned layer over; other = planning, choosing the branch layers, assembling the model.", ""]
     return "\n".join(lines)
 
 
@@ -181,14 +182,15 @@ def memory_section(memory, quick: bool) -> str:
         f"safetensors), ratio {memory['protocol']['ratio']}, calibration {memory['protocol']['calibration']}. "
         f"Measure: {memory['protocol']['measure']}. {_provenance(memory)}",
         "",
-        "| mode | peak RSS | polled peak | runtime after imports | peak / checkpoint | target | pruning time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | peak RSS | polled peak | runtime after imports | peak / checkpoint | target | pruning time | commit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in memory["runs"]:
         target = f"<= {memory['target_streaming_ratio']}" if run["mode"] == "streaming" else "- (contrast)"
         lines.append(
             f"| {run['mode']} | {_gib(run['peak_rss_bytes'])} | {_gib(run['polled_peak_rss_bytes'])} | "
             f"{_gib(run['baseline_rss_bytes'])} | {run['peak_over_checkpoint']:.3f} | {target} | {run['total_s']:.0f} s |"
+            f" {run.get('commit') or 'earlier run, not recorded'} |"
         )
     lines += ["", "\"Runtime after imports\" is the resident memory of the same process once torch, transformers and "
               "the package are imported, before any weight is read: it is part of the peak.", ""]
@@ -237,6 +239,10 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
     ]
     if quality.get("complete") is False:
         lines += ["**This run was interrupted: the table holds the rows it finished.**", ""]
+    commits = sorted({row.get("commit") or "not recorded" for row in quality["rows"]})
+    if "--resume" in quality.get("command", "") or len(commits) > 1:
+        lines += [f"The table was assembled over successive runs of the same protocol (`--resume`); each row records "
+                  f"the commit it was measured at ({', '.join(commits)}).", ""]
     lines += [
         "| variant | target | parameters | removed | perplexity | pruning time / dense forward | decomposition s |",
         "| --- | --- | --- | --- | --- | --- | --- |",

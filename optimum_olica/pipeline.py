@@ -4,8 +4,9 @@ For each decoder layer the pipeline (1) materialises the dense layer on the comp
 captured layer inputs through it while the algorithm's hooks accumulate statistics, (3) asks the algorithm for the
 pruned layer, (4) lets the algorithm refine the pruned layer (it may replay the inputs through parts of it), (5) replays the
 inputs through the pruned layer (the algorithm observes this pass too, and may amend its outputs) to produce the
-next layer's inputs, and (6) hands the pruned layer to a sink and releases the dense one. Only one dense layer
-and the calibration activations are resident on the compute device at a time.
+next layer's inputs, (6) releases the dense layer and lets the algorithm finish the pruned one, and (7) hands the
+pruned layer to a sink. Only one dense layer and the calibration activations are resident on the compute device at
+a time.
 
 Where the dense weights come from is a ``LayerSource``: the model's own modules (on any device, including
 accelerate-offloaded ones) or, in streaming mode, the safetensors files read one layer at a time.
@@ -399,7 +400,7 @@ def run_sequential(
                 outputs = _run_checked(pruned, activations, device, layer_idx, keep_outputs=True)
             timings.propagation += time.perf_counter() - tick
 
-        # The dense layer is released first: finishing (the down_proj refit's solve) is the per-layer memory peak.
+        # The algorithm's finishing work (its largest solves) does not need the dense layer: release it first.
         del dense
         tick = time.perf_counter()
         record = algorithm.finish_layer(pruned, layer_idx, outputs)

@@ -46,6 +46,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) bench/cost.py --no-report
 	$(PY) bench/speed.py --no-report
+	$(PY) bench/speed.py --large --no-report
 	$(PY) bench/memory.py --no-report
 	$(PY) bench/gpu.py --no-report
 	$(PY) bench/quality.py --no-report
@@ -54,6 +55,7 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) bench/cost.py --quick --no-report --save-pruned outputs/bench-quick-olica-20
 	$(PY) bench/speed.py --quick --no-report --pruned outputs/bench-quick-olica-20 --ratios 0.2
+	$(PY) bench/speed.py --large --quick --no-report
 	$(PY) bench/memory.py --quick --no-report
 	$(PY) bench/gpu.py --quick --no-report
 	$(PY) bench/quality.py --quick --no-report

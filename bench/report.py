@@ -70,7 +70,30 @@ def _missing(script: str, quick: bool) -> str:
 # ---- the summary table ------------------------------------------------------------------------------------------
 
 
-def summary_rows(cost, memory, speed, quality, gpu) -> list[tuple[str, str, str, str, str]]:
+def _model_size(speed: dict) -> str:
+    """"1.48B" from the protocol's model description of the large speed run."""
+    return speed["protocol"]["model"].split(",")[1].split()[0]
+
+
+def _speed_summary_rows(speed: dict, label: str) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    dense_kv = speed["rows"][0]["kv_bytes_per_token_config"]
+    for row in speed["rows"][1:]:
+        target = row["decode_target_speedup"]
+        rows.append((f"Decode speedup, {label}{row['model']} (batch 1, 128 tokens)",
+                     f">= {target:.3f} (0.9 x {row['params_ratio']:.3f})", f"{row['decode_speedup']:.3f}x",
+                     f"{row['decode_speedup_over_target']:.2f}", _verdict(row["decode_speedup"] >= target)))
+        batches = [key for key in ("prefill_b1", "prefill_b8") if f"{key}_speedup" in row]
+        rows.append((f"Prefill speedup, {label}{row['model']}, "
+                     + " / ".join(key.replace("prefill_b", "batch ") for key in batches), "report",
+                     " / ".join(f"{row[f'{key}_speedup']:.3f}x" for key in batches), "-", "-"))
+        rows.append((f"KV-cache bytes per token, {label}{row['model']} vs dense", "report",
+                     f"{row['kv_bytes_per_token_config']:,} vs {dense_kv:,} ({_pct(row['kv_fraction_of_dense'])})",
+                     "-", "-"))
+    return rows
+
+
+def summary_rows(cost, memory, speed, speed_large, quality, gpu) -> list[tuple[str, str, str, str, str]]:
     """(figure, target, measured, measured/target, met) for every figure of the issue."""
     rows = []
     if cost:
@@ -92,18 +115,11 @@ def summary_rows(cost, memory, speed, quality, gpu) -> list[tuple[str, str, str,
     else:
         rows.append(("Streaming peak RSS / checkpoint on disk", "<= 0.35", "not measured", "-", "-"))
     if speed:
-        for row in speed["rows"][1:]:
-            target = row["decode_target_speedup"]
-            rows.append((f"Decode speedup, {row['model']} (batch 1, 128 tokens)",
-                         f">= {target:.3f} (0.9 x {row['params_ratio']:.3f})", f"{row['decode_speedup']:.3f}x",
-                         f"{row['decode_speedup_over_target']:.2f}", _verdict(row["decode_speedup"] >= target)))
-            rows.append((f"Prefill speedup, {row['model']}, batch 1 / batch 8", "report",
-                         f"{row['prefill_b1_speedup']:.3f}x / {row['prefill_b8_speedup']:.3f}x", "-", "-"))
-            rows.append((f"KV-cache bytes per token, {row['model']} vs dense", "report",
-                         f"{row['kv_bytes_per_token_config']:,} vs {speed['rows'][0]['kv_bytes_per_token_config']:,} "
-                         f"({_pct(row['kv_fraction_of_dense'])})", "-", "-"))
+        rows += _speed_summary_rows(speed, "")
     else:
         rows.append(("Decode speedup vs 0.9 x parameter ratio", ">= 0.9 x params ratio", "not measured", "-", "-"))
+    if speed_large:
+        rows += _speed_summary_rows(speed_large, f"{_model_size(speed_large)} Llama, ")
     if quality:
         dense = next(row for row in quality["rows"] if row["variant"] == "dense")
         for row in quality["rows"]:
@@ -197,33 +213,77 @@ def memory_section(memory, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def speed_section(speed, quick: bool) -> str:
+def _speed_table(speed: dict) -> list[str]:
+    batches = [key for key in ("prefill_b1", "prefill_b8") if f"{key}_tokens_per_s" in speed["rows"][0]]
+    anatomy = "linear_ms_per_token" in speed["rows"][0]
+    header = ["model", "parameters", *(f"prefill {key[-2:]} tok/s" for key in batches), "decode tok/s",
+              "decode speedup", "target (0.9 x params ratio)"]
+    header += ["decode ms/token: linear layers + rest"] if anatomy else []
+    header += ["KV bytes/token (config / DynamicCache)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in speed["rows"]:
+        cells = [row["model"], f"{row['parameters']:,}"]
+        for key in batches:
+            cell = f"{row[f'{key}_tokens_per_s']:.0f}"
+            cells.append(cell + (f" ({row[f'{key}_speedup']:.2f}x)" if f"{key}_speedup" in row else ""))
+        cells += [f"{row['decode_tokens_per_s']:.1f}",
+                  f"{row['decode_speedup']:.3f}x" if "decode_speedup" in row else "-",
+                  f"{row['decode_target_speedup']:.3f}x" if "decode_target_speedup" in row else "-"]
+        if anatomy:
+            cells.append(f"{row['decode_ms_per_token']:.1f}: {row['linear_ms_per_token']:.1f} + "
+                         f"{row['other_ms_per_token']:.1f}")
+        cells.append(f"{row['kv_bytes_per_token_config']:,} / {row['kv_bytes_per_token_measured']:,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _decode_anatomy(speed: dict) -> str:
+    """Where a decode step's time goes, and why the speedup is what it is, from the measured rows."""
+    dense = speed["rows"][0]
+    if "linear_ms_per_token" not in dense:
+        return ""
+    share = dense["linear_ms_per_token"] / dense["decode_ms_per_token"]
+    pruned = "; ".join(
+        f"{row['model']}: linear layers {row['linear_speedup']:.2f}x faster (parameter ratio "
+        f"{row['params_ratio']:.2f}), rest {row['other_ms_per_token']:.1f} ms, whole step {row['decode_speedup']:.2f}x"
+        for row in speed["rows"][1:])
+    return (f"Where a decode step's time goes: in the dense model the linear layers (LM head included, timed alone) "
+            f"take {dense['linear_ms_per_token']:.1f} of {dense['decode_ms_per_token']:.1f} ms per token "
+            f"({_pct(share)}); the rest, {dense['other_ms_per_token']:.1f} ms (the step minus the linear layers: norms, "
+            f"rotary embeddings, cache updates, attention, `generate`'s loop), is per-operation cost that pruning "
+            f"does not remove. {pruned}.")
+
+
+def speed_section(speed, speed_large, quick: bool) -> str:
     lines = ["## Pruned-model speed", ""]
     if not speed:
-        return "\n".join(lines + [_missing("speed.py", quick)])
-    protocol = speed["protocol"]
+        lines.append(_missing("speed.py", quick))
+    else:
+        protocol = speed["protocol"]
+        lines += [
+            f"{protocol['model']}; pruned models: {protocol['pruned_models']}. Prefill: {protocol['prefill']}. "
+            f"Decode: {protocol['decode']}. {protocol['statistic'].capitalize()} ({protocol['rounds']} rounds). "
+            f"{_provenance(speed)}",
+            "",
+            *_speed_table(speed),
+            "",
+            _decode_anatomy(speed),
+            "",
+        ]
+    lines += ["### A larger model: the memory benchmark's random-initialised Llama", ""]
+    if not speed_large:
+        return "\n".join(lines + [_missing("speed.py --large", quick)])
+    protocol = speed_large["protocol"]
     lines += [
-        f"{protocol['model']}; pruned models: {protocol['pruned_models']}. Prefill: {protocol['prefill']}. Decode: "
-        f"{protocol['decode']}. {protocol['statistic'].capitalize()} ({protocol['rounds']} rounds). {_provenance(speed)}",
+        f"{protocol['model']}; pruned models: {protocol['pruned_models']}. Prefill: {protocol['prefill']}. "
+        f"Decode: {protocol['decode']}. {protocol['statistic'].capitalize()} ({protocol['rounds']} rounds). "
+        f"{_provenance(speed_large)}",
         "",
-        "| model | parameters | prefill b1 tok/s | prefill b8 tok/s | decode tok/s | decode speedup | target "
-        "(0.9 x params ratio) | KV bytes/token (config / DynamicCache) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_speed_table(speed_large),
+        "",
+        _decode_anatomy(speed_large),
+        "",
     ]
-    for row in speed["rows"]:
-        speedup = f"{row['decode_speedup']:.3f}x" if "decode_speedup" in row else "-"
-        target = f"{row['decode_target_speedup']:.3f}x" if "decode_target_speedup" in row else "-"
-        prefill_b1 = f"{row['prefill_b1_tokens_per_s']:.0f}"
-        prefill_b8 = f"{row['prefill_b8_tokens_per_s']:.0f}"
-        if "prefill_b1_speedup" in row:
-            prefill_b1 += f" ({row['prefill_b1_speedup']:.2f}x)"
-            prefill_b8 += f" ({row['prefill_b8_speedup']:.2f}x)"
-        lines.append(
-            f"| {row['model']} | {row['parameters']:,} | {prefill_b1} | {prefill_b8} | "
-            f"{row['decode_tokens_per_s']:.1f} | {speedup} | {target} | {row['kv_bytes_per_token_config']:,} / "
-            f"{row['kv_bytes_per_token_measured']:,.0f} |"
-        )
-    lines.append("")
     return "\n".join(lines)
 
 
@@ -349,7 +409,7 @@ def gpu_section(gpu, quick: bool) -> str:
     return "\n".join(lines + [""])
 
 
-def closing_note(cost, memory, speed, quality, gpu) -> str:
+def closing_note(cost, memory, speed, speed_large, quality, gpu) -> str:
     """Quote the headline figures and name the largest remaining cost, from the data."""
     lines = ["## Closing note", ""]
     quoted = []
@@ -368,6 +428,10 @@ def closing_note(cost, memory, speed, quality, gpu) -> str:
             quoted.append(f"{row['model']} decodes {row['decode_speedup']:.2f}x faster than dense (target "
                           f"{row['decode_target_speedup']:.2f}x) and prefills {row['prefill_b8_speedup']:.2f}x at "
                           f"batch 8, with {_pct(row['kv_fraction_of_dense'])} of the dense KV cache")
+    if speed_large:
+        for row in speed_large["rows"][1:]:
+            quoted.append(f"at {_model_size(speed_large)} parameters {row['model']} decodes "
+                          f"{row['decode_speedup']:.2f}x faster than dense (target {row['decode_target_speedup']:.2f}x)")
     if quality:
         dense = next(row for row in quality["rows"] if row["variant"] == "dense")
         for row in quality["rows"]:
@@ -443,12 +507,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="render the *_quick.json results, away from docs/")
     args = parser.parse_args(argv)
     quick = args.quick
-    cost, memory, speed, quality, gpu = (_load(name, quick) for name in ("cost", "memory", "speed", "quality", "gpu"))
+    cost, memory, speed, speed_large, quality, gpu = (
+        _load(name, quick) for name in ("cost", "memory", "speed", "speed_large", "quality", "gpu"))
     doc, plot = (QUICK_DOC, QUICK_PLOT) if quick else (DOC, PLOT)
     plot_name = None
     if quality and plot_quality(quality, plot):
         plot_name = plot.name if quick else f"img/{plot.name}"
-    summary = summary_rows(cost, memory, speed, quality, gpu)
+    summary = summary_rows(cost, memory, speed, speed_large, quality, gpu)
     lines = [
         "# Benchmarks" + (" (quick smoke run: small settings, not the reference figures)" if quick else ""),
         "",
@@ -464,9 +529,9 @@ def main(argv: list[str] | None = None) -> Path:
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {' | '.join(row)} |" for row in summary]
-    lines += ["", cost_section(cost, quick), memory_section(memory, quick), speed_section(speed, quick),
+    lines += ["", cost_section(cost, quick), memory_section(memory, quick), speed_section(speed, speed_large, quick),
               quality_section(quality, quick, plot_name), gpu_section(gpu, quick),
-              closing_note(cost, memory, speed, quality, gpu)]
+              closing_note(cost, memory, speed, speed_large, quality, gpu)]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}", flush=True)

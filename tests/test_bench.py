@@ -52,6 +52,11 @@ def _fake_results(quick: bool) -> dict[str, dict]:
                  "kv_fraction_of_dense": 0.9, "params_ratio": 1.25, "decode_speedup": 1.1,
                  "decode_target_speedup": 1.125, "decode_speedup_over_target": 1.1 / 1.125,
                  "prefill_b1_speedup": 1.1, "prefill_b8_speedup": 1.2}
+    large_row = {"parameters": 800, "prefill_b1_tokens_per_s": 50.0, "decode_tokens_per_s": 2.4,
+                 "decode_ms_per_token": 1000 / 2.4, "linear_ms_per_token": 396.0, "other_ms_per_token": 1000 / 2.4 - 396,
+                 "kv_bytes_per_token_config": 900, "kv_bytes_per_token_measured": 900.0, "kv_fraction_of_dense": 0.9,
+                 "params_ratio": 1.25, "decode_speedup": 1.2, "decode_target_speedup": 1.125,
+                 "decode_speedup_over_target": 1.2 / 1.125, "linear_speedup": 480 / 396, "prefill_b1_speedup": 1.22}
     return {
         "cost": {**record, "protocol": {"model": "m", "calibration": "128 x 128 tokens, seed 0", "ratio": 0.2,
                                         "floor": "f"},
@@ -73,6 +78,13 @@ def _fake_results(quick: bool) -> dict[str, dict]:
                   "rows": [{**speed_row, "model": "dense", "parameters": 100, "kv_fraction_of_dense": 1.0,
                             "kv_bytes_per_token_config": 1000, "kv_bytes_per_token_measured": 1000.0},
                            {**speed_row, "model": "olica 20%"}]},
+        "speed_large": {**record, "protocol": {"model": "random-initialised Llama, 1.48B parameters (float32, CPU)",
+                                               "pruned_models": "p", "prefill": "p", "decode": "d", "rounds": 3,
+                                               "statistic": "median"},
+                        "rows": [{**large_row, "model": "dense", "parameters": 1000, "decode_tokens_per_s": 2.0,
+                                  "decode_ms_per_token": 500.0, "linear_ms_per_token": 480.0,
+                                  "other_ms_per_token": 20.0, "kv_fraction_of_dense": 1.0},
+                                 {**large_row, "model": "olica 20%"}]},
         "quality": {**record, "protocol": {"model": "m", "calibration": "c", "evaluation": "e"}, "complete": True,
                     "variants": {"olica": "Olica", "olica_exact": "exact", "magnitude": "baseline"},
                     "rows": quality_rows},
@@ -94,6 +106,12 @@ def test_report_renders_every_figure_with_its_target(tmp_path, monkeypatch):
     assert "| Pruning time / one dense forward (SmolLM2, 20%, 128 x 128 tokens) | <= 2.5 | 3.00x | 1.20 | **no** |" in text
     assert "| Streaming peak RSS / checkpoint on disk (1.48B parameters) | <= 0.35 | 0.167 | 0.48 | yes |" in text
     assert "| Decode speedup, olica 20% (batch 1, 128 tokens) | >= 1.125 (0.9 x 1.250) | 1.100x | 0.98 | **no** |" in text
+    assert "| Decode speedup, 1.48B Llama, olica 20% (batch 1, 128 tokens) | >= 1.125 (0.9 x 1.250) | 1.200x | 1.07 | yes |" in text
+    assert "| Prefill speedup, 1.48B Llama, olica 20%, batch 1 | report | 1.220x | - | - |" in text
+    # The decode anatomy of the large run: step = linear layers + rest, and the sentence that explains it.
+    assert "| 500.0: 480.0 + 20.0 |" in text
+    assert "take 480.0 of 500.0 ms per token (96.0%)" in text
+    assert "linear layers 1.21x faster (parameter ratio 1.25), rest 20.7 ms, whole step 1.20x" in text
     assert "not run (no CUDA device where bench/gpu.py ran)" in text
     assert "The GPU benchmark was not run" in text
     assert "largest remaining cost is the **refit** phase" in text

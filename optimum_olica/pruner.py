@@ -173,6 +173,7 @@ def prune_model(
         calibration_rank=calibration_rank,
         num_calibrated_layers=config.num_calibrated_layers,
         skip_layers=skip_layers,
+        dimension_multiple=config.dimension_multiple,
     )
     plan_config = olica_config_from(model.config, **plan.per_layer_lists())
     plan_config._attn_implementation = model.config._attn_implementation

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
-from optimum_olica.allocation import RatioTooHighError, factored_rank, plan_dimensions, reference_split
+from optimum_olica.allocation import (
+    RatioTooHighError,
+    aligned_width,
+    factored_rank,
+    plan_dimensions,
+    reference_split,
+)
 from optimum_olica.checkpoint import olica_config_from
 
 SMOLLM2_SHAPE = LlamaConfig(
@@ -55,3 +61,35 @@ def test_a_ratio_too_high_for_the_model_is_refused():
     config = olica_config_from(SMOLLM2_SHAPE)
     with pytest.raises(RatioTooHighError, match="too high for this model"):
         plan_dimensions(config, 0.9)
+
+
+def test_aligned_width_is_the_nearest_allowed_width():
+    import itertools
+
+    for exact, multiple, full in itertools.product([0.6, 1.0, 7.4, 12.0, 13.9, 95.5, 96.0, 130.0], [1, 4, 8], [13, 96]):
+        width = aligned_width(exact, multiple, full)
+        allowed = [w for w in range(1, full + 1) if w % multiple == 0 or w == full]
+        assert width in allowed
+        assert abs(width - exact) == min(abs(w - exact) for w in allowed), (exact, multiple, full, width)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.33, 0.5])
+def test_dimension_multiple_rounds_ranks_and_ffn_widths(target):
+    config = olica_config_from(SMOLLM2_SHAPE)
+    plan = plan_dimensions(config, target, dimension_multiple=8)
+    for layer in plan.layers:
+        assert layer.query_rank % 8 == 0 and layer.key_rank % 8 == 0 and layer.intermediate_size % 8 == 0
+    assert abs(plan.achieved_ratio - target) < 0.005
+    assert factored_rank(576, 576, 0.4, multiple=8) == 176  # 173 rounded to the nearest multiple of 8
+
+
+def test_dimension_multiple_never_breaks_the_target_promise_on_small_models():
+    # Three layers of width 64: one FFN neuron is ~1% of the model, so a step of 8 would miss the target by up to
+    # four points; the FFN keeps its exact width instead.
+    config = olica_config_from(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                           tie_word_embeddings=True))
+    for target in (0.1, 0.2, 0.33, 0.5):
+        plan = plan_dimensions(config, target, dimension_multiple=8)
+        assert abs(plan.achieved_ratio - target) < 0.005
+    assert plan_dimensions(config, 0.1, dimension_multiple=8).layers[0].intermediate_size % 8 != 0

@@ -50,11 +50,14 @@ def _ram_gib() -> float | None:
 
 
 def git_commit() -> str | None:
-    """The repository's commit (with ``+dirty`` when tracked files differ from it), or None outside a git checkout."""
+    """The repository's commit (with ``+dirty`` when tracked files outside bench/results differ from it), or None
+    outside a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # Results files are written by the benchmarks themselves: only code and docs make a run "dirty".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -254,36 +254,26 @@ def _decode_anatomy(speed: dict) -> str:
             f"does not remove. {pruned}.")
 
 
-def speed_section(speed, speed_large, quick: bool) -> str:
-    lines = ["## Pruned-model speed", ""]
-    if not speed:
-        lines.append(_missing("speed.py", quick))
-    else:
-        protocol = speed["protocol"]
-        lines += [
-            f"{protocol['model']}; pruned models: {protocol['pruned_models']}. Prefill: {protocol['prefill']}. "
-            f"Decode: {protocol['decode']}. {protocol['statistic'].capitalize()} ({protocol['rounds']} rounds). "
-            f"{_provenance(speed)}",
-            "",
-            *_speed_table(speed),
-            "",
-            _decode_anatomy(speed),
-            "",
-        ]
-    lines += ["### A larger model: the memory benchmark's random-initialised Llama", ""]
-    if not speed_large:
-        return "\n".join(lines + [_missing("speed.py --large", quick)])
-    protocol = speed_large["protocol"]
-    lines += [
+def _speed_block(speed: dict) -> list[str]:
+    """Protocol, table and decode anatomy of one speed results file."""
+    protocol = speed["protocol"]
+    return [
         f"{protocol['model']}; pruned models: {protocol['pruned_models']}. Prefill: {protocol['prefill']}. "
         f"Decode: {protocol['decode']}. {protocol['statistic'].capitalize()} ({protocol['rounds']} rounds). "
-        f"{_provenance(speed_large)}",
+        f"{_provenance(speed)}",
         "",
-        *_speed_table(speed_large),
+        *_speed_table(speed),
         "",
-        _decode_anatomy(speed_large),
+        _decode_anatomy(speed),
         "",
     ]
+
+
+def speed_section(speed, speed_large, quick: bool) -> str:
+    lines = ["## Pruned-model speed", ""]
+    lines += _speed_block(speed) if speed else [_missing("speed.py", quick)]
+    lines += ["### A larger model: the memory benchmark's random-initialised Llama", ""]
+    lines += _speed_block(speed_large) if speed_large else [_missing("speed.py --large", quick)]
     return "\n".join(lines)
 
 

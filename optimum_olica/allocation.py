@@ -95,7 +95,8 @@ def factored_rank(out_features: int, in_features: int, qk_ratio: float, multiple
 def aligned_width(exact: float, multiple: int, full: int) -> int:
     """The width nearest to ``exact`` among the multiples of ``multiple`` and ``full`` itself, in [1, full]."""
     lower = multiple * math.floor(exact / multiple)
-    candidates = [width for width in (lower, lower + multiple, full) if 1 <= width <= full] or [min(multiple, full)]
+    # `full` is always a candidate, so the list is never empty.
+    candidates = [width for width in (lower, lower + multiple, full) if 1 <= width <= full]
     return min(candidates, key=lambda width: (abs(width - exact), width))
 
 

@@ -6,6 +6,7 @@ Pure arithmetic on config sizes: no tensors, no model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from .errors import OlicaError
@@ -70,6 +71,10 @@ class RatioTooHighError(OlicaError):
     """The target cannot be reached while keeping at least one neuron per pruned module."""
 
 
+class RatioTooLowError(OlicaError):
+    """The Q/K and V/O ratios alone remove more than the target: the FFN cannot give parameters back."""
+
+
 def reference_split(target: float) -> tuple[float, float]:
     """(qk, vo) ratios of the reference split for a target fraction ``target``; the FFN ratio is solved after."""
     vo = 2.0 * target / (1.0 + QK_TO_VO_FACTOR)
@@ -131,6 +136,11 @@ def plan_dimensions(
 
     Raises:
         RatioTooHighError: if the FFN would need to drop below one neuron per layer.
+        RatioTooLowError: if the Q/K and V/O ratios alone remove more than ``target`` + 0.5 points (pinned part
+            ratios too high for a small target); both errors give the range of targets these ratios allow.
+
+    With ``ffn_ratio`` pinned and ``qk_ratio`` or ``vo_ratio`` not, nothing is solved (``target`` only sets the
+    defaults of the unpinned parts): a plan that misses ``target`` by more than 0.5 points is returned with a warning.
     """
     n_layers = config.num_hidden_layers
     d, h, g = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
@@ -163,21 +173,106 @@ def plan_dimensions(
         return PruningPlan(tuple(layers), PartRatios(qk, vo, 1 - intermediate_size / d_ff), before, after)
 
     if ffn_ratio is not None:
-        return plan_with(aligned_width(d_ff - math.floor(ffn_ratio * d_ff), dimension_multiple, d_ff))
+        plan = plan_with(aligned_width(d_ff - math.floor(ffn_ratio * d_ff), dimension_multiple, d_ff))
+        if (qk_ratio is None or vo_ratio is None) and abs(plan.achieved_ratio - target) > TARGET_TOLERANCE:
+            warnings.warn(
+                f"ffn_ratio={ffn_ratio} is pinned, so ratio={target} is not solved for: it only sets the unpinned "
+                f"qk_ratio={qk:.3f}/vo_ratio={vo:.3f}, and the plan removes {plan.achieved_ratio:.1%} of the "
+                "parameters. Leave ffn_ratio unset to reach ratio, or pin all three part ratios.",
+                stacklevel=2,
+            )
+        return plan
 
     # Parameters are affine in the FFN width: solve for it, then round to an integer (aligned) width.
-    full, single = plan_with(d_ff).parameters_after, plan_with(1).parameters_after
-    per_neuron = (full - single) / (d_ff - 1)
-    exact = 1 + (before * (1 - target) - single) / per_neuron
+    whole_ffn, single_neuron = plan_with(d_ff), plan_with(1)
+    reach = _Reach(target, qk, vo, qk_ratio is not None, vo_ratio is not None,
+                   whole_ffn.achieved_ratio, single_neuron.achieved_ratio)
+    per_neuron = (whole_ffn.parameters_after - single_neuron.parameters_after) / (d_ff - 1)
+    exact = 1 + (before * (1 - target) - single_neuron.parameters_after) / per_neuron
     if round(exact) < 1:
-        raise RatioTooHighError(
-            f"ratio={target} is too high for this model: with qk_ratio={qk:.3f} and vo_ratio={vo:.3f} the FFN would "
-            f"keep {round(exact)} neurons per layer. Lower the ratio or prune attention harder (qk_ratio/vo_ratio)."
+        hardest = _highest_with_hardest_attention(
+            config, calibrated * 2 * d * calibration_rank, skip_layers, dimension_multiple
         )
+        raise RatioTooHighError(reach.too_high_message(round(exact), hardest))
     plan = plan_with(aligned_width(exact, dimension_multiple, d_ff))
     if abs(plan.achieved_ratio - target) > TARGET_TOLERANCE:
         plan = plan_with(aligned_width(exact, 1, d_ff))
+    if plan.achieved_ratio - target > TARGET_TOLERANCE:
+        raise RatioTooLowError(reach.too_low_message())
     return plan
+
+
+# The hardest Q/K and V/O ratios the reference split uses: past them a projection keeps next to nothing.
+HARDEST_ATTENTION = 0.99
+
+
+def _highest_with_hardest_attention(config, branch_parameters: int, skip_layers, multiple: int) -> float:
+    """The fraction of parameters removed with Q/K and V/O at `HARDEST_ATTENTION` and one FFN neuron per layer."""
+    d_h = config.attention_head_dim
+    value_head_dim = d_h - math.floor(HARDEST_ATTENTION * d_h)
+    layers = [
+        LayerDimensions(None, None, d_h, config.intermediate_size, 0) if layer in skip_layers else LayerDimensions(
+            factored_rank(config.num_attention_heads * d_h, config.hidden_size, HARDEST_ATTENTION, multiple),
+            factored_rank(config.num_key_value_heads * d_h, config.hidden_size, HARDEST_ATTENTION, multiple),
+            value_head_dim, 1, 0,
+        )
+        for layer in range(config.num_hidden_layers)
+    ]
+    after = config.from_base_config(config, **per_layer_lists(layers)).count_parameters() + branch_parameters
+    return 1.0 - after / config.count_parameters()
+
+
+@dataclass(frozen=True)
+class _Reach:
+    """What a recipe's Q/K and V/O ratios allow: the targets between keeping the whole FFN and keeping one neuron."""
+
+    target: float
+    qk: float
+    vo: float
+    qk_pinned: bool
+    vo_pinned: bool
+    lowest: float  # the fraction removed with the FFN kept whole
+    highest: float  # the fraction removed with one FFN neuron per layer
+
+    def _ratios(self) -> str:
+        pinned = [name for name, flag in (("qk_ratio", self.qk_pinned), ("vo_ratio", self.vo_pinned)) if flag]
+        origin = f" ({' and '.join(pinned)} as given)" if pinned else " (the reference split of ratio)"
+        return f"qk_ratio={self.qk:.3g} and vo_ratio={self.vo:.3g}{origin}"
+
+    def _range(self) -> str:
+        return f"these attention ratios allow ratio from {self.lowest:.1%} to {self.highest:.1%}"
+
+    def too_low_message(self) -> str:
+        pinned = [name for name, flag in (("qk_ratio", self.qk_pinned), ("vo_ratio", self.vo_pinned)) if flag]
+        change = (
+            f"lower {'/'.join(pinned)} (or leave {'them' if len(pinned) > 1 else 'it'} unset to follow ratio)"
+            if pinned else "pin a lower qk_ratio/vo_ratio"
+        )
+        return (
+            f"ratio={self.target} cannot be reached: {self._ratios()} alone remove {self.lowest:.1%} of the "
+            f"parameters with the FFN kept whole; {self._range()}. To prune {self.target:.1%}, {change}; or raise "
+            f"ratio to at least {self.lowest:.1%}."
+        )
+
+    def too_high_message(self, neurons: int, hardest: float) -> str:
+        """``hardest``: the fraction removed with qk_ratio and vo_ratio at their limit and one FFN neuron per layer."""
+        advice = f"Lower the ratio to at most {self.highest:.1%}"
+        # Only the parts below the limit can be pruned harder, and only worth advising when that reaches the target.
+        softer = [name for name, value in (("qk_ratio", self.qk), ("vo_ratio", self.vo)) if value < HARDEST_ATTENTION]
+        if softer and hardest >= self.target:
+            advice += (
+                f", or prune attention harder: raise {' and '.join(softer)} (up to {HARDEST_ATTENTION}, which allows "
+                f"up to {hardest:.1%})"
+            )
+        elif softer:
+            advice += (
+                f" (pruning attention harder is not enough: {' and '.join(softer)} at {HARDEST_ATTENTION} would allow "
+                f"at most {hardest:.1%}; embeddings and norms are never pruned)"
+            )
+        return (
+            f"ratio={self.target} is too high for this model: with {self._ratios()} the FFN would keep {neurons} "
+            f"neurons per layer; {self._range()}. {advice}."
+        )
 
 
 __all__ = [
@@ -185,6 +280,7 @@ __all__ = [
     "PartRatios",
     "PruningPlan",
     "RatioTooHighError",
+    "RatioTooLowError",
     "aligned_width",
     "factored_rank",
     "per_layer_lists",

@@ -13,14 +13,15 @@ import torch
 
 from . import olica_math as om
 from .modeling import OlicaDecoderLayer
-from .olica import assemble_pruned_layer, planned_dimensions
+from .olica import assemble_pruned_layer, copy_dense_layer, planned_dimensions
 
 
 class MagnitudeLayerPruner:
     """Implements the pipeline's ``LayerAlgorithm`` with weight magnitudes only."""
 
-    def __init__(self, plan_config):
+    def __init__(self, plan_config, skip_layers: tuple[int, ...] = ()):
         self.plan_config = plan_config
+        self.skip_layers = tuple(skip_layers)  # left dense: copied unchanged
         self.candidates = []
 
     def observe_dense(self, layer, layer_idx: int):
@@ -46,6 +47,8 @@ class MagnitudeLayerPruner:
 
     @torch.no_grad()
     def prune(self, layer, layer_idx: int) -> OlicaDecoderLayer:
+        if layer_idx in self.skip_layers:
+            return copy_dense_layer(self.plan_config, layer_idx, layer)
         config = self.plan_config
         attention, mlp = layer.self_attn, layer.mlp
         dtype, device = attention.o_proj.weight.dtype, attention.o_proj.weight.device

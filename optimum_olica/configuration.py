@@ -76,7 +76,8 @@ class OlicaConfig:
                 "Fraction of ALL model parameters to remove, embeddings and LM head included "
                 "(tied weights counted once), in (0, 1). Split between attention and FFN by the "
                 "reference allocation unless per-part ratios are given; only informative when "
-                "qk_ratio, vo_ratio and ffn_ratio are all set."
+                "qk_ratio, vo_ratio and ffn_ratio are all set. A ratio that pinned qk_ratio/vo_ratio cannot "
+                "meet within 0.5 points is refused before pruning, with the range they allow."
             )
         },
     )

@@ -51,6 +51,7 @@ class OlicaLayerPruner:
         statistics_dtype: accumulation dtype of the activation statistics.
         value_decomposition: ``"fast"`` (the fast OND: rotate, score, drop) or ``"exact"`` (truncated SVD of each
             group's activation-weighted V/O product, ``olica_math.exact_value_output_decomposition``).
+        skip_layers: layers left dense: their weights are copied bit for bit (no rotation, no refit, no statistics).
     """
 
     plan_config: object
@@ -60,6 +61,7 @@ class OlicaLayerPruner:
     storage_device: torch.device | None = None
     statistics_dtype: torch.dtype = torch.float64
     value_decomposition: str = "fast"
+    skip_layers: tuple[int, ...] = ()
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -73,6 +75,9 @@ class OlicaLayerPruner:
 
     @contextmanager
     def observe_dense(self, layer, layer_idx: int):
+        if layer_idx in self.skip_layers:
+            yield  # a skipped layer is copied, not pruned: nothing to measure
+            return
         attention, mlp = layer.self_attn, layer.mlp
         device = next(layer.parameters()).device
         d, heads, head_dim = self.plan_config.hidden_size, self.plan_config.num_attention_heads, attention.head_dim
@@ -128,6 +133,8 @@ class OlicaLayerPruner:
 
     @torch.no_grad()
     def prune(self, layer, layer_idx: int) -> OlicaDecoderLayer:
+        if layer_idx in self.skip_layers:
+            return copy_dense_layer(self.plan_config, layer_idx, layer)
         stats, config = self._stats, self.plan_config
         attention, mlp = layer.self_attn, layer.mlp
         dtype, device = attention.o_proj.weight.dtype, attention.o_proj.weight.device
@@ -218,7 +225,7 @@ class OlicaLayerPruner:
 
         ``replay(module)`` runs a module over every calibration batch, as a decoder layer is run.
         """
-        if self.refit_damping is None:
+        if self.refit_damping is None or layer_idx in self.skip_layers:
             return
         o_proj = pruned.self_attn.o_proj
         folds = self._folds(o_proj.in_features, o_proj.out_features)
@@ -226,7 +233,10 @@ class OlicaLayerPruner:
         self._attention_values = []
 
         def on_value_output(module, args):
-            _update_folds(folds, args[0], next(targets).to(args[0].device))
+            target = next(targets).to(args[0].device)
+            if o_proj.bias is not None:
+                target = target - o_proj.bias  # the refit fits the weight; the bias (the dense one) is added unchanged
+            _update_folds(folds, args[0], target)
             # Kept for the propagation pass, which then applies only the refitted o_proj instead of rerunning
             # the attention: the inputs, and so these values, are the same in both passes.
             self._attention_values.append(self._store(args[0]))
@@ -282,7 +292,7 @@ class OlicaLayerPruner:
         mlp = pruned.mlp
         self._ffn_batches = []
         self._ffn_refit = self._folds(mlp.down_proj.in_features, mlp.hidden_size)
-        if self.refit_damping is None and self.calibration_rank <= 0:
+        if (self.refit_damping is None and self.calibration_rank <= 0) or layer_idx in self.skip_layers:
             yield
             return
         down_proj, deferred = mlp.down_proj, _DeferredProjection(mlp.down_proj.out_features)
@@ -395,6 +405,12 @@ def assemble_pruned_layer(config, layer_idx: int, state: dict[str, torch.Tensor]
     return layer.eval()
 
 
+def copy_dense_layer(config, layer_idx: int, layer) -> OlicaDecoderLayer:
+    """An ``OlicaDecoderLayer`` at full dimensions holding ``layer``'s own tensors, unchanged (a skipped layer)."""
+    reference = layer.self_attn.o_proj.weight
+    return assemble_pruned_layer(config, layer_idx, layer.state_dict(), device=reference.device, dtype=reference.dtype)
+
+
 def planned_dimensions(config, layer_idx: int) -> dict:
     """The report record of one layer's planned dimensions."""
     return {
@@ -479,5 +495,6 @@ __all__ = [
     "OlicaLayerPruner",
     "assemble_pruned_layer",
     "attach_linear_calibration",
+    "copy_dense_layer",
     "planned_dimensions",
 ]

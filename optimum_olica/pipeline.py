@@ -14,6 +14,7 @@ accelerate-offloaded ones) or, in streaming mode, the safetensors files read one
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -53,11 +54,20 @@ class _StopForward(Exception):
 
 @dataclass
 class CalibrationActivations:
-    """The inputs of the current layer for every calibration batch, and the keyword arguments the model passed."""
+    """The inputs of the current layer for every calibration batch, and the keyword arguments the model passed.
+
+    ``layer_kwargs[batch][layer]`` holds what the model's forward passed to decoder layer ``layer`` for that batch:
+    layers of different types (sliding-window and full attention) get different masks. The dicts of one batch share
+    their tensors (one mask per layer type, one copy of the rotary embeddings), so memory does not grow with depth.
+    """
 
     hidden_states: list[torch.Tensor]
-    layer_kwargs: list[dict]
+    layer_kwargs: list[list[dict]]
     storage_device: torch.device
+
+    def kwargs_of_layer(self, layer_idx: int) -> list[dict]:
+        """The keyword arguments decoder layer ``layer_idx`` receives, one dict per calibration batch."""
+        return [batch_kwargs[layer_idx] for batch_kwargs in self.layer_kwargs]
 
     @property
     def num_tokens(self) -> int:
@@ -90,15 +100,24 @@ class PipelineTimings:
         }
 
 
-def _move(value, device: torch.device):
+def _move(value, device: torch.device, moved: dict[int, torch.Tensor] | None = None):
+    """``value`` (tensors inside tuples, lists and dicts included) on ``device``.
+
+    ``moved`` maps ``id(tensor)`` to its copy on ``device``: a tensor met again (the mask every full-attention layer
+    receives) is moved once and shared.
+    """
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if moved is None:
+            return value.to(device)
+        if id(value) not in moved:
+            moved[id(value)] = value.to(device)
+        return moved[id(value)]
     if isinstance(value, tuple):
-        return tuple(_move(item, device) for item in value)
+        return tuple(_move(item, device, moved) for item in value)
     if isinstance(value, list):
-        return [_move(item, device) for item in value]
+        return [_move(item, device, moved) for item in value]
     if isinstance(value, dict):
-        return {key: _move(item, device) for key, item in value.items()}
+        return {key: _move(item, device, moved) for key, item in value.items()}
     return value
 
 
@@ -111,6 +130,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+# The KV-cache argument a model hands its decoder layers: `past_key_values` up to transformers 5.23, `cache` from
+# 5.24 (which warns on the old name). Replayed calls pass neither: without a cache each call sees only its own tokens.
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: torch.nn.Module,
@@ -120,34 +144,77 @@ def capture_layer_inputs(
     storage_device: torch.device,
     input_device: torch.device,
 ) -> CalibrationActivations:
-    """Run the model up to its first decoder layer and keep what that layer receives.
+    """Run the model's forward with its decoder layers stubbed out; keep what each layer receives.
 
-    The model's own forward builds the embeddings, the causal mask, the position ids and the rotary embeddings, so
-    replaying the captured tensors layer by layer reproduces the full forward exactly.
+    The model's own forward builds the embeddings, the causal masks (one per layer type: sliding-window and full
+    attention differ), the position ids and the rotary embeddings, so replaying the captured tensors layer by layer
+    reproduces the full forward exactly. While capturing, every decoder layer only records its arguments and passes
+    its input through: no layer weight is read (streaming skeletons keep theirs on the meta device), and the forward
+    stops after the last layer, before the final norm and the LM head.
     """
-    first_layer = decoder_layers(model)[0]
-    hidden_states, layer_kwargs = [], []
+    layers = decoder_layers(model)
+    hidden_states: list[torch.Tensor] = []
+    layer_kwargs: list[list[dict]] = []
+    moved: dict[int, torch.Tensor] = {}  # the current batch's tensors already on the storage device, by id
 
-    def grab(module, args, kwargs):
+    def record(layer_idx: int, *args, **kwargs):
         states = args[0] if args else kwargs.pop("hidden_states")
-        hidden_states.append(states.to(storage_device))
-        kwargs = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-        kwargs["past_key_values"] = None
+        if len(args) > 1:
+            raise RuntimeError(
+                f"{type(model).__name__} passes {len(args)} positional arguments to its decoder layers; the "
+                "calibration pipeline replays only hidden_states positionally and the rest by keyword."
+            )
+        batch_kwargs = layer_kwargs[-1]
+        if layer_idx != len(batch_kwargs):
+            raise RuntimeError(
+                f"{type(model).__name__}'s forward called decoder layer {layer_idx} after {len(batch_kwargs)} "
+                "layers: the calibration pipeline needs the layers called once each, in order."
+            )
+        if layer_idx == 0:
+            hidden_states.append(states.to(storage_device))
+        kwargs = {key: value for key, value in kwargs.items() if key not in _CACHE_ARGUMENTS}
         kwargs["use_cache"] = False
-        layer_kwargs.append(_move(kwargs, storage_device))
-        raise _StopForward
+        batch_kwargs.append(_move(kwargs, storage_device, moved))
+        if layer_idx == len(layers) - 1:
+            raise _StopForward
+        return states
 
-    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    with _forwards_replaced(layers, record):
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(input_device)
+            layer_kwargs.append([])
+            moved.clear()  # ids are unique only while the batch's tensors are alive
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
+            if len(layer_kwargs[-1]) != len(layers):
+                raise RuntimeError(
+                    f"{type(model).__name__}'s forward called {len(layer_kwargs[-1])} of its {len(layers)} decoder "
+                    "layers: the calibration pipeline needs every layer called once, in order."
+                )
     return CalibrationActivations(hidden_states, layer_kwargs, storage_device)
+
+
+@contextmanager
+def _forwards_replaced(layers: torch.nn.ModuleList, forward: Callable) -> Iterator[None]:
+    """Within the block, calling ``layers[i]`` calls ``forward(i, *args, **kwargs)`` instead of the layer's forward.
+
+    The instance attribute shadows the class's ``forward`` (an accelerate hook's wrapper, stored the same way, is
+    put back afterwards), and the layer object stays in place, so a model that reads layer attributes in its loop
+    (transformers 5.0 reads ``decoder_layer.attention_type``) still finds them.
+    """
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for layer_idx, layer in enumerate(layers):
+            layer.forward = functools.partial(forward, layer_idx)
+        yield
+    finally:
+        for layer, original in zip(layers, saved):
+            if original is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = original
 
 
 @torch.no_grad()
@@ -156,11 +223,13 @@ def replay(
     activations: CalibrationActivations,
     device: torch.device,
     *,
+    layer_idx: int,
     keep_outputs: bool = True,
 ) -> list[torch.Tensor] | None:
-    """Run ``layer`` over every stored batch; returns its outputs on the storage device (or None)."""
+    """Run ``layer`` (in the place of decoder layer ``layer_idx``) over every stored batch, with the keyword
+    arguments that layer receives in the model; returns its outputs on the storage device (or None)."""
     outputs = []
-    for states, kwargs in zip(activations.hidden_states, activations.layer_kwargs):
+    for states, kwargs in zip(activations.hidden_states, activations.kwargs_of_layer(layer_idx)):
         output = layer(states.to(device), **_move(kwargs, device))
         if isinstance(output, tuple):
             output = output[0]
@@ -418,7 +487,7 @@ def run_sequential(
 
 def _run_checked(layer, activations, device, layer_idx: int, keep_outputs: bool):
     try:
-        return replay(layer, activations, device, keep_outputs=keep_outputs)
+        return replay(layer, activations, device, layer_idx=layer_idx, keep_outputs=keep_outputs)
     except (FloatingPointError, ValueError) as error:
         if "non-finite" not in str(error):
             raise

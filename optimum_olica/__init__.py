@@ -4,6 +4,7 @@ Importing the package registers the pruned architectures with transformers' Auto
 with ``AutoModelForCausalLM.from_pretrained``. It touches no GPU.
 """
 
+from .adapters import peft_target_modules
 from .checkpoint import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedArchitectureError,
@@ -64,4 +65,5 @@ __all__ = [
     "OlicaError",
     "ResumeMismatchError",
     "evaluate_zero_shot",
+    "peft_target_modules",
 ]

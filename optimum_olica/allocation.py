@@ -71,6 +71,10 @@ class RatioTooHighError(OlicaError):
     """The target cannot be reached while keeping at least one neuron per pruned module."""
 
 
+class RatioUnreachableError(OlicaError):
+    """The FFN is too coarse to land within 0.5 points of the target (a model with very few parameters)."""
+
+
 class RatioTooLowError(OlicaError):
     """The Q/K and V/O ratios alone remove more than the target: the FFN cannot give parameters back."""
 
@@ -138,6 +142,8 @@ def plan_dimensions(
         RatioTooHighError: if the FFN would need to drop below one neuron per layer.
         RatioTooLowError: if the Q/K and V/O ratios alone remove more than ``target`` + 0.5 points (pinned part
             ratios too high for a small target); both errors give the range of targets these ratios allow.
+        RatioUnreachableError: if no FFN width lands within 0.5 points of ``target`` (one neuron per layer is worth
+            more than a point: tiny models); it gives the nearest reachable ratios.
 
     With ``ffn_ratio`` pinned and ``qk_ratio`` or ``vo_ratio`` not, nothing is solved (``target`` only sets the
     defaults of the unpinned parts): a plan that misses ``target`` by more than 0.5 points is returned with a warning.
@@ -158,7 +164,8 @@ def plan_dimensions(
     value_head_dim = d_h - math.floor(vo * d_h)
     if value_head_dim < 1:
         raise RatioTooHighError(f"vo_ratio={vo} would remove every value channel (head_dim={d_h}).")
-    calibrated = min(num_calibrated_layers, len(pruned_layers)) if calibration_rank > 0 else 0
+    # choose_calibrated_layers never gives the last pruned layer a branch: budget only the branches attached.
+    calibrated = min(num_calibrated_layers, len(pruned_layers) - 1) if calibration_rank > 0 else 0
 
     def plan_with(intermediate_size: int) -> PruningPlan:
         layers = []
@@ -199,6 +206,16 @@ def plan_dimensions(
         plan = plan_with(aligned_width(exact, 1, d_ff))
     if plan.achieved_ratio - target > TARGET_TOLERANCE:
         raise RatioTooLowError(reach.too_low_message())
+    if abs(plan.achieved_ratio - target) > TARGET_TOLERANCE:
+        # Tiny models only: one FFN neuron per layer is worth more than a point of the whole model.
+        neighbours = sorted(plan_with(min(d_ff, max(1, width))).achieved_ratio
+                            for width in (math.floor(exact), math.ceil(exact)))
+        raise RatioUnreachableError(
+            f"ratio={target} cannot be met within 0.5 points on this model: one FFN neuron in every pruned layer is "
+            f"{per_neuron / before:.2%} of the parameters, and the nearest plans remove {neighbours[0]:.2%} and "
+            f"{neighbours[-1]:.2%}. Pass ratio={neighbours[-1]:.4f} or ratio={neighbours[0]:.4f}, or pin qk_ratio/"
+            "vo_ratio to change the attention's share."
+        )
     return plan
 
 

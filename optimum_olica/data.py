@@ -27,6 +27,7 @@ Hub source needs it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import sys
@@ -35,10 +36,13 @@ from typing import Any
 
 import torch
 
+from .errors import CalibrationDataError
+
 __all__ = [
     "BUNDLED_SOURCE",
     "HUB_SHORTCUTS",
     "SUPPORTED_EXTENSIONS",
+    "TextColumnError",
     "bundled_calibration_text",
     "get_calibration_dataset",
     "load_calibration_texts",
@@ -87,27 +91,47 @@ def _is_dataset(source: Any) -> bool:
     return datasets is not None and isinstance(source, (datasets.Dataset, datasets.DatasetDict))
 
 
+class TextColumnError(CalibrationDataError):
+    """Which column of a tabular calibration source holds the text is unclear, or the one named does not exist.
+
+    The message names the Python argument (``text_column=``); `message_for` phrases it for another interface, as the
+    command line does with ``--text-column``.
+    """
+
+    def __init__(self, source_name: str, columns: list[str], string_columns: list[str], given: str | None = None):
+        self.source_name, self.columns, self.string_columns, self.given = source_name, columns, string_columns, given
+        super().__init__(self.message_for("text_column="))
+
+    def message_for(self, argument: str) -> str:
+        """The message, with ``argument`` (``"text_column="``, ``"--text-column "``) as the way to name a column."""
+        if self.given is not None:
+            return (
+                f"{argument}{self.given!r} is not a column of {self.source_name}; its columns are {self.columns}. "
+                f"Pass {argument}NAME with one of them."
+            )
+        return (
+            f"Cannot tell which column of {self.source_name} holds the text: no 'text' column and "
+            f"{len(self.string_columns)} string columns among {self.columns}. Pass {argument}NAME with one of "
+            f"{self.string_columns or self.columns}."
+        )
+
+
 def _text_column(dataset: Any, text_column: str | None, source_name: str) -> str:
     columns = list(dataset.column_names)
-    if text_column is not None:
-        if text_column not in columns:
-            raise ValueError(
-                f"text_column={text_column!r} is not a column of {source_name}; its columns are {columns}."
-            )
-        return text_column
-    if "text" in columns:
-        return "text"
     string_columns = [
         name
         for name, feature in dataset.features.items()
         if getattr(feature, "dtype", None) in ("string", "large_string")
     ]
+    if text_column is not None:
+        if text_column not in columns:
+            raise TextColumnError(source_name, columns, string_columns, given=text_column)
+        return text_column
+    if "text" in columns:
+        return "text"
     if len(string_columns) == 1:
         return string_columns[0]
-    raise ValueError(
-        f"Cannot tell which column of {source_name} holds the text: no 'text' column and "
-        f"{len(string_columns)} string columns among {columns}. Pass text_column=..."
-    )
+    raise TextColumnError(source_name, columns, string_columns)
 
 
 def _dataset_texts(dataset: Any, text_column: str | None, split: str, source_name: str) -> list[str]:
@@ -118,6 +142,44 @@ def _dataset_texts(dataset: Any, text_column: str | None, split: str, source_nam
         dataset = dataset[split]
     column = _text_column(dataset, text_column, source_name)
     return list(dataset[column])
+
+
+def _is_blank(file: str) -> bool:
+    """Whether a file holds nothing but whitespace (`datasets` fails on such a file with a bare StopIteration)."""
+    size = os.path.getsize(file)
+    if size == 0:
+        return True
+    if size > 4096:  # whitespace-only files of this size are not worth reading to find out
+        return False
+    with open(file, "rb") as handle:
+        return not handle.read().strip()
+
+
+def _without_blank_files(path: str, files: list[str]) -> list[str]:
+    """Drops empty files (they hold no documents); refuses a source that is nothing but empty files."""
+    kept = [file for file in files if not _is_blank(file)]
+    if kept:
+        return kept
+    what = f"Calibration file {path!r} is empty" if files == [path] else (
+        f"Calibration folder {path!r} holds only empty files ({len(files)})"
+    )
+    raise CalibrationDataError(
+        f"{what}: there is no text to calibrate on. Use a file with text (for .jsonl, one JSON object per line "
+        f"with a 'text' field), or {BUNDLED_SOURCE!r} (the bundled text, the default)."
+    )
+
+
+@contextlib.contextmanager
+def _without_progress_bars(datasets: Any):
+    """No "Generating train split" bar for local files: they are read in moments, and on the command line the bar
+    would come before a one-line error about the data."""
+    were_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_disabled:
+            datasets.enable_progress_bars()
 
 
 def _load_local(path: str, text_column: str | None, split: str) -> list[str]:
@@ -141,6 +203,7 @@ def _load_local(path: str, text_column: str | None, split: str) -> list[str]:
                 f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}."
             )
         files = [path]
+    files = _without_blank_files(path, files)
 
     texts: list[str] = []
     # Plain text first, then each `datasets` builder once over all its files (sorted within each group).
@@ -155,9 +218,13 @@ def _load_local(path: str, text_column: str | None, split: str) -> list[str]:
         import datasets  # only now: it is slow to import
 
         try:
-            dataset = datasets.load_dataset(builder, data_files=builder_files, split="train")
+            with _without_progress_bars(datasets):
+                dataset = datasets.load_dataset(builder, data_files=builder_files, split="train")
         except Exception as error:  # the builders raise many types; name the files either way
-            raise ValueError(f"Could not read {builder_files} as {builder}: {type(error).__name__}: {error}") from error
+            detail = " ".join(str(error).split()) or "no detail"  # one line on the command line
+            raise ValueError(
+                f"Could not read {builder_files} as {builder}: {type(error).__name__}: {detail}"
+            ) from error
         texts.extend(_dataset_texts(dataset, text_column, split, f"{builder_files}"))
     return texts
 

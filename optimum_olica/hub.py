@@ -226,9 +226,12 @@ def build_model_card(
             "Without the plugin, the modeling code stored beside the weights (it needs only torch and transformers):",
             "",
             "```python",
-            "from transformers import AutoModelForCausalLM",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
+            "# The tokenizer is a stock one, but AutoTokenizer reads config.json first: without trust_remote_code it",
+            "# stops to ask whether to run the config's code (for 15 seconds, or until stdin answers).",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)',
             "```",
         ]
     lines += ["", "## License", ""]

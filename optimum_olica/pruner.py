@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .allocation import plan_dimensions
 from .baselines import MagnitudeLayerPruner
@@ -36,6 +36,8 @@ from .checkpoint import (
 from .configuration import OlicaConfig
 from .errors import CalibrationDataError, OlicaError
 from .data import get_calibration_dataset
+from .loading import TokenizerNotFoundError, check_model_location, load_tokenizer
+from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE
 from .olica import OlicaLayerPruner, attach_linear_calibration
 from .resume import (
     LayerCheckpoint,
@@ -148,6 +150,7 @@ def prune_model(
     """
     if method not in ("olica", "magnitude"):
         raise OlicaError(f"method={method!r} is not one of 'olica', 'magnitude'.")
+    refuse_pruned_model(model.config, further_ratio=config.ratio)
     started = time.perf_counter()
     _check_calibration_input_ids(calibration_input_ids, model.config)
     full_config = olica_config_from(model.config)
@@ -223,7 +226,7 @@ def prune_model(
         _release_input_embeddings(model)  # only the capture needed them; the layer loop is the memory peak
 
     if method == "magnitude":
-        algorithm = MagnitudeLayerPruner(plan_config)
+        algorithm = MagnitudeLayerPruner(plan_config, skip_layers=skip_layers)
     else:
         algorithm = OlicaLayerPruner(
             plan_config,
@@ -233,6 +236,7 @@ def prune_model(
             storage_device=storage,
             statistics_dtype=getattr(torch, config.statistics_dtype),
             value_decomposition=config.value_decomposition,
+            skip_layers=skip_layers,
         )
     restored_records, first_layer, on_layer_done = [], 0, None
     if checkpoint is not None:
@@ -324,6 +328,49 @@ def prune_model(
     for record, dims in zip(report["layers"], _rows(final_config)):
         record.update(dims)
     return PruningResult(pruned, report)
+
+
+# The model types of the pruned architectures (`olica_llama`, ...), which Olica does not prune a second time.
+PRUNED_MODEL_TYPES = frozenset(config_class.model_type for config_class in OLICA_CONFIG_FOR_BASE_MODEL_TYPE.values())
+# The `from_pretrained` arguments that say where a config is (the others are for the weights or override the config).
+_CONFIG_LOCATION_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
+
+
+def refuse_pruned_model(model_config, further_ratio: float | None = None) -> None:
+    """Refuse an Olica-pruned model (plugin class or ``trust_remote_code``), before any work is done.
+
+    Its layers have factored ``q_proj``/``k_proj`` and narrower value heads, which the algorithm does not start
+    from; pruning the base model once, harder, gives the same size with one calibration instead of two.
+
+    Args:
+        model_config: the config of the model to prune.
+        further_ratio: the ``ratio`` asked of the pruned model, to translate into a ratio of the base model.
+    """
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in PRUNED_MODEL_TYPES:
+        return
+    recipe = getattr(model_config, "olica_recipe", None)
+    earlier = recipe.get("ratio") if isinstance(recipe, dict) else None
+    advice = "prune the base model instead, once, with a higher ratio"
+    if isinstance(earlier, (int, float)) and further_ratio is not None:
+        total = 1 - (1 - earlier) * (1 - further_ratio)
+        advice += (
+            f" (removing a further {further_ratio:.0%} of this model, which kept {1 - earlier:.0%} of its base, is "
+            f"ratio={total:.3f} of the base model)"
+        )
+    raise OlicaError(
+        f"This model is already pruned by Olica (model_type={model_type!r}) and cannot be pruned again: its "
+        f"layers have factored q_proj/k_proj and narrower value heads, not the {model_type.removeprefix('olica_')} "
+        f"layers Olica starts from. To make it smaller, {advice}."
+    )
+
+
+def _config_of(name: str, model_kwargs: dict):
+    """The config of the checkpoint ``name`` (a small JSON file), read with the loading arguments that locate it."""
+    from transformers import AutoConfig
+
+    location = {key: model_kwargs[key] for key in _CONFIG_LOCATION_KWARGS if key in model_kwargs}
+    return AutoConfig.from_pretrained(name, **location)
 
 
 def _check_calibration_input_ids(input_ids, model_config) -> None:
@@ -487,6 +534,7 @@ class OlicaPruner:
         """
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"OlicaPruner needs a transformers PreTrainedModel, got {type(model).__name__}.")
+        refuse_pruned_model(model.config)
         olica_config_from(model.config)  # fails early, naming the supported families
         self.model = model
         self.tokenizer = tokenizer
@@ -513,7 +561,9 @@ class OlicaPruner:
         Args:
             model_or_path: a ``PreTrainedModel`` (any dtype, any device map) or a name/path for
                 ``AutoModelForCausalLM.from_pretrained``.
-            tokenizer: a tokenizer, or None to load the model's own (needed for text calibration data).
+            tokenizer: a tokenizer, its folder or Hub id, or None to load the model's own (needed for text calibration
+                data). The model's own is loaded before the model, and only a warning says when there is none (token-id
+                calibration data needs none).
             streaming: load nothing now: build the model skeleton on the meta device and, while pruning, read each
                 layer's weights from the safetensors files only while that layer is processed (peak memory is about
                 one layer plus the calibration activations). A Hub id is downloaded first.
@@ -521,20 +571,20 @@ class OlicaPruner:
                 continues, when started again with the same arguments, after the last finished layer (see ``prune``).
             model_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ``token``, ...).
         """
+        if not isinstance(model_or_path, PreTrainedModel):
+            check_model_location(model_or_path)  # a mistyped folder is "no such folder", not a bad Hub repo id
         if streaming:
             return cls._streaming_skeleton(model_or_path, tokenizer, checkpoint_dir, **model_kwargs)
         if isinstance(model_or_path, PreTrainedModel):
             model = model_or_path
-            name = getattr(model.config, "_name_or_path", None)
+            tokenizer = _resolve_tokenizer(tokenizer, getattr(model.config, "_name_or_path", None), {})
         else:
-            name = str(model_or_path)
+            name = os.fspath(model_or_path) if isinstance(model_or_path, os.PathLike) else str(model_or_path)
             model_kwargs.setdefault("dtype", "auto")
+            refuse_pruned_model(_config_of(name, model_kwargs))  # before the weights are loaded
+            # The tokenizer before the weights: a missing one is reported in seconds, not after minutes of loading.
+            tokenizer = _resolve_tokenizer(tokenizer, name, model_kwargs)
             model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
-        if tokenizer is None and name:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-            except (OSError, ValueError) as error:
-                logger.warning("No tokenizer could be loaded from %s (%s); pass tokenizer= for text data.", name, error)
         return cls(model, tokenizer, checkpoint_dir)
 
     @classmethod
@@ -551,18 +601,18 @@ class OlicaPruner:
             directory = Path(snapshot_download(str(model_or_path), revision=model_kwargs.get("revision"),
                                                token=model_kwargs.get("token")))
         config = AutoConfig.from_pretrained(directory)
+        refuse_pruned_model(config)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None))
         model.config._name_or_path = str(model_or_path)
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(directory)
-            except (OSError, ValueError) as error:
-                logger.warning("No tokenizer in %s (%s); pass tokenizer= for text data.", directory, error)
+        tokenizer = _resolve_tokenizer(tokenizer, str(directory), {})
         return cls(model, tokenizer, checkpoint_dir, weights_dir=directory)
 
-    def calibration_input_ids(self, config: OlicaConfig, calibration_dataset=None) -> torch.Tensor:
-        """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's."""
+    def calibration_input_ids(
+        self, config: OlicaConfig, calibration_dataset=None, *, text_column: str | None = None
+    ) -> torch.Tensor:
+        """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's;
+        ``text_column`` names the text column of a tabular source (see `get_calibration_dataset`)."""
         if isinstance(calibration_dataset, torch.Tensor):
             _check_calibration_input_ids(calibration_dataset, self.model.config)  # before .long() hides floats
             return calibration_dataset.long()
@@ -574,7 +624,7 @@ class OlicaPruner:
         source = config.calibration_source if calibration_dataset is None else calibration_dataset
         return get_calibration_dataset(
             self.tokenizer, source, num_samples=config.num_samples, sequence_length=config.sequence_length,
-            seed=config.seed,
+            seed=config.seed, text_column=text_column,
         )
 
     def prune(
@@ -586,6 +636,7 @@ class OlicaPruner:
         overwrite: bool = False,
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
+        text_column: str | None = None,
     ) -> PreTrainedModel:
         """Prune the model; returns the pruned model and, with ``save_directory``, writes the checkpoint.
 
@@ -604,6 +655,9 @@ class OlicaPruner:
                 after the last finished layer and writes a bit-identical checkpoint; other arguments are refused
                 (``ResumeMismatchError``). Once ``save_directory`` is written and verified, the resume files are
                 deleted; without ``save_directory`` they are kept.
+            text_column: the column holding the text of a tabular source (.json, .jsonl, .parquet, .csv, a
+                ``datasets.Dataset``); default ``"text"``, else the only string column. Recorded in the report beside
+                the source.
         """
         config = config or OlicaConfig()
         if self.pruned_model is not None:
@@ -618,11 +672,13 @@ class OlicaPruner:
                         f"checkpoint_dir {resume_directory} is (inside) save_directory {target}, which is replaced "
                         "when the pruned model is saved: choose a checkpoint_dir outside save_directory."
                     )
-        input_ids = self.calibration_input_ids(config, calibration_dataset)
+        input_ids = self.calibration_input_ids(config, calibration_dataset, text_column=text_column)
         if not isinstance(calibration_dataset, (type(None), str)):
             config_source = type(calibration_dataset).__name__
         else:
             config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
+        if text_column is not None:
+            config_source = f"{config_source} (text column {text_column!r})"
         if config.streaming or self.weights_dir is not None:
             return self._prune_streaming(
                 config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir
@@ -724,6 +780,25 @@ class OlicaPruner:
             self.saved_directory, repo_id, private=private, token=token, commit_message=commit_message,
             base_model=base_model, license=license, endpoint=endpoint,
         )
+
+
+def _resolve_tokenizer(tokenizer, model_name: str | None, model_kwargs: dict):
+    """The tokenizer to calibrate with: ``tokenizer`` itself, loaded from it when it is a folder or Hub id, or else
+    the model's own. A model without one only gets a warning: token-id calibration data needs no tokenizer."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        # revision and subfolder locate the model's files, not those of a tokenizer named on its own.
+        kwargs = {key: value for key, value in model_kwargs.items() if key not in ("revision", "subfolder")}
+        return load_tokenizer(tokenizer, **kwargs)
+    if tokenizer is not None or not model_name:
+        return tokenizer
+    try:
+        return load_tokenizer(model_name, **model_kwargs)
+    except (TokenizerNotFoundError, FileNotFoundError) as error:
+        logger.warning(
+            "%s: text calibration data cannot be tokenized. Pass tokenizer= (a tokenizer, or its folder or Hub id), "
+            "or token ids as calibration_dataset.", error,
+        )
+        return None
 
 
 def _remove_resume_files(checkpoint_dir) -> None:

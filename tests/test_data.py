@@ -143,6 +143,40 @@ def test_text_column_resolution():
     assert load_calibration_texts(with_text) == documents
 
 
+def test_a_text_column_error_can_name_the_command_line_flag():
+    from optimum_olica.data import TextColumnError
+    from optimum_olica.errors import CalibrationDataError
+
+    two_strings = datasets.Dataset.from_dict({"title": ["a", "b"], "body": ["one", "two"]})
+    with pytest.raises(TextColumnError) as error:
+        load_calibration_texts(two_strings)
+    assert isinstance(error.value, CalibrationDataError)
+    assert "Pass text_column=NAME with one of ['title', 'body']." in str(error.value)
+    assert "Pass --text-column NAME with one of ['title', 'body']." in error.value.message_for("--text-column ")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+@pytest.mark.parametrize("extension", [".jsonl", ".json", ".csv", ".parquet"])
+def test_an_empty_file_is_called_empty(content, extension, tmp_path):
+    from optimum_olica.errors import CalibrationDataError
+
+    empty = tmp_path / f"empty{extension}"
+    empty.write_text(content)
+    message = rf"Calibration file '.*empty\{extension}' is empty.*'austen'"
+    with pytest.raises(CalibrationDataError, match=message) as error:
+        load_calibration_texts(empty)
+    assert "StopIteration" not in str(error.value)
+
+
+def test_empty_files_of_a_folder_are_skipped_and_a_folder_of_them_is_refused(tmp_path):
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.csv").write_text("")
+    with pytest.raises(ValueError, match=r"holds only empty files \(2\)"):
+        load_calibration_texts(tmp_path)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "some words"}) + "\n")
+    assert load_calibration_texts(tmp_path) == ["some words"]
+
+
 def test_blank_documents_dropped():
     assert load_calibration_texts(["a", "", "  \n", "b"]) == ["a", "b"]
     assert load_calibration_texts(datasets.Dataset.from_dict({"text": ["a", None, "b"]})) == ["a", "b"]

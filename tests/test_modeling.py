@@ -275,11 +275,24 @@ def test_every_config_field_is_documented():
 def test_static_cache_holds_keys_and_values_of_different_widths():
     model = make_reduced_model("llama_gqa")
     input_ids = probe_inputs()["input_ids"][:1]
-    dynamic = model.generate(input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    static = model.generate(
-        input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static"
+    output = model.generate(
+        input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static",
+        return_dict_in_generate=True, output_logits=True,
     )
-    assert torch.equal(dynamic, static)
+    # transformers 5.24 renamed the output field past_key_values -> cache.
+    cache = output.cache if "cache" in output.keys() else output.past_key_values
+    assert type(cache).__name__ == "StaticCache"
+    # Per layer, keys as wide as head_dim (RoPE, q/k) and values as wide as that layer's value_head_dim.
+    key_widths = [layer.keys.shape[-1] for layer in cache.layers]
+    value_widths = [layer.values.shape[-1] for layer in cache.layers]
+    assert key_widths == [model.config.head_dim] * model.config.num_hidden_layers
+    assert value_widths == REDUCED_DIMENSIONS["value_head_dims"] and len(set(value_widths)) == 3
+    # Each cached decode step against a full recompute of its prefix (no cache), which cannot share a cache bug.
+    for step, logits in enumerate(output.logits):
+        prefix = output.sequences[:, : input_ids.shape[1] + step]
+        with torch.no_grad():
+            recomputed = model(prefix, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(logits, recomputed, atol=1e-4, rtol=0, msg=f"decode step {step}")
 
 
 def test_decode_step_compiles_with_fullgraph_and_matches_eager():

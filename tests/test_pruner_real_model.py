@@ -25,9 +25,13 @@ from optimum_olica.pruner import REPORT_NAME, OlicaPruner
 EVAL_TEXT = Path(__file__).parent / "data" / "pride_and_prejudice_eval.txt"
 EVAL_TOKENS = 4096
 RATIO = 0.2
-# A 20% cut without retraining costs perplexity (about +50% on the full protocol); 3x the dense value catches a broken
-# pipeline (wrong rotation, mismatched weights, garbage calibration) without flaking on the small calibration set.
-MAX_PERPLEXITY_FACTOR = 3.0
+# The bound must fail without linear calibration, the part of the method that costs the most to get right. Measured
+# on this protocol (16 x 64 calibration tokens, the first 4096 evaluation tokens, dense perplexity 32.50; seeds 0, 1,
+# 2 of the calibration windows): the default recipe gives 1.40x, 1.41x and 1.44x the dense perplexity; the same recipe
+# without the o_proj/down_proj refit (refit_damping=None) 1.62x, 1.69x and 1.69x. (On the full benchmark protocol,
+# 128 x 128 tokens: 1.25x and 1.66x.) 1.55x keeps 11% headroom over the default's seed-0 figure, and is 5% below the
+# best no-refit figure.
+MAX_PERPLEXITY_FACTOR = 1.55
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +67,11 @@ def test_prune_save_reload_evaluate_generate(model_path, tmp_path):
     assert report["calibration_data"]["num_tokens"] == 16 * 64
 
     pruned_perplexity = perplexity(reloaded, eval_ids, sequence_length=128)
-    print(f"perplexity on {EVAL_TOKENS} tokens: dense {dense_perplexity:.2f}, pruned {pruned_perplexity:.2f}")
+    factor = pruned_perplexity / dense_perplexity
+    print(f"perplexity on {EVAL_TOKENS} tokens: dense {dense_perplexity:.2f}, pruned {pruned_perplexity:.2f} "
+          f"({factor:.3f}x)")
     assert math.isfinite(pruned_perplexity)
-    assert pruned_perplexity < MAX_PERPLEXITY_FACTOR * dense_perplexity
+    assert factor < MAX_PERPLEXITY_FACTOR, f"{factor:.3f}x the dense perplexity; without linear calibration: ~1.62x"
 
     tokenizer = AutoTokenizer.from_pretrained(save_directory)
     prompt = tokenizer.apply_chat_template(

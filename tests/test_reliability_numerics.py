@@ -24,15 +24,38 @@ def calibration_ids(seed: int = 0) -> torch.Tensor:
 
 
 def test_statistics_of_low_precision_activations_accumulate_in_float64():
+    """The sums, not the dtype they are read in (reading always returns float64): 18,000 bfloat16 tokens of
+    1 + 2**-7, whose squares sum to a value that float32 (24-bit mantissa) or bfloat16 sums cannot hold to 1e-12."""
     assert OlicaLayerPruner(plan_config=None).statistics_dtype == torch.float64
     assert OlicaConfig().statistics_dtype == "float64"
     moments = om.StreamingMoments(4, gram=True, target_dim=4)
-    batch = torch.full((3, 300, 4), 1.0 + 2**-7, dtype=torch.bfloat16)  # bfloat16 alone cannot count this high
+    batch = torch.full((3, 300, 4), 1.0 + 2**-7, dtype=torch.bfloat16)
     for _ in range(20):
         moments.update(batch, batch)
-    assert moments.gram.dtype == torch.float64
     assert moments.count == 18000
-    assert float(moments.gram[0, 0]) == pytest.approx(18000 * (1.0 + 2**-7) ** 2, rel=1e-12)
+    square_sum = 18000 * (1.0 + 2**-7) ** 2  # exact in float64
+    for name, value in [("gram", moments.gram[0, 1]), ("cross", moments.cross[2, 3]),
+                        ("target_sum_squares", moments.target_sum_squares[1]),
+                        ("second_moment x count", moments.second_moment[3] * 18000)]:
+        assert float(value) == pytest.approx(square_sum, rel=1e-12), name
+
+
+def test_the_pipeline_accumulates_its_statistics_in_the_dtype_the_recipe_names(monkeypatch):
+    """A bfloat16 model: every StreamingMoments the pipeline builds accumulates in float64 by default, and in float32
+    when ``statistics_dtype="float32"`` asks for it (observed on the objects built, not on a default value)."""
+    built = []
+    original_init = om.StreamingMoments.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(om.StreamingMoments, "__init__", recording_init)
+    for statistics_dtype, expected in (("float64", torch.float64), ("float32", torch.float32)):
+        built.clear()
+        config = OlicaConfig(ratio=0.2, num_calibrated_layers=1, statistics_dtype=statistics_dtype)
+        prune_model(make_tiny_model("llama_gqa").to(torch.bfloat16), config, calibration_ids(), progress=False)
+        assert len(built) > 3 and {moments.dtype for moments in built} == {expected}, statistics_dtype
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from optimum.commands.base import BaseOptimumCLICommand
 
-__all__ = ["EXPECTED_ERRORS", "OlicaSubcommand", "add_model_loading_arguments", "model_loading_kwargs"]
+__all__ = [
+    "EXPECTED_ERRORS",
+    "OlicaSubcommand",
+    "add_model_loading_arguments",
+    "load_tokenizer_first",
+    "model_loading_kwargs",
+]
 
 # The exception types our API raises about its inputs, files and environment (see the module docstring).
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
@@ -45,6 +52,12 @@ def add_model_loading_arguments(parser: argparse.ArgumentParser) -> None:
         help="Allow modeling code stored with the model (not needed for Olica checkpoints: the CLI registers the "
         "pruned architectures itself).",
     )
+    group.add_argument(
+        "--tokenizer",
+        metavar="FOLDER_OR_HUB_ID",
+        default=None,
+        help="Where to load the tokenizer from when MODEL has none (default: MODEL).",
+    )
 
 
 def model_loading_kwargs(args: argparse.Namespace) -> dict:
@@ -59,6 +72,38 @@ def model_loading_kwargs(args: argparse.Namespace) -> dict:
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
     return kwargs
+
+
+def load_tokenizer_first(args: argparse.Namespace, loading: dict, purpose: str):
+    """MODEL's tokenizer (or --tokenizer's), loaded before the model so that a missing one fails in seconds.
+
+    Args:
+        args: the parsed flags (``model``, ``tokenizer``).
+        loading: the model's ``from_pretrained`` keyword arguments (those that locate files also locate the tokenizer).
+        purpose: what the tokenizer is for, for the message (``"the calibration text"``).
+    """
+    from ..loading import TokenizerNotFoundError, check_model_location, load_tokenizer, tokenizer_loading_kwargs
+
+    if args.tokenizer is None:
+        check_model_location(args.model)
+        if not os.path.isdir(os.path.expanduser(args.model)):
+            # A Hub id: its config first, so that a model that is not there is reported as such, not as a model
+            # without a tokenizer.
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(args.model, **tokenizer_loading_kwargs(loading))
+        source, kwargs = args.model, loading
+        fix = (
+            "pass --tokenizer FOLDER_OR_HUB_ID (the tokenizer of the model these weights come from), or copy its "
+            "tokenizer files into the folder"
+        )
+    else:  # --revision names a revision of MODEL, not of another repository
+        source, kwargs = args.tokenizer, {key: value for key, value in loading.items() if key != "revision"}
+        fix = "check --tokenizer"
+    try:
+        return load_tokenizer(source, **kwargs)
+    except TokenizerNotFoundError as error:
+        raise TokenizerNotFoundError(f"{error}, and {purpose} must be tokenized: {fix}.") from None
 
 
 class OlicaSubcommand(BaseOptimumCLICommand):
@@ -89,8 +134,6 @@ class OlicaSubcommand(BaseOptimumCLICommand):
         except BrokenPipeError:
             # The reader went away (e.g. `| head`): not an error. Point stdout at devnull so the interpreter's final
             # flush does not fail again.
-            import os
-
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0) from None
         except KeyboardInterrupt:

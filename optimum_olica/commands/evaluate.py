@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import OlicaSubcommand, add_model_loading_arguments, model_loading_kwargs
+from .base import OlicaSubcommand, add_model_loading_arguments, load_tokenizer_first, model_loading_kwargs
 
 __all__ = ["OlicaEvalCommand"]
 
@@ -91,14 +91,13 @@ class OlicaEvalCommand(OlicaSubcommand):
             _import_lm_eval()  # raises LmEvalNotInstalledError, naming the pip command, without the [eval] extra
 
         import optimum_olica  # noqa: F401  (registers the pruned architectures with the Auto classes)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         loading = model_loading_kwargs(args)
         loading.setdefault("dtype", "auto")
+        # The tokenizer first: a missing one fails in seconds, where loading the model takes minutes.
+        tokenizer = load_tokenizer_first(args, loading, "the evaluation text")
         model = AutoModelForCausalLM.from_pretrained(args.model, **loading).eval()
-        tokenizer = AutoTokenizer.from_pretrained(
-            args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
-        )
         entries = []
         if not args.no_perplexity:
             from ..evaluation import evaluation_token_ids, perplexity

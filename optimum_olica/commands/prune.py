@@ -9,13 +9,14 @@ the config class stays the single source of defaults and validation, and a field
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import types
 import typing
 from typing import Any, Literal
 
 from ..configuration import OlicaConfig
-from .base import OlicaSubcommand, add_model_loading_arguments, model_loading_kwargs
+from .base import OlicaSubcommand, add_model_loading_arguments, load_tokenizer_first, model_loading_kwargs
 
 __all__ = ["OlicaPruneCommand", "config_flag_name", "recipe_from_args"]
 
@@ -100,6 +101,26 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group = calibration if config_field.name in _CALIBRATION_FIELDS else recipe
         spec = _argument_spec(config_field, hints[config_field.name])
         group.add_argument(config_flag_name(config_field.name), **spec)
+    # Not a recipe field: how to read one kind of source (OlicaPruner.prune's text_column), recorded in the report.
+    calibration.add_argument(
+        "--text-column",
+        metavar="NAME",
+        default=None,
+        help="Column holding the text of a .json/.jsonl/.parquet/.csv or Hub dataset source (default: 'text', else "
+        "the only string column).",
+    )
+
+
+@contextlib.contextmanager
+def _text_column_as_flag():
+    """Says ``--text-column NAME`` where the Python API's message says ``text_column=NAME``."""
+    from ..data import TextColumnError
+    from ..errors import CalibrationDataError
+
+    try:
+        yield
+    except TextColumnError as error:
+        raise CalibrationDataError(error.message_for("--text-column ")) from None
 
 
 def recipe_from_args(args: argparse.Namespace) -> OlicaConfig:
@@ -150,6 +171,7 @@ class OlicaPruneCommand(OlicaSubcommand):
 
     def execute(self) -> None:
         from ..checkpoint import prepare_output_directory
+        from ..data import load_calibration_texts
         from ..pruner import OlicaPruner
 
         args = self.args
@@ -163,8 +185,17 @@ class OlicaPruneCommand(OlicaSubcommand):
             from ..hub import require_token
 
             require_token(args.push_to_hub, consequence="Nothing was pruned.")
-        pruner = OlicaPruner.from_pretrained(args.model, streaming=config.streaming, **model_loading_kwargs(args))
-        pruner.prune(config, save_directory=args.output, overwrite=args.overwrite, checkpoint_dir=args.checkpoint_dir)
+        loading = model_loading_kwargs(args)
+        # The tokenizer and the calibration text before the model, which can take minutes to load: a missing
+        # tokenizer or an unreadable source fails in seconds.
+        tokenizer = load_tokenizer_first(args, loading, "the calibration text")
+        with _text_column_as_flag():
+            load_calibration_texts(config.calibration_source, text_column=args.text_column)
+            pruner = OlicaPruner.from_pretrained(args.model, tokenizer, streaming=config.streaming, **loading)
+            pruner.prune(
+                config, save_directory=args.output, overwrite=args.overwrite, checkpoint_dir=args.checkpoint_dir,
+                text_column=args.text_column,
+            )
         print(f"Pruned checkpoint written to {pruner.saved_directory}")
         if args.push_to_hub:
             url = pruner.push_to_hub(

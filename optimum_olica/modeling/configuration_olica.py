@@ -13,13 +13,49 @@ This module is saved beside the weights of a pruned checkpoint (``trust_remote_c
 from optimum_olica, only transformers and the standard library.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 
+def check_transformers_features() -> None:
+    """Refuse, with the fix, a transformers release older than the one these two files are written for.
+
+    transformers 5.0 to 5.3 build configs in ``__init__`` (not as dataclasses) and build attention masks from
+    ``cache_position``: the configs below would fail with a cryptic ``StrictDataclassDefinitionError`` and the
+    models would not run. A checkpoint carries this file, so the check also guards ``trust_remote_code`` loading.
+    """
+    if is_dataclass(LlamaConfig):
+        return
+    import transformers
+
+    raise ImportError(
+        f"Olica-pruned models need transformers>=5.4,<6 (configs as dataclasses); this environment has "
+        f"transformers {transformers.__version__}. Upgrade it: pip install 'transformers>=5.4,<6'."
+    )
+
+
+check_transformers_features()
+
 PER_LAYER_FIELDS = ("query_ranks", "key_ranks", "value_head_dims", "intermediate_sizes", "calibration_ranks")
+
+
+def olica_tensor_parallel_plan(base_plan: dict[str, str]) -> dict[str, str]:
+    """The base family's tensor-parallel plan, extended to factored ``q_proj`` / ``k_proj``.
+
+    A plan names modules with the layer index as ``*``, so one rule covers dense and factored layers alike. A factored
+    projection is ``up(down(x))``: ``up`` (rank -> heads * head_dim) is split by head like a dense projection, and
+    ``down`` (hidden -> rank) is replicated, since every head needs the whole rank-r code. The ``q_proj`` rule itself
+    stays colwise for the dense layers. The ``down`` rules come first: transformers 5.4 shards a weight by the first
+    rule found in its name, and ``q_proj`` is found in ``q_proj.down.weight``. Value heads of any width stay whole:
+    ``v_proj`` (colwise) and ``o_proj`` (rowwise) split by head when the head counts divide the TP size.
+    """
+    factored = {}
+    for projection in ("q_proj", "k_proj"):
+        factored[f"layers.*.self_attn.{projection}.down"] = "replicated_with_grad_allreduce"
+        factored[f"layers.*.self_attn.{projection}.up"] = "colwise"
+    return {**factored, **base_plan}
 
 
 @dataclass(repr=False, eq=False)
@@ -189,6 +225,7 @@ class OlicaLlamaConfig(OlicaDimensionsMixin, LlamaConfig):
 
     model_type = "olica_llama"
     base_config_class = LlamaConfig
+    base_model_tp_plan = olica_tensor_parallel_plan(LlamaConfig.base_model_tp_plan)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -201,6 +238,7 @@ class OlicaMistralConfig(OlicaDimensionsMixin, MistralConfig):
 
     model_type = "olica_mistral"
     base_config_class = MistralConfig
+    base_model_tp_plan = olica_tensor_parallel_plan(MistralConfig.base_model_tp_plan)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -217,6 +255,7 @@ class OlicaQwen2Config(OlicaDimensionsMixin, Qwen2Config):
 
     model_type = "olica_qwen2"
     base_config_class = Qwen2Config
+    base_model_tp_plan = olica_tensor_parallel_plan(Qwen2Config.base_model_tp_plan)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -240,6 +279,7 @@ class OlicaQwen3Config(OlicaDimensionsMixin, Qwen3Config):
 
     model_type = "olica_qwen3"
     base_config_class = Qwen3Config
+    base_model_tp_plan = olica_tensor_parallel_plan(Qwen3Config.base_model_tp_plan)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

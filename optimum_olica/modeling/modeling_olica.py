@@ -58,6 +58,12 @@ def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache |
 class OlicaLowRankLinear(nn.Module):
     """A linear map stored as two factors, ``x -> up(down(x))``, with ``down: in -> rank`` and ``up: rank -> out``."""
 
+    # Tensor parallelism wraps this module in the colwise rule meant for a dense q_proj/k_proj (plans name modules,
+    # not layers). With this flag, transformers' DTensor-based wrapper passes plain local tensors through, so the
+    # replicated ``down`` and the colwise ``up`` (see ``olica_tensor_parallel_plan``) do the split; older releases
+    # pass local tensors anyway and ignore it.
+    _hf_quantized_needs_local_tp = True
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -238,30 +244,102 @@ _FIELD_OF_MODULE = {
     "mlp.linear_calibration": "calibration_ranks",
 }
 _LAYER_PARAMETER = re.compile(r"(?:^|\.)layers\.(\d+)\.(\w+\.\w+)\.")
+# Tensors that optimum-quanto's quantized modules put in a state dict: `weight._data`, `weight._scale`, `weight._shift`
+# (qint4 packs `weight._data._data`), and the activation scales `input_scale` / `output_scale`.
+_QUANTO_TENSOR = re.compile(r"\.weight\._(?:data|scale|shift)(?:\._data)?$|\.(?:input|output)_scale$")
 
 
-def describe_dimension_mismatch(config, problems: list[tuple[str, str]]) -> str | None:
-    """One message naming, per layer, the config field that disagrees with the checkpoint's weights.
+def _layer_field_line(config, name: str, detail: str) -> str | None:
+    """The line naming the per-layer config field that sizes parameter ``name``; None outside those modules."""
+    match = _LAYER_PARAMETER.search(name)
+    if match is None or match.group(2) not in _FIELD_OF_MODULE:
+        return None
+    layer, field = int(match.group(1)), _FIELD_OF_MODULE[match.group(2)]
+    value = getattr(config, field)[layer]
+    return f"layer {layer}: `{field}[{layer}]`={value} disagrees with `{name}` ({detail})"
+
+
+def _shape_line(config, name: str, checkpoint_shape, model_shape) -> str:
+    line = f"`{name}`: checkpoint shape {tuple(checkpoint_shape)}, the config gives {tuple(model_shape)}"
+    if "embed_tokens" in name or "lm_head" in name:
+        line += f" (vocab_size={config.vocab_size}, hidden_size={config.hidden_size})"
+    return line
+
+
+def describe_quanto_checkpoint(unexpected_keys) -> str | None:
+    """Why a checkpoint holding optimum-quanto tensors does not load; None when it holds none."""
+    quantized = sorted(name for name in unexpected_keys if _QUANTO_TENSOR.search(name))
+    if not quantized:
+        return None
+    return (
+        f"The checkpoint holds {len(quantized)} optimum-quanto tensors (`{quantized[0]}`, ...): the model was "
+        "quantized with optimum.quanto.quantize and saved with plain save_pretrained, whose weights from_pretrained "
+        "cannot read back. Nothing is corrupted. To load this checkpoint: build the model from its config "
+        "(AutoModelForCausalLM.from_config), call quantize(model, weights=..., activations=...) with the settings "
+        "used before saving, then model.load_state_dict(safetensors.torch.load_file(...)) and freeze(model). To save "
+        "a quantized model, use quanto's own format: QuantizedModelForCausalLM.quantize(model, weights=...) and its "
+        "save_pretrained, reloaded with QuantizedModelForCausalLM.from_pretrained (import optimum_olica first)."
+    )
+
+
+def describe_checkpoint_mismatch(config, loading_info: dict, ignore_mismatched_sizes: bool = False) -> str | None:
+    """Why a checkpoint's weights do not fit the model its config describes; None when they do.
+
+    A wrong shape anywhere is refused, naming the tensor (in a decoder layer, the per-layer config field that sizes
+    it), as stock transformers refuses it. Missing or unexpected tensors are refused inside the pruned modules,
+    where they mean the config declares another structure (a dense projection where the weights are factored).
 
     Args:
         config: the Olica config the model was built from.
-        problems: ``(parameter name, what is wrong)`` pairs from the loading report.
+        loading_info: transformers' loading report: ``mismatched_keys``, ``missing_keys``, ``unexpected_keys``.
+        ignore_mismatched_sizes: the caller asked for transformers' behaviour: tensors of the wrong shape are
+            re-initialised, not refused.
     """
+    unexpected = list(loading_info.get("unexpected_keys", ()))
+    quanto = describe_quanto_checkpoint(unexpected)
+    if quanto is not None:
+        return quanto
+    mismatched = [] if ignore_mismatched_sizes else list(loading_info.get("mismatched_keys", ()))
     lines = []
-    for name, detail in problems:
-        match = _LAYER_PARAMETER.search(name)
-        if match is None or match.group(2) not in _FIELD_OF_MODULE:
-            continue
-        layer, field = int(match.group(1)), _FIELD_OF_MODULE[match.group(2)]
-        value = getattr(config, field)[layer]
-        lines.append(f"layer {layer}: `{field}[{layer}]`={value} disagrees with `{name}` ({detail})")
+    for name, checkpoint_shape, model_shape in mismatched:
+        detail = f"checkpoint shape {tuple(checkpoint_shape)}, expected {tuple(model_shape)}"
+        line = _layer_field_line(config, name, detail)
+        lines.append(line or _shape_line(config, name, checkpoint_shape, model_shape))
+    structural = [(name, "missing from the checkpoint") for name in loading_info.get("missing_keys", ())]
+    structural += [(name, "not expected by the config") for name in unexpected]
+    lines += [line for name, detail in structural if (line := _layer_field_line(config, name, detail)) is not None]
     if not lines:
         return None
+    hint = (
+        " (ignore_mismatched_sizes=True loads it anyway and re-initialises the tensors of the wrong shape at random, "
+        "as transformers does)"
+        if mismatched
+        else ""
+    )
     return (
         "The checkpoint's config.json does not match its weights:\n  - "
         + "\n  - ".join(sorted(set(lines)))
-        + "\nThe checkpoint is corrupted or its config was edited; re-save it with optimum-olica."
+        + "\nThe checkpoint is corrupted or its config was edited: restore the config.json saved with the weights, "
+        + f"or re-save the model with optimum-olica{hint}."
     )
+
+
+def has_factored_projection(config) -> bool:
+    return any(rank is not None for rank in list(config.query_ranks) + list(config.key_ranks))
+
+
+def check_tensor_parallel_heads(config, tp_size: int | None) -> None:
+    """Refuse a tensor-parallel size that would cut an attention head in two (the plan splits q/k/v/o by head)."""
+    if not tp_size or tp_size == 1:
+        return
+    counts = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
+    indivisible = ", ".join(f"{name}={count}" for name, count in counts.items() if count % tp_size)
+    if indivisible:
+        raise ValueError(
+            f"Tensor parallelism over {tp_size} processes splits the attention by head, but {indivisible} is not "
+            f"divisible by {tp_size}. Run with a number of processes that divides both head counts, or load the "
+            "model without tensor parallelism."
+        )
 
 
 class OlicaPreTrainedModel(PreTrainedModel):
@@ -270,6 +348,9 @@ class OlicaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["OlicaDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    # flash_attention_2/3 (and kernels from the Hub) need one head dim for Q, K and V: the attention pads narrow value
+    # heads for every implementation but eager (see OlicaAttention.forward).
+    _supports_flash_attn = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
@@ -280,24 +361,29 @@ class OlicaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        # transformers reports a shape mismatch without saying which pruned dimension is wrong; load with the
-        # report, then raise an error that names the layer and the config field.
+        # transformers refuses a wrong shape without saying which pruned dimension is wrong: load with its report
+        # (tensors of the wrong shape re-initialised), then refuse with the tensor's name and the config field.
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             *args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
         )
-        if not ignore_mismatched_sizes:
-            problems = [
-                (name, f"checkpoint shape {tuple(ckpt_shape)}, expected {tuple(model_shape)}")
-                for name, ckpt_shape, model_shape in loading_info.get("mismatched_keys", ())
-            ]
-            problems += [(name, "missing from the checkpoint") for name in loading_info.get("missing_keys", ())]
-            problems += [(name, "not expected by the config") for name in loading_info.get("unexpected_keys", ())]
-            message = describe_dimension_mismatch(model.config, problems)
-            if message is not None:
-                raise ValueError(message)
+        message = describe_checkpoint_mismatch(model.config, loading_info, ignore_mismatched_sizes)
+        if message is not None:
+            raise ValueError(message)
+        check_tensor_parallel_heads(model.config, getattr(model, "_tp_size", None))
         return (model, loading_info) if output_loading_info else model
+
+    def train(self, mode: bool = True):
+        # Under tensor parallelism the colwise wrapper of a factored q_proj/k_proj and its colwise `up` both reduce
+        # the input gradient across ranks (see olica_tensor_parallel_plan): the forward is exact, the gradients not.
+        if mode and (getattr(self, "_tp_size", None) or 1) > 1 and has_factored_projection(self.config):
+            raise NotImplementedError(
+                "Training under tensor parallelism is not supported for a pruned model with factored q_proj/k_proj: "
+                "the TP plan computes the forward exactly but not the factors' gradients. Use tensor parallelism "
+                "for inference, and fine-tune without tp_plan (one model per process)."
+            )
+        return super().train(mode)
 
 
 class OlicaModel(OlicaPreTrainedModel):

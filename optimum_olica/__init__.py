@@ -22,6 +22,7 @@ from .errors import (
     ResumeMismatchError,
 )
 from .data import get_calibration_dataset
+from .export import StockExport, export_to_stock
 from .evaluation import perplexity
 from .pruner import OlicaPruner, format_summary, prune_model
 from .zero_shot import evaluate_zero_shot  # lm-eval itself is imported only when it runs
@@ -58,6 +59,8 @@ __all__ = [
     "convert_to_olica",
     "save_pruned_model",
     "to_stock_model",
+    "StockExport",
+    "export_to_stock",
     "CalibrationDataError",
     "CheckpointVerificationError",
     "NonFiniteActivationsError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import glob
 import logging
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ._faults import fault_point
 from .errors import OlicaError
+from .export import stock_state_dict
 from .integrity import verify_saved_checkpoint
 from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE, OLICA_MODEL_CLASSES, OlicaDimensionsMixin
 
@@ -71,16 +73,22 @@ def convert_to_olica(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def to_stock_model(model: PreTrainedModel) -> PreTrainedModel:
-    """The stock architecture (e.g. ``LlamaForCausalLM``) holding the same weights as an Olica model.
+    """The stock architecture (e.g. ``LlamaForCausalLM``) computing the same function as an Olica model.
+
+    Factored Q/K are multiplied back into dense weights and narrow value heads zero-padded to ``head_dim``
+    (`optimum_olica.export.stock_state_dict`), so the stock model has more parameters than the Olica one when either
+    is used; every other tensor is shared, not copied. The generation config is carried over.
 
     Raises:
-        ValueError: if the model uses a module the stock architecture cannot express.
+        ValueError: naming the layers, if the model has FFN widths that differ between layers or a linear-calibration
+            branch, which no stock config can express.
     """
     stock_config = model.config.to_base_config()
     stock_config._attn_implementation = model.config._attn_implementation
     with init_empty_weights():
         stock = AutoModelForCausalLM.from_config(stock_config)
-    _load_state_dict_exactly(stock, model.state_dict())
+    _load_state_dict_exactly(stock, stock_state_dict(model.state_dict(), model.config))
+    stock.generation_config = copy.deepcopy(model.generation_config)
     return stock.eval()
 
 

@@ -53,18 +53,70 @@ def perplexity(
 
 
 HELD_OUT_SOURCE = "pride-and-prejudice"
-_HELD_OUT_RESOURCE = ("resources", "heldout_pride_and_prejudice.txt")
+_RESOURCES = "resources"
+# name -> (file under optimum_olica/resources, what the text is). The first is in domain for the bundled Austen
+# calibration text; the others are out of domain, so a model that only learned its calibration domain shows it.
+# Evaluation only: never calibrate on them, and tune nothing to them (see resources/README.md).
+BUNDLED_EVALUATION_TEXTS: dict[str, tuple[str, str]] = {
+    HELD_OUT_SOURCE: ("heldout_pride_and_prejudice.txt", "the beginning of Pride and Prejudice (19th-century "
+                      "fiction, in domain for the bundled Austen calibration text)"),
+    "licenses": ("heldout_licenses.txt", "legal English: the GNU GPL v3, Apache 2.0, MPL 2.0 and GNU LGPL 2.1 "
+                 "licence texts"),
+    "python-stdlib": ("heldout_python_stdlib.txt", "Python source: CPython 3.11's argparse and textwrap modules"),
+}
+OUT_OF_DOMAIN_SOURCES = ("licenses", "python-stdlib")
+DEFAULT_EVALUATION_SOURCES = (HELD_OUT_SOURCE, *OUT_OF_DOMAIN_SOURCES)
 
 
-def held_out_text() -> str:
-    """The bundled held-out evaluation text: the beginning of Pride and Prejudice (Project Gutenberg, public domain).
+def held_out_text(name: str = HELD_OUT_SOURCE) -> str:
+    """A bundled evaluation text, read from the package (no network).
 
-    The bundled calibration text (``"austen"``) leaves this novel out on purpose, so perplexity measured on it is not
-    measured on calibration data. About 140 KB, 35,000 SmolLM2 tokens.
+    ``"pride-and-prejudice"`` (the default): the beginning of Pride and Prejudice (Project Gutenberg, public domain),
+    about 140 KB, 35,000 SmolLM2 tokens. The bundled calibration text (``"austen"``) leaves this novel out on purpose,
+    so perplexity measured on it is not measured on calibration data, but it is the calibration text's domain.
+    ``"licenses"``: legal English (GNU GPL v3, Apache 2.0, MPL 2.0, GNU LGPL 2.1; verbatim copies), about 90 KB,
+    19,000 tokens. ``"python-stdlib"``: Python source (CPython 3.11's argparse and textwrap, PSF License), about
+    120 KB, 27,000 tokens. The last two are out of domain for the Austen text: they show whether a pruned model kept
+    the model's general ability or only its calibration domain.
+
+    Raises:
+        ValueError: if ``name`` is not one of `BUNDLED_EVALUATION_TEXTS`.
     """
     import importlib.resources
 
-    return importlib.resources.files("optimum_olica").joinpath(*_HELD_OUT_RESOURCE).read_text(encoding="utf-8")
+    if name not in BUNDLED_EVALUATION_TEXTS:
+        raise ValueError(
+            f"No bundled evaluation text named {name!r}; the bundled texts are {', '.join(BUNDLED_EVALUATION_TEXTS)}."
+        )
+    resource = importlib.resources.files("optimum_olica").joinpath(_RESOURCES, BUNDLED_EVALUATION_TEXTS[name][0])
+    return resource.read_text(encoding="utf-8")
+
+
+def check_evaluation_source(source: str) -> None:
+    """Refuses, before any model is loaded, an evaluation source name that can only be a typo.
+
+    Accepted: a bundled text (`BUNDLED_EVALUATION_TEXTS`), ``"austen"``, a Hub shortcut (``"wikitext2"``, ``"c4"``),
+    an existing local path, or a Hub dataset id of the form ``owner/name``. A bare word that is none of these is
+    refused with the list of names (a bare word would otherwise be sent to the Hub and fail there, minutes later).
+
+    Raises:
+        ValueError: naming the closest valid name, if any.
+    """
+    import difflib
+    import os
+
+    from .data import BUNDLED_SOURCE, HUB_SHORTCUTS, _looks_like_path
+
+    known = [*BUNDLED_EVALUATION_TEXTS, BUNDLED_SOURCE, *HUB_SHORTCUTS]
+    if source in known or os.path.exists(os.path.expanduser(source)) or _looks_like_path(source) or "/" in source:
+        return  # a path that does not exist is reported by the loader, with the path
+    close = difflib.get_close_matches(source, known, n=1)
+    hint = f"Did you mean {close[0]!r}? " if close else ""
+    raise ValueError(
+        f"Unknown evaluation text {source!r}. {hint}Use a bundled text ({', '.join(BUNDLED_EVALUATION_TEXTS)}), "
+        f"{BUNDLED_SOURCE!r}, {' or '.join(repr(name) for name in HUB_SHORTCUTS)}, a local file or folder, or a Hub "
+        "dataset id (owner/name)."
+    )
 
 
 def evaluation_token_ids(
@@ -74,17 +126,44 @@ def evaluation_token_ids(
 
     Args:
         tokenizer: the model's tokenizer (called without special tokens).
-        source: ``"pride-and-prejudice"`` (the bundled held-out text, the default), ``"wikitext2"`` (its test split
-            with ``split="test"``: the paper's protocol), a local file or folder, a Hub dataset name, or ``"austen"``
-            (the calibration text itself: figures on it flatter the pruned model). Documents are joined with blank
-            lines.
+        source: a bundled text (``"pride-and-prejudice"``, the default; ``"licenses"``; ``"python-stdlib"``: see
+            `held_out_text`), ``"wikitext2"`` (its test split with ``split="test"``: the paper's protocol), a local
+            file or folder, a Hub dataset id, or ``"austen"`` (the calibration text itself: figures on it flatter the
+            pruned model). Documents are joined with blank lines.
         num_tokens: keep only the first ``num_tokens`` tokens (None: all).
         split: the split of Hub datasets.
     """
     from .data import load_calibration_texts, tokenize_for_perplexity
 
-    text = held_out_text() if source == HELD_OUT_SOURCE else "\n\n".join(load_calibration_texts(source, split=split))
+    check_evaluation_source(source)
+    if source in BUNDLED_EVALUATION_TEXTS:
+        text = held_out_text(source)
+    else:
+        text = "\n\n".join(load_calibration_texts(source, split=split))
     return tokenize_for_perplexity(tokenizer, text, num_tokens)
 
 
-__all__ = ["HELD_OUT_SOURCE", "evaluation_token_ids", "held_out_text", "perplexity"]
+def perplexities(model, token_ids_by_text: dict[str, torch.Tensor], **kwargs) -> dict[str, float]:
+    """`perplexity` of ``model`` on each text: ``{name: token ids}`` -> ``{name: perplexity}``; ``kwargs`` go to
+    `perplexity` (``sequence_length``, ``batch_size``, ``progress``)."""
+    return {name: perplexity(model, token_ids, **kwargs) for name, token_ids in token_ids_by_text.items()}
+
+
+def ratios_to_dense(pruned: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
+    """``{text: pruned perplexity / dense perplexity}`` for the texts both measured: how much of the dense model's
+    quality each text keeps (1.0: none lost). Perplexities on different texts are not comparable; these ratios are."""
+    return {name: pruned[name] / dense[name] for name in pruned if name in dense}
+
+
+__all__ = [
+    "BUNDLED_EVALUATION_TEXTS",
+    "DEFAULT_EVALUATION_SOURCES",
+    "HELD_OUT_SOURCE",
+    "OUT_OF_DOMAIN_SOURCES",
+    "check_evaluation_source",
+    "evaluation_token_ids",
+    "held_out_text",
+    "perplexities",
+    "perplexity",
+    "ratios_to_dense",
+]

@@ -129,6 +129,12 @@ def describe_checkpoint(checkpoint: OlicaCheckpoint) -> str:
         f"  parameters        {before:,} -> {after:,} (removed {_percent(report['achieved_ratio'])}, "
         f"target {_percent(report['target_ratio'])})",
     ]
+    export = report.get("export")  # written by export_to_stock: these weights are the stock form of the pruned model
+    if export:
+        lines.append(
+            f"  exported          to the stock {export.get('architecture')}: {export.get('parameters', 0):,} "
+            "parameters (Q/K dense, value heads zero-padded to head_dim; the same outputs)"
+        )
     parts = report.get("part_ratios") or {}
     if parts:
         lines.append("  part ratios       " + ", ".join(f"{name} {_percent(value)}" for name, value in parts.items()))
@@ -164,9 +170,13 @@ def describe_checkpoint(checkpoint: OlicaCheckpoint) -> str:
 def format_evaluation(entry: dict) -> str:
     """One line for a recorded evaluation entry (see `record_evaluation`)."""
     if entry.get("kind") == "perplexity":
+        dense = (
+            f", {entry['ratio_to_dense']:.3f}x dense ({entry['dense_value']:.3f})"
+            if entry.get("ratio_to_dense") is not None else ""
+        )
         return (
             f"perplexity {entry['value']:.3f} on {entry.get('dataset')} ({entry.get('num_tokens', 0):,} tokens, "
-            f"windows of {entry.get('sequence_length')})"
+            f"windows of {entry.get('sequence_length')}){dense}"
         )
     stderr = f" ± {entry['stderr']:.4f}" if entry.get("stderr") is not None else ""
     samples = f", {entry['num_samples']} examples" if entry.get("num_samples") is not None else ""

@@ -116,3 +116,62 @@ def test_report_renders_every_figure_with_its_target(tmp_path, monkeypatch):
     assert "The GPU benchmark was not run" in text
     assert "largest remaining cost is the **refit** phase" in text
     assert "| olica_exact | 33% |" in text and "1.50e+06" in text  # magnitude's perplexity in scientific notation
+
+
+def _render_quick_report(tmp_path, monkeypatch, results: dict[str, dict]) -> str:
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "QUICK_DOC", tmp_path / "benchmarks_quick.md")
+    monkeypatch.setattr(report, "QUICK_PLOT", tmp_path / "plot.png")
+    monkeypatch.setattr(report, "plot_quality", lambda quality, path: False)  # the plot is tested above
+    for name, data in results.items():
+        (tmp_path / f"{name}_quick.json").write_text(json.dumps(data))
+    return report.main(["--quick"]).read_text()
+
+
+def test_report_shows_out_of_domain_perplexity_as_a_ratio_to_dense(tmp_path, monkeypatch):
+    """Rows that measured the out-of-domain texts show each as a ratio to the dense row's; rows from before show
+    "not measured", never a figure; the across-domains run gets its own section, summary row and closing sentence."""
+    results = _fake_results(quick=True)
+    rows = results["quality"]["rows"]
+    rows[0]["out_of_domain_perplexity"] = {"licenses": 20.0, "python-stdlib": 4.0}
+    rows[1]["out_of_domain_perplexity"] = {"licenses": 40.0, "python-stdlib": 6.0}  # olica 20%
+    text = _render_quick_report(tmp_path, monkeypatch, results)
+    assert "| licenses / dense | python-stdlib / dense |" in text
+    assert "| dense | - | 100 | 0% | 10.00 | - | - | ppl 20.00 | ppl 4.00 |" in text
+    assert "| olica | 20% | 80 | 20.00% | 12.00 | 3.00x | 1.0 | 2.00x | 1.50x |" in text
+    assert "| olica_exact | 20% | 80 | 20.00% | 12.12 | 3.00x | 1.0 | not measured | not measured |" in text
+    assert "Not measured yet: run `python bench/quality.py --quick --variants olica --ratios 0.2 " in text
+
+    dense = {"variant": "dense", "ratio": 0.0, "parameters": 100, "perplexity": 10.0,
+             "out_of_domain_perplexity": {"licenses": 20.0, "python-stdlib": 4.0}}
+    olica = {"variant": "olica", "ratio": 0.2, "parameters": 80, "perplexity": 12.5,
+             "out_of_domain_perplexity": {"licenses": 41.0, "python-stdlib": 5.0}}
+    results["quality_domains"] = {**results["quality"], "rows": [dense, olica],
+                                  "protocol": {"model": "m", "calibration": "c", "evaluation": "e", "out_of_domain": "o"}}
+    text = _render_quick_report(tmp_path, monkeypatch, results)
+    assert "## Quality across domains" in text
+    assert "| dense | - | 100 | ppl 10.00 | ppl 20.00 | ppl 4.00 |" in text
+    assert "| olica | 20% | 80 | 1.25x | 2.05x | 1.25x |" in text
+    assert ("| Perplexity / dense, olica 20%: Pride and Prejudice / licenses / python-stdlib | report | "
+            "1.25x / 2.05x / 1.25x | - | - |") in text
+    assert "olica at 20% is at 1.25x dense perplexity in domain and 2.05x / 1.25x on licenses / python-stdlib" in text
+
+
+def test_quality_resume_keeps_rows_measured_before_the_out_of_domain_texts(tmp_path, monkeypatch):
+    import argparse
+
+    import quality
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(quality, "results_path", common.results_path)
+    args = argparse.Namespace(num_samples=128, sequence_length=128, ood_tokens=16384, results="quality", quick=False)
+    evaluation = torch.zeros(1, 32768, dtype=torch.long)
+    protocol = quality._protocol(args, evaluation)
+    old_protocol = {key: value for key, value in protocol.items() if key != "out_of_domain"}
+    rows = [{"variant": "dense", "ratio": 0.0, "parameters": 1, "perplexity": 2.0}]
+    (tmp_path / "quality.json").write_text(json.dumps({"protocol": old_protocol, "rows": rows}))
+    assert quality._previous_rows(args, evaluation) == rows
+    (tmp_path / "quality.json").write_text(json.dumps({"protocol": {**protocol, "out_of_domain": "other"},
+                                                       "rows": rows}))
+    with pytest.raises(SystemExit, match="another protocol"):
+        quality._previous_rows(args, evaluation)

@@ -119,8 +119,8 @@ def test_eval_perplexity_matches_the_python_api_and_is_recorded(pruned_dir, tmp_
     from optimum_olica.evaluation import evaluation_token_ids, perplexity
 
     results = tmp_path / "eval.json"
-    code = run_cli("eval", pruned_dir, "--max-tokens", "1024", "--sequence-length", "64", "--output-json", results,
-                   "--record")
+    code = run_cli("eval", pruned_dir, "--dataset", "pride-and-prejudice", "--max-tokens", "1024", "--sequence-length",
+                   "64", "--output-json", results, "--record")
     assert code == 0
     (entry,) = json.loads(results.read_text())["evaluations"]
     assert entry["kind"] == "perplexity" and entry["dataset"] == "pride-and-prejudice"
@@ -135,6 +135,62 @@ def test_eval_perplexity_matches_the_python_api_and_is_recorded(pruned_dir, tmp_
     capsys.readouterr()
     assert run_cli("inspect", pruned_dir) == 0
     assert f"perplexity {entry['value']:.3f} on pride-and-prejudice" in capsys.readouterr().out
+
+
+def _brute_force_perplexity(model, token_ids: list[int], window: int) -> float:
+    """exp(mean NLL) over non-overlapping windows, one window and one position at a time: a reference that shares
+    nothing with `optimum_olica.evaluation.perplexity` but the definition."""
+    import math
+
+    total, count = 0.0, 0
+    for start in range(0, len(token_ids) - window + 1, window):
+        ids = torch.tensor([token_ids[start : start + window]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        for position in range(window - 1):
+            total -= float(log_probs[position, ids[0, position + 1]])
+            count += 1
+    return math.exp(total / count)
+
+
+def test_eval_scores_every_bundled_text_and_its_ratio_to_dense(base_model_dir, pruned_dir, tmp_path, capsys):
+    """By default eval scores the in-domain and both out-of-domain texts; --base-model auto (the base model recorded
+    at pruning) adds each text's dense perplexity and the ratio, checked against a brute-force loss on the same
+    windows of each text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_olica.evaluation import held_out_text
+
+    results = tmp_path / "eval.json"
+    assert run_cli("eval", pruned_dir, "--max-tokens", "256", "--sequence-length", "64", "--base-model", "auto",
+                   "--output-json", results) == 0
+    entries = json.loads(results.read_text())["evaluations"]
+    assert [entry["dataset"] for entry in entries] == ["pride-and-prejudice", "licenses", "python-stdlib"]
+    tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    dense = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    out = capsys.readouterr().out
+    for entry in entries:
+        token_ids = tokenizer(held_out_text(entry["dataset"]), add_special_tokens=False)["input_ids"][:256]
+        expected_dense = _brute_force_perplexity(dense, token_ids, 64)
+        expected = _brute_force_perplexity(pruned, token_ids, 64)
+        assert entry["num_tokens"] == 256 and entry["base_model"] == str(base_model_dir)
+        assert entry["value"] == pytest.approx(expected, rel=1e-4)
+        assert entry["dense_value"] == pytest.approx(expected_dense, rel=1e-4)
+        assert entry["ratio_to_dense"] == pytest.approx(expected / expected_dense, rel=1e-4)
+        assert f"on {entry['dataset']} (256 tokens, windows of 64), {entry['ratio_to_dense']:.3f}x dense" in out
+    assert len({entry["dense_value"] for entry in entries}) == 3  # three different texts, not one scored thrice
+
+
+def test_eval_refuses_an_unknown_text_before_loading_the_model(pruned_dir, capsys):
+    assert run_cli("eval", pruned_dir, "--dataset", "pride-and-prejudice,licences") == 1
+    error = _one_line_error(capsys.readouterr())
+    assert "Unknown evaluation text 'licences'" in error and "Did you mean 'licenses'?" in error
+
+
+def test_eval_base_model_auto_needs_a_recorded_base_model(base_model_dir, capsys):
+    assert run_cli("eval", base_model_dir, "--base-model", "auto") == 1  # a dense model records no base model
+    assert "olica_report.json" in _one_line_error(capsys.readouterr())
 
 
 def test_eval_zero_shot_on_the_bundled_task(pruned_dir, tmp_path):

@@ -12,6 +12,7 @@ import sys
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo, RootOptimumCLICommand
 
 from .evaluate import OlicaEvalCommand
+from .export import OlicaExportCommand
 from .inspect_checkpoint import OlicaInspectCommand
 from .prune import OlicaPruneCommand
 
@@ -20,7 +21,7 @@ __all__ = ["OlicaCommand", "main"]
 
 class OlicaCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(
-        name="olica", help="Olica structured pruning: prune, evaluate and inspect causal LMs (optimum-olica)."
+        name="olica", help="Olica structured pruning: prune, evaluate, inspect and export causal LMs (optimum-olica)."
     )
     SUBCOMMANDS = (
         CommandInfo(
@@ -37,6 +38,12 @@ class OlicaCommand(BaseOptimumCLICommand):
             name="inspect",
             help="Show a pruned checkpoint: per-layer dimensions, parameters, recipe, calibration data, figures.",
             subcommand_class=OlicaInspectCommand,
+        ),
+        CommandInfo(
+            name="export",
+            help="Export a pruned checkpoint to its base family's stock architecture (exact; loads without the "
+            "plugin).",
+            subcommand_class=OlicaExportCommand,
         ),
     )
 

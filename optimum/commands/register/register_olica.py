@@ -15,7 +15,7 @@ import sys
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 OLICA_COMMAND_NAME = "olica"
-OLICA_COMMAND_HELP = "Olica structured pruning: prune, evaluate and inspect causal LMs (optimum-olica)."
+OLICA_COMMAND_HELP = "Olica structured pruning: prune, evaluate, inspect and export causal LMs (optimum-olica)."
 
 
 def _olica_requested(argv: list[str]) -> bool:

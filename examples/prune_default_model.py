@@ -24,7 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_TEXT = REPO_ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 EVAL_SEQUENCE_LENGTH = 128  # the Olica paper's perplexity protocol: non-overlapping windows of 128 tokens
 HELD_OUT_FRACTION = 0.2  # without the evaluation text: the tail of the bundled text, kept out of calibration
-PROMPT = "What is the capital of France?"
+# A fact, a reading question, a free sentence: one prompt alone says little about a pruned model (at 20% SmolLM2
+# ranks " France" 0.4 logits above " Paris" after "The capital of France is").
+PROMPTS = ("What is the capital of France?", "Who wrote Pride and Prejudice?", "Write one sentence about the sea.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,7 +162,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"Evaluating the dense model on {eval_name} (sequence length {EVAL_SEQUENCE_LENGTH})...")
     dense_perplexity = perplexity(pruner.model, eval_ids, sequence_length=EVAL_SEQUENCE_LENGTH, progress=True)
     print(f"Dense perplexity: {dense_perplexity:.2f}")
-    dense_sentence = generate_one_sentence(pruner.model, tokenizer, PROMPT)  # before prune() replaces the layers
+    # Before prune() replaces the layers.
+    dense_sentences = [generate_one_sentence(pruner.model, tokenizer, prompt) for prompt in PROMPTS]
 
     config = OlicaConfig(ratio=args.ratio, num_samples=args.num_samples, sequence_length=args.sequence_length)
     calibration = f"{args.num_samples} x {args.sequence_length} tokens"
@@ -178,16 +181,18 @@ def run(args: argparse.Namespace) -> None:
 
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
     assert reloaded.num_parameters() == parameters_after, "the reloaded checkpoint differs from the pruned model"
-    sentence = generate_one_sentence(reloaded, tokenizer, PROMPT)
+    sentences = [generate_one_sentence(reloaded, tokenizer, prompt) for prompt in PROMPTS]
 
     print()
     removed = 1 - parameters_after / parameters_before
     print(f"Parameters: {parameters_before:,} -> {parameters_after:,} (removed {removed:.2%})")
     print(f"Perplexity on {eval_name}: dense {dense_perplexity:.2f} -> pruned {pruned_perplexity:.2f}")
     print(f"Saved to {args.output_dir.resolve()} (reloads with AutoModelForCausalLM.from_pretrained)")
-    print(f"Prompt: {PROMPT}")
-    print(f"Dense model:  {dense_sentence}")
-    print(f"Pruned model: {sentence}  (greedy decoding, no retraining)")
+    print("Greedy decoding, no retraining:")
+    for prompt, dense_sentence, sentence in zip(PROMPTS, dense_sentences, sentences):
+        print(f"Prompt: {prompt}")
+        print(f"  Dense model:  {dense_sentence}")
+        print(f"  Pruned model: {sentence}")
     print(f"Total time: {time.perf_counter() - started:.0f} s")
 
 

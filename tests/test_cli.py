@@ -190,7 +190,9 @@ def test_eval_refuses_an_unknown_text_before_loading_the_model(pruned_dir, capsy
 
 def test_eval_base_model_auto_needs_a_recorded_base_model(base_model_dir, capsys):
     assert run_cli("eval", base_model_dir, "--base-model", "auto") == 1  # a dense model records no base model
-    assert "olica_report.json" in _one_line_error(capsys.readouterr())
+    error = _one_line_error(capsys.readouterr())
+    assert "--base-model auto reads the base model from MODEL's olica_report.json" in error
+    assert "Pass --base-model FOLDER_OR_HUB_ID." in error
 
 
 def test_eval_zero_shot_on_the_bundled_task(pruned_dir, tmp_path):

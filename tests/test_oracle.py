@@ -298,3 +298,15 @@ def test_device_map_with_disk_offload_equals_in_memory(shape, tmp_path):
     inputs = oracle_inputs()
     torch.testing.assert_close(masked_logits(offloaded, inputs), masked_logits(model, inputs), atol=1e-5, rtol=0)
     assert_generation_matches_recompute({"offloaded": all_generation_discrepancies(offloaded, inputs)["dynamic_left_padded"]})
+
+
+def test_resaving_with_the_plugin_refreshes_the_saved_modeling_code(tmp_path):
+    # The documented way to repair a checkpoint whose saved modeling code predates the `cache` rename: load with the
+    # plugin (its code wins) and save again. A stale file stands in for the old code.
+    import optimum_olica.modeling.modeling_olica as installed
+
+    checkpoint = save_pruned_model(make_pruned_architecture("llama_mqa_tied"), tmp_path / "old")
+    (checkpoint / "modeling_olica.py").write_text("# stale modeling code\n" + Path(installed.__file__).read_text())
+    refreshed = tmp_path / "refreshed"
+    AutoModelForCausalLM.from_pretrained(checkpoint).save_pretrained(refreshed)
+    assert (refreshed / "modeling_olica.py").read_text() == Path(installed.__file__).read_text()

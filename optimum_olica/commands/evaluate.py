@@ -194,7 +194,13 @@ def _base_model(args: argparse.Namespace) -> str | None:
         return args.base_model
     from ..inspection import OlicaCheckpoint
 
-    base_model = OlicaCheckpoint.from_directory(args.model).report.get("base_model")
+    try:
+        base_model = OlicaCheckpoint.from_directory(args.model).report.get("base_model")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--base-model auto reads the base model from MODEL's olica_report.json, and MODEL has none ({error}). "
+            "Pass --base-model FOLDER_OR_HUB_ID."
+        ) from None
     if not base_model:
         raise ValueError(
             f"{args.model}'s olica_report.json records no base model, so --base-model auto cannot find it: pass "

@@ -72,3 +72,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def random_olica_model(base_config, seed: int = 3, **dimensions):
+    """An Olica model of ``base_config`` with the given per-layer dimensions and random weights, biases and norms
+    (std 0.2): what pruning writes, minus the fit."""
+    from optimum_olica.checkpoint import causal_lm_class_for, olica_config_from
+
+    config = olica_config_from(base_config, **dimensions)
+    torch.manual_seed(seed)
+    model = causal_lm_class_for(config)(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    return model

@@ -21,12 +21,13 @@ from transformers import AutoModelForCausalLM
 
 import optimum_olica  # noqa: F401  (registers the Auto classes)
 from optimum_olica import OlicaConfig, OlicaPruner, export_to_stock
-from optimum_olica.checkpoint import causal_lm_class_for, olica_config_from, save_pruned_model
+from optimum_olica.checkpoint import save_pruned_model
 from optimum_olica.commands import main
 from optimum_olica.export import dense_from_factors, stock_state_dict, zero_pad_heads
 from optimum_olica.inspection import OlicaCheckpoint, describe_checkpoint
 
-from conftest import TINY_FAMILIES, make_tiny_model
+from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model
+from oracle_probe import oracle_inputs as probe_inputs  # three prompts, two left-padded
 from reload_probe import probe_outputs
 from tiny_checkpoint import make_tiny_tokenizer
 
@@ -53,23 +54,7 @@ def make_olica_model(shape: str = "llama_gqa", **dimensions):
     """An Olica model with the given dimensions and random weights, biases and norms (std 0.2)."""
     overrides = dict(SHAPES[shape])
     base = make_tiny_model(overrides.pop("family", shape), **overrides)
-    config = olica_config_from(base.config, **{**EXPORTABLE, **dimensions})
-    torch.manual_seed(3)
-    model = causal_lm_class_for(config)(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2)
-    return model
-
-
-def probe_inputs() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, 128, (3, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :3] = 0  # left padding, as generation batches use
-    attention_mask[2, :5] = 0
-    input_ids[attention_mask == 0] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return random_olica_model(base.config, **{**EXPORTABLE, **dimensions})
 
 
 def run_plugin_free_probes(checkpoints: dict[str, Path], directory: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -16,14 +16,14 @@ import optimum_olica  # noqa: F401  (registers the Auto classes)
 from optimum_olica.checkpoint import (
     UnsupportedArchitectureError,
     build_olica_model,
-    causal_lm_class_for,
     convert_to_olica,
     olica_config_from,
     save_pruned_model,
 )
 from optimum_olica.modeling import OlicaLowRankLinear
 
-from conftest import TINY_FAMILIES, make_tiny_model
+from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model
+from oracle_probe import oracle_inputs as probe_inputs  # three prompts, two left-padded
 from reload_probe import probe_outputs
 
 PROBE = str(Path(__file__).with_name("reload_probe.py"))
@@ -36,26 +36,9 @@ REDUCED_DIMENSIONS = {
 }
 
 
-def probe_inputs() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, 128, (3, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :3] = 0  # left padding, as generation batches use
-    attention_mask[2, :5] = 0
-    input_ids[attention_mask == 0] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def make_reduced_model(family: str, **dimensions):
     """An Olica model with reduced dimensions and random weights (what pruning writes, minus the fit)."""
-    base = make_tiny_model(family)
-    config = olica_config_from(base.config, **{**REDUCED_DIMENSIONS, **dimensions})
-    torch.manual_seed(3)
-    model = causal_lm_class_for(config)(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2)
-    return model
+    return random_olica_model(make_tiny_model(family).config, **{**REDUCED_DIMENSIONS, **dimensions})
 
 
 def run_probe(checkpoint: Path, tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 import optimum_olica  # noqa: F401  (registers the Auto classes)
 import optimum_olica.pruner as pruner_module
 from optimum_olica import OlicaConfig, prune_model
-from optimum_olica.checkpoint import build_olica_model, causal_lm_class_for, olica_config_from, save_pruned_model
+from optimum_olica.checkpoint import build_olica_model, olica_config_from, save_pruned_model
 from optimum_olica.olica import OlicaLayerPruner
 from optimum_olica.pipeline import (
     ModelLayerSink,
@@ -42,7 +42,7 @@ from optimum_olica.pipeline import (
     run_sequential,
 )
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, random_olica_model
 from oracle_probe import all_generation_discrepancies, oracle_inputs
 
 PROBE = str(Path(__file__).with_name("oracle_probe.py"))
@@ -90,13 +90,8 @@ def reduced_dimensions(config) -> dict[str, list]:
 def make_pruned_architecture(shape: str, attn_implementation: str = "sdpa"):
     """An Olica model of ``shape`` with every reduction and random weights, biases and norms."""
     stock = make_stock_model(shape)
-    config = olica_config_from(stock.config, **reduced_dimensions(stock.config))
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(3)
-    model = causal_lm_class_for(config)(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2)
+    model = random_olica_model(stock.config, **reduced_dimensions(stock.config))
+    model.set_attn_implementation(attn_implementation)
     return model
 
 

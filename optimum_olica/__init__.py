@@ -24,6 +24,7 @@ from .errors import (
 from .data import get_calibration_dataset
 from .export import StockExport, export_to_stock
 from .evaluation import perplexity
+from .memory_plan import MemoryPlan, plan_memory
 from .pruner import OlicaPruner, format_summary, prune_model
 from .zero_shot import evaluate_zero_shot  # lm-eval itself is imported only when it runs
 from .modeling import (
@@ -46,6 +47,8 @@ __all__ = [
     "format_summary",
     "get_calibration_dataset",
     "perplexity",
+    "MemoryPlan",
+    "plan_memory",
     "prune_model",
     "OlicaLlamaConfig",
     "OlicaLlamaForCausalLM",

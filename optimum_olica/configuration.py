@@ -398,6 +398,12 @@ class OlicaConfig:
     # ----------------------------------------------------------------------
     # Serialisation
     # ----------------------------------------------------------------------
+    def calibration_rank_for(self, hidden_size: int) -> int:
+        """Rank of each linear-calibration branch on a model of ``hidden_size`` (0: the recipe attaches none)."""
+        if self.num_calibrated_layers <= 0:
+            return 0
+        return max(1, math.floor(self.calibration_rank_ratio * hidden_size))
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a JSON-safe dict (plain str/int/float/bool/None/list values)."""
         config_dict = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -162,11 +161,7 @@ def prune_model(
             f"{full_config.num_hidden_layers} layers (0 to {full_config.num_hidden_layers - 1})."
         )
     # The magnitude baseline has no calibration branch: its budget goes to FFN neurons, at the same total.
-    calibration_rank = (
-        max(1, math.floor(config.calibration_rank_ratio * full_config.hidden_size))
-        if config.num_calibrated_layers > 0 and method == "olica"
-        else 0
-    )
+    calibration_rank = config.calibration_rank_for(full_config.hidden_size) if method == "olica" else 0
     plan = plan_dimensions(
         full_config,
         config.ratio,

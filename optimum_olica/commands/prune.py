@@ -138,6 +138,21 @@ def _refuse_pruned_checkpoint(model: str, loading: dict, ratio: float) -> None:
     refuse_pruned_model(model_config, ratio)
 
 
+def _memory_plan(args: argparse.Namespace, config: OlicaConfig):
+    """The plan of ``--dry-run``, from MODEL's config alone (`optimum_olica.memory_plan.plan_memory`)."""
+    from transformers import AutoConfig
+
+    from ..loading import check_model_location, tokenizer_loading_kwargs
+    from ..memory_plan import plan_memory
+    from ..pruner import refuse_pruned_model
+
+    check_model_location(args.model)
+    model_config = AutoConfig.from_pretrained(args.model, **tokenizer_loading_kwargs(model_loading_kwargs(args)))
+    refuse_pruned_model(model_config, config.ratio)
+    dtype = None if args.dtype in (None, "auto") else args.dtype
+    return plan_memory(model_config, config, dtype=dtype)
+
+
 def recipe_from_args(args: argparse.Namespace) -> OlicaConfig:
     """The `OlicaConfig` the flags describe (fields whose flag was not given keep their defaults)."""
     given = {
@@ -167,6 +182,13 @@ class OlicaPruneCommand(OlicaSubcommand):
             "are deleted once OUTPUT is written and verified.",
         )
         output.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Read only MODEL's config.json and print the memory plan: per phase, the bytes the run will hold on "
+            "the compute device and on the host, the disk it will write and a time estimate. Loads no weight and "
+            "writes nothing.",
+        )
+        output.add_argument(
             "--push-to-hub",
             metavar="REPO_ID",
             default=None,
@@ -194,6 +216,9 @@ class OlicaPruneCommand(OlicaSubcommand):
             if value and not args.push_to_hub:
                 raise ValueError(f"{flag} only applies with --push-to-hub REPO_ID; add it or drop {flag}.")
         config = recipe_from_args(args)
+        if args.dry_run:
+            print(_memory_plan(args, config))
+            return
         # Fail on a bad OUTPUT or a missing Hub token before loading a model and pruning, which can take hours.
         prepare_output_directory(args.output, args.overwrite)
         if args.push_to_hub:

@@ -1,0 +1,475 @@
+"""What a pruning run will hold in memory, write to disk and take, computed from the model's config alone.
+
+``plan_memory(model_config, olica_config)`` reads no weight: every figure is a pure function of the config's shapes,
+the recipe and the calibration token count, following what the pipeline really keeps alive in each phase
+(``pipeline.run_sequential`` and ``olica.OlicaLayerPruner``):
+
+- capture: the calibration activations of the first layer (``capture_layer_inputs``);
+- load: one dense layer on the compute device (streaming, or a model held elsewhere);
+- statistics: the dense pass, its moments and the dense outputs the refits need later;
+- decomposition: the float64 copies of ``prune`` (Q/K SVDs, V/O rotation, FFN scores) and the pruned layer;
+- o_proj refit: the attention pass on the pruned layer, two folds of ``Z^T Z`` / ``Z^T Y`` and their solves;
+- propagation: the pruned layer's pass, with the FFN inputs, activations and targets kept for ``finish_layer``;
+- down_proj refit: the FFN-wide folds and the cross-validated Cholesky solves of ``finish_layer``;
+- saving: each pruned layer stored (moved home, or written to its own shard when streaming);
+- final write: the pruned model assembled and written (streaming: the non-layer tensors, index and config).
+
+Each phase's figure is the peak of live tensor storage during that phase, the tensors held from earlier phases
+included, for the layer with the widest pruned dimensions. Memory the libraries allocate outside tensors (LAPACK
+workspaces, the allocator's caching and fragmentation, safetensors' serialisation buffers) is not counted: budget a
+margin on top. The time is an estimate from floating-point operation counts and throughputs measured on one CPU
+class (see ``CPU_THROUGHPUT``), not a measurement; no time is estimated for accelerators (none was measured).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import pruner
+from .allocation import plan_dimensions
+from .checkpoint import olica_config_from
+from .configuration import OlicaConfig
+from .olica import REFIT_DAMPING_CANDIDATES
+
+# choose_refit_damping's sketch of the output channels.
+_REFIT_PROBES = 64
+
+# Effective throughputs (operations per second, for the operation counts of `_phase_flops`) fitted to the phase
+# timings of one prune_model run (a 2-layer Llama of hidden size 1,024 and FFN 2,816, 4,096 calibration tokens) on
+# the CI machine: 2 cores of a shared x86-64 server, torch 2.13 CPU build. They set the time estimate for that CPU
+# class only; other CPUs differ several-fold, and the counts leave out memory-bound work.
+CPU_THROUGHPUT = {"gemm_float32": 170e9, "gemm_float64": 80e9, "cholesky_float64": 40e9, "svd_float64": 30e9}
+_DISK_BYTES_PER_S = 500e6  # an assumed SSD rate for reading layers and writing shards, not measured here
+
+PHASES = (
+    "capture", "load", "statistics", "decomposition", "o_proj refit", "propagation", "down_proj refit", "saving",
+    "final write",
+)
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    """One phase of the pipeline: peak bytes on the compute device and on the host, disk written, time estimate.
+
+    ``device_bytes`` and ``host_bytes`` are disjoint: on a CPU run both are the same RAM and the peak is their sum
+    (``total_bytes``). ``seconds`` is None where no throughput is known (accelerators).
+    """
+
+    name: str
+    device_bytes: int
+    host_bytes: int
+    disk_bytes: int
+    seconds: float | None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.device_bytes + self.host_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The plan of ``plan_memory``: one ``PhaseMemory`` per phase and what it was computed for."""
+
+    model_type: str
+    device: str
+    dtype: torch.dtype
+    streaming: bool
+    num_tokens: int
+    parameters_before: int
+    parameters_after: int
+    phases: tuple[PhaseMemory, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    def phase(self, name: str) -> PhaseMemory:
+        return next(phase for phase in self.phases if phase.name == name)
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return max(phase.device_bytes for phase in self.phases)
+
+    @property
+    def peak_host_bytes(self) -> int:
+        return max(phase.host_bytes for phase in self.phases)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(phase.disk_bytes for phase in self.phases)
+
+    @property
+    def seconds(self) -> float | None:
+        times = [phase.seconds for phase in self.phases]
+        return None if any(time is None for time in times) else sum(times)
+
+    def __str__(self) -> str:
+        mode = "streaming" if self.streaming else "loaded model"
+        lines = [
+            f"Memory plan: {self.model_type}, {self.parameters_before:,} -> {self.parameters_after:,} parameters, "
+            f"{str(self.dtype).removeprefix('torch.')}, {mode}, compute device {self.device}, "
+            f"{self.num_tokens:,} calibration tokens",
+            f"{'phase':<16} {'device':>10} {'host':>10} {'disk':>10} {'time':>10}",
+        ]
+        for phase in self.phases:
+            lines.append(
+                f"{phase.name:<16} {_size(phase.device_bytes):>10} {_size(phase.host_bytes):>10} "
+                f"{_size(phase.disk_bytes):>10} {_duration(phase.seconds):>10}"
+            )
+        lines.append(
+            f"{'peak / total':<16} {_size(self.peak_device_bytes):>10} {_size(self.peak_host_bytes):>10} "
+            f"{_size(self.disk_bytes):>10} {_duration(self.seconds):>10}"
+        )
+        lines.extend(f"- {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """The sizes the pipeline's tensors are made of (one layer: the widest pruned one)."""
+
+    hidden: int
+    ffn: int  # dense intermediate size
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    num_layers: int
+    pruned_ffn: int
+    value_dim: int  # pruned value channels per head
+    query_rank: int | None
+    key_rank: int | None
+    calibration_rank: int
+    dense_layer_parameters: int
+    pruned_layer_parameters: int
+    parameters_before: int
+    parameters_after: int
+    non_layer_parameters: int  # embeddings, final norm, untied LM head
+    num_tokens: int
+    batch_tokens: int
+    sequence_length: int
+    num_batches: int
+    sliding_window: bool
+    weight_bytes: int  # bytes per weight / activation element (the model's dtype)
+    statistics_bytes: int  # bytes per accumulated statistic
+
+
+def _shapes(model_config, recipe: OlicaConfig, dtype: torch.dtype) -> _Shapes:
+    """The dimensions ``prune_model`` will use, from the same allocation it runs."""
+    full = olica_config_from(model_config)
+    calibration_rank = recipe.calibration_rank_for(full.hidden_size)
+    dimensions = plan_dimensions(
+        full, recipe.ratio, qk_ratio=recipe.qk_ratio, vo_ratio=recipe.vo_ratio, ffn_ratio=recipe.ffn_ratio,
+        calibration_rank=calibration_rank, num_calibrated_layers=recipe.num_calibrated_layers,
+        skip_layers=tuple(recipe.skip_layers), dimension_multiple=recipe.dimension_multiple,
+    )
+    lists = dimensions.per_layer_lists()
+    pruned = olica_config_from(model_config, **lists)
+    layers = range(full.num_hidden_layers)
+    widest = max(layers, key=lambda layer: (pruned.layer_parameter_count(layer), layer not in recipe.skip_layers))
+    head_dim = getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
+    sequence_length = recipe.sequence_length
+    batch_sequences = min(max(1, pruner.CALIBRATION_TOKENS_PER_BATCH // sequence_length), recipe.num_samples)
+    layer_total = sum(full.layer_parameter_count(layer) for layer in layers)
+    return _Shapes(
+        hidden=full.hidden_size, ffn=full.intermediate_size, heads=full.num_attention_heads,
+        kv_heads=full.num_key_value_heads, head_dim=head_dim, vocab=full.vocab_size, num_layers=len(layers),
+        pruned_ffn=lists["intermediate_sizes"][widest], value_dim=lists["value_head_dims"][widest],
+        query_rank=lists["query_ranks"][widest], key_rank=lists["key_ranks"][widest],
+        calibration_rank=calibration_rank,
+        dense_layer_parameters=full.layer_parameter_count(widest),
+        pruned_layer_parameters=pruned.layer_parameter_count(widest),
+        parameters_before=dimensions.parameters_before, parameters_after=pruned.count_parameters(),
+        non_layer_parameters=dimensions.parameters_before - layer_total,
+        num_tokens=recipe.num_samples * sequence_length, batch_tokens=batch_sequences * sequence_length,
+        sequence_length=sequence_length, num_batches=math.ceil(recipe.num_samples / batch_sequences),
+        sliding_window=bool(getattr(full, "sliding_window", None)), weight_bytes=dtype.itemsize,
+        statistics_bytes=getattr(torch, recipe.statistics_dtype).itemsize,
+    )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where things live in this run: what ``prune_model`` decides from the recipe and the device."""
+
+    shapes: _Shapes
+    streaming: bool
+    on_cpu: bool  # compute device is the host: device and host figures are the same memory
+    offload: bool  # activations stored on the host between passes
+    refit: bool
+    calibrated: bool
+
+
+def _layer_state(run: _Run) -> int:
+    """The dense layer's bytes on the compute device, when it is a copy (streaming, or the model lives elsewhere)."""
+    s = run.shapes
+    return s.dense_layer_parameters * s.weight_bytes if run.streaming or not run.on_cpu else 0
+
+
+def _rotary_bytes(s: _Shapes) -> int:
+    """The keyword arguments captured per batch: cos and sin (1, L, head_dim), position ids, and for
+    sliding-window models a boolean (L, L) mask."""
+    mask = s.sequence_length if s.sliding_window else 0
+    return s.num_batches * s.sequence_length * (2 * s.head_dim * s.weight_bytes + 16 + mask)
+
+
+def _tokens_by_hidden(s: _Shapes, tokens: int) -> int:
+    return tokens * s.hidden * s.weight_bytes
+
+
+def _dense_statistics(s: _Shapes) -> int:
+    """StreamingMoments of the attention input, o_proj output, FFN input and down_proj input; the value head Gram."""
+    return (6 * s.hidden + 2 * s.ffn + s.heads * s.head_dim**2) * s.statistics_bytes
+
+
+def _fold_bytes(s: _Shapes, inputs: int, outputs: int) -> int:
+    """Two folds of StreamingMoments(inputs, gram=True, target_dim=outputs)."""
+    return 2 * (inputs * inputs + inputs * outputs + 2 * inputs + 2 * outputs) * s.statistics_bytes
+
+
+def _fold_update(s: _Shapes, inputs: int, outputs: int) -> int:
+    """One fold update: half a batch of inputs and targets made contiguous, in float32, and the float32 batch
+    products with their casts to the accumulation dtype."""
+    half = s.batch_tokens // 2
+    cast = 8 if s.statistics_bytes == 8 else 0
+    rows = half * (inputs + outputs) * (s.weight_bytes + (4 if s.weight_bytes == 2 else 0))
+    return rows + (inputs * inputs + inputs * outputs) * (4 + cast)
+
+
+def _refit_solve(s: _Shapes, inputs: int, outputs: int) -> int:
+    """The cross-validated refit's extra float64 tensors: float64 copies of float32 folds, then one regularised
+    copy of a Gram and its Cholesky factor (``_ridge_solve``), the sketched crosses and the solution."""
+    upcast = 0 if s.statistics_bytes == 8 else 2 * (inputs * inputs + inputs * outputs) * 8
+    probes = min(_REFIT_PROBES, outputs)
+    return upcast + 2 * inputs * inputs * 8 + 4 * inputs * probes * 8
+
+
+def _calibration_fit(s: _Shapes) -> int:
+    """The linear-calibration branch of ``finish_layer``: its (d x d) moments, then the larger of one batch's
+    residual update and the fit (regularised copy, Cholesky factor, solution, its product with the Gram, SVD)."""
+    d = s.hidden
+    moments = (2 * d * d + 4 * d) * s.statistics_bytes
+    batch_update = 3 * s.batch_tokens * d * max(s.weight_bytes, 4) + 2 * d * d * (4 + 8)
+    return moments + max(batch_update, 6 * d * d * 8)
+
+
+def _decomposition_transient(s: _Shapes) -> int:
+    """The largest float64 working set of ``prune``: the pieces of the new state held so far plus the step's own
+    temporaries (SVD of the weighted Q/K weights, V/O rotation, FFN scores, the assembled pruned layer)."""
+    d, q_width, kv_width = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    query = 0 if s.query_rank is None else s.query_rank * (d + q_width) * 8
+    key = 0 if s.key_rank is None else s.key_rank * (d + kv_width) * 8
+    value_output = (s.kv_heads * s.value_dim * d + d * s.heads * s.value_dim) * 8
+    svd = lambda rows: (2 * rows * d + rows * min(rows, d) + min(rows, d) * d) * 8  # noqa: E731 (copy, scaled, U, Vh)
+    steps = (
+        svd(q_width) if s.query_rank is not None else 0,
+        query + (svd(kv_width) if s.key_rank is not None else 0),
+        query + key + 3 * d * q_width * 8 + 2 * kv_width * d * 8,  # rotation: o and v in float64, rotated copies
+        query + key + value_output + 2 * s.ffn * d * 8,  # FFN scores: gate (then up) in float64, scaled
+        query + key + value_output + s.pruned_layer_parameters * s.weight_bytes,  # the pruned layer assembled
+    )
+    return max(steps)
+
+
+def _phase_bytes(run: _Run) -> dict[str, tuple[int, int]]:
+    """(compute device, host) peak bytes of each phase."""
+    s = run.shapes
+    w, n, batch = s.weight_bytes, s.num_tokens, s.batch_tokens
+    model = 0 if run.streaming else s.parameters_before * s.weight_bytes
+    host_fixed = model + n * 8  # the model (unless streamed) and the calibration token ids
+    layer = _layer_state(run)
+    # Streaming: the previous pruned layer is written, not moved off the device, and stays referenced until the
+    # next ``prune`` returns.
+    previous_pruned = s.pruned_layer_parameters * w if run.streaming else 0
+    pruned = s.pruned_layer_parameters * w
+    attention_width = s.heads * s.value_dim
+    inputs = _tokens_by_hidden(s, n) + _rotary_bytes(s)
+    attention_targets = _tokens_by_hidden(s, n) if run.refit else 0
+    layer_targets = _tokens_by_hidden(s, n) if run.refit or run.calibrated else 0
+    # Per-batch activations of the dense FFN: gate, up and their product in the model dtype, or the product with
+    # its float32 copy and square for the down_proj-input moments, whichever is larger.
+    cast = 4 if w == 2 else 0
+    dense_ffn = batch * s.ffn * max(3 * w, w + cast + 4) + 2 * _tokens_by_hidden(s, batch)
+    attention_pass = batch * (s.heads + 2 * s.kv_heads) * s.head_dim * w + batch * attention_width * w
+    ffn_batches = n * (2 * s.hidden + s.pruned_ffn) * w if run.refit or run.calibrated else 0
+    o_folds = _fold_bytes(s, attention_width, s.hidden) if run.refit else 0
+    down_folds = _fold_bytes(s, s.pruned_ffn, s.hidden) if run.refit else 0
+
+    # (stored between passes: on the host when offloaded; working set on the compute device)
+    phases = {
+        # The embedding output is moved from the host to the storage device (the same tensor when that is the host).
+        "capture": (
+            inputs,
+            (s.vocab * s.hidden * w if run.streaming else 0)
+            + (_tokens_by_hidden(s, batch) if not (run.on_cpu or run.offload) else 0)
+            + 4 * s.sequence_length * s.head_dim * 4,  # the rotary embedding's float32 intermediates
+        ),
+        "load": (inputs, layer + previous_pruned),
+        "statistics": (
+            inputs + attention_targets + layer_targets - (_tokens_by_hidden(s, batch) if layer_targets else 0),
+            layer + previous_pruned + _dense_statistics(s) + dense_ffn,
+        ),
+        "decomposition": (
+            inputs + attention_targets + layer_targets,
+            layer + previous_pruned + _dense_statistics(s) + _decomposition_transient(s),
+        ),
+        "o_proj refit": (
+            inputs + attention_targets + layer_targets + n * attention_width * w,
+            layer + pruned + o_folds + max(
+                attention_pass + _fold_update(s, attention_width, s.hidden),
+                _refit_solve(s, attention_width, s.hidden),
+            ),
+        ) if run.refit else (inputs + layer_targets, layer + pruned),  # without a refit, refine does nothing
+        "propagation": (
+            2 * inputs + layer_targets + ffn_batches,
+            layer + pruned + down_folds + _tokens_by_hidden(s, batch) + batch * attention_width * w
+            + (_fold_update(s, s.pruned_ffn, s.hidden) if run.refit else 0),
+        ),
+        "down_proj refit": (
+            2 * inputs + ffn_batches,
+            pruned + down_folds + max(
+                _refit_solve(s, s.pruned_ffn, s.hidden) if run.refit else 0,
+                _calibration_fit(s) if run.calibrated else 0,
+            ),
+        ),
+        "saving": (inputs + _tokens_by_hidden(s, n), pruned),  # the layer's inputs are released after the store
+        # After the loop only the pruned weights remain: the whole pruned model, or (streaming) the non-layer tensors.
+        "final write": (0, 0),
+    }
+    result = {}
+    for name, (stored, working) in phases.items():
+        if name == "capture":
+            result[name] = (stored if not run.offload else 0, host_fixed + working + (stored if run.offload else 0))
+            continue
+        host = host_fixed
+        if name == "final write":
+            host = n * 8 + (s.non_layer_parameters if run.streaming else s.parameters_after) * w
+        if run.offload:
+            result[name] = (working + 2 * _tokens_by_hidden(s, batch), host + stored)
+        else:
+            result[name] = (stored + working, host)
+    return result
+
+
+def _phase_flops(s: _Shapes, run: _Run) -> dict[str, dict[str, float]]:
+    """Floating-point operations per phase over all layers, by the kind of throughput that limits them."""
+    n, d, layers = s.num_tokens, s.hidden, s.num_layers
+    width = s.heads * s.value_dim
+    attention_scores = 2 * n * s.sequence_length * s.heads * s.head_dim  # QK^T and PV over a causal window
+    q_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    svd = lambda m, k: 4 * max(m, k) * min(m, k) ** 2 + 8 * min(m, k) ** 3  # noqa: E731
+    solves = len(REFIT_DAMPING_CANDIDATES) * 2 + 1 if run.refit else 0
+    return {
+        "statistics": {"gemm_float32": layers * (
+            2 * n * s.dense_layer_parameters + attention_scores + 2 * n * s.heads * s.head_dim**2
+        )},
+        "decomposition": {
+            "svd_float64": layers * (svd(q_width, d) + svd(kv_width, d) + s.kv_heads * svd(s.head_dim, d)),
+            "gemm_float64": layers * 8 * s.ffn * d,
+        },
+        "o_proj refit": {
+            "gemm_float32": layers * (
+                2 * n * (q_width + 2 * kv_width) * d + attention_scores + 2 * n * width * (width + d)
+            ),
+            "cholesky_float64": layers * solves * width**3 / 3,
+            "gemm_float64": layers * solves * 2 * width**2 * d,
+        },
+        "propagation": {"gemm_float32": layers * (
+            2 * n * (2 * d * s.pruned_ffn + width * d) + (2 * n * s.pruned_ffn * (s.pruned_ffn + d) if run.refit else 0)
+        )},
+        "down_proj refit": {
+            "cholesky_float64": layers * solves * s.pruned_ffn**3 / 3,
+            "gemm_float64": layers * solves * 2 * s.pruned_ffn**2 * min(_REFIT_PROBES, d),
+            "gemm_float32": layers * 2 * n * s.pruned_ffn * d,
+        },
+    }
+
+
+def _phase_disk(s: _Shapes, run: _Run) -> dict[str, tuple[int, int]]:
+    """(bytes read, bytes written) per phase: streaming reads each layer from the checkpoint and writes each pruned
+    layer; every run writes the pruned checkpoint (the non-layer tensors, and all layers unless streamed)."""
+    w = s.weight_bytes
+    layers_read = s.num_layers * s.dense_layer_parameters * w if run.streaming else 0
+    return {
+        "capture": (s.vocab * s.hidden * w if run.streaming else 0, 0),
+        "load": (layers_read, 0),
+        "saving": (0, s.num_layers * s.pruned_layer_parameters * w if run.streaming else 0),
+        "final write": (
+            s.non_layer_parameters * w if run.streaming else 0,
+            (s.non_layer_parameters if run.streaming else s.parameters_after) * w,
+        ),
+    }
+
+
+def plan_memory(
+    model_config, olica_config: OlicaConfig | None = None, *, dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+) -> MemoryPlan:
+    """The memory, disk and time a pruning run of ``olica_config`` on this model will need, from the config alone.
+
+    Args:
+        model_config: the transformers config of the model to prune (``AutoConfig.from_pretrained``; no weights).
+        olica_config: the recipe (default ``OlicaConfig()``); its calibration token count, statistics dtype,
+            refit, streaming and ``offload_activations`` settings enter the plan.
+        dtype: the dtype the weights are loaded in (default: the config's ``dtype``, else float32).
+        device: the compute device type, ``"cuda"`` or ``"cpu"`` (default: the recipe's ``device``, else ``"cuda"``
+            when one is available, else ``"cpu"``), as ``prune_model`` chooses it. A loaded (not streamed) model is
+            assumed to be on the host, each layer copied to the device while it is pruned.
+    """
+    recipe = olica_config or OlicaConfig()
+    dtype = _weight_dtype(model_config, dtype)
+    device = torch.device(device or recipe.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    shapes = _shapes(model_config, recipe, dtype)
+    run = _Run(
+        shapes, streaming=recipe.streaming, on_cpu=device == "cpu", offload=recipe.offload_activations,
+        refit=recipe.refit_damping is not None, calibrated=shapes.calibration_rank > 0,
+    )
+    memory, flops, disk = _phase_bytes(run), _phase_flops(shapes, run), _phase_disk(shapes, run)
+    phases = []
+    for name in PHASES:
+        read, written = disk.get(name, (0, 0))
+        seconds = None
+        if device == "cpu":
+            seconds = sum(count / CPU_THROUGHPUT[kind] for kind, count in flops.get(name, {}).items())
+            seconds += (read + written) / _DISK_BYTES_PER_S
+        phases.append(PhaseMemory(name, *memory[name], disk_bytes=written, seconds=seconds))
+    notes = [
+        "device/host: peak bytes of live tensors in each phase, tensors kept from earlier phases included"
+        + (" (a CPU run: both are the same RAM, add them)" if device == "cpu" else "")
+        + "; LAPACK workspaces, allocator caching and file buffers are not counted.",
+        "disk: bytes written (the pruned checkpoint" + (", layer by layer" if run.streaming else "") + ").",
+        "time: an ESTIMATE from operation counts and the throughputs of optimum_olica.memory_plan.CPU_THROUGHPUT, "
+        "fitted to one run on 2 cores of a shared x86-64 server (that CPU class only; others differ several-fold)."
+        if device == "cpu" else "time: not estimated for accelerators (no measured throughput).",
+    ]
+    return MemoryPlan(
+        model_type=model_config.model_type, device=device, dtype=dtype, streaming=run.streaming,
+        num_tokens=shapes.num_tokens, parameters_before=shapes.parameters_before,
+        parameters_after=shapes.parameters_after, phases=tuple(phases), notes=tuple(notes),
+    )
+
+
+def _weight_dtype(model_config, dtype) -> torch.dtype:
+    """The dtype the weights will be in: the one asked, else the checkpoint's own (``dtype="auto"``), else float32."""
+    for candidate in (dtype, getattr(model_config, "dtype", None)):
+        if isinstance(candidate, torch.dtype):
+            return candidate
+        if isinstance(candidate, str) and candidate != "auto":
+            return getattr(torch, candidate.removeprefix("torch."))
+    return torch.float32
+
+
+__all__ = ["CPU_THROUGHPUT", "MemoryPlan", "PHASES", "PhaseMemory", "plan_memory"]

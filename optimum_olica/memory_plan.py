@@ -9,7 +9,8 @@ the recipe and the calibration token count, following what the pipeline really k
 - statistics: the dense pass, its moments and the dense outputs the refits need later;
 - decomposition: the float64 copies of ``prune`` (Q/K SVDs, V/O rotation, FFN scores) and the pruned layer;
 - o_proj refit: the attention pass on the pruned layer, two folds of ``Z^T Z`` / ``Z^T Y`` and their solves;
-- propagation: the pruned layer's pass, with the FFN inputs, activations and targets kept for ``finish_layer``;
+- propagation: the pruned layer's pass, with the FFN activations (and, for a branch, the FFN inputs and targets)
+  kept for ``finish_layer``;
 - down_proj refit: the FFN-wide folds and the cross-validated Cholesky solves of ``finish_layer``;
 - saving: each pruned layer stored (moved home, or written to its own shard when streaming);
 - final write: the pruned model assembled and written (streaming: the non-layer tensors, index and config).
@@ -304,7 +305,9 @@ def _phase_bytes(run: _Run) -> dict[str, tuple[int, int]]:
     cast = 4 if w == 2 else 0
     dense_ffn = batch * s.ffn * max(3 * w, w + cast + 4) + 2 * _tokens_by_hidden(s, batch)
     attention_pass = batch * (s.heads + 2 * s.kv_heads) * s.head_dim * w + batch * attention_width * w
-    ffn_batches = n * (2 * s.hidden + s.pruned_ffn) * w if run.refit or run.calibrated else 0
+    # Kept for finish_layer: the FFN activations, and for a branch's fit also the FFN inputs and targets.
+    ffn_batches = n * s.pruned_ffn * w if run.refit or run.calibrated else 0
+    ffn_batches += n * 2 * s.hidden * w if run.calibrated else 0
     o_folds = _fold_bytes(s, attention_width, s.hidden) if run.refit else 0
     down_folds = _fold_bytes(s, s.pruned_ffn, s.hidden) if run.refit else 0
 

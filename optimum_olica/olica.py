@@ -66,7 +66,7 @@ class OlicaLayerPruner:
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
     _dense_layer_outputs: list[torch.Tensor] = field(default_factory=list)
-    _ffn_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _ffn_batches: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     _ffn_refit: list[om.StreamingMoments] | None = None
     _attention_values: list[torch.Tensor] = field(default_factory=list)  # o_proj inputs of the pruned attention
     _record: dict = field(default_factory=dict)
@@ -316,7 +316,14 @@ class OlicaLayerPruner:
                 target = target - bias  # the refit fits the weight; the bias is added unchanged
             if self.refit_damping is not None:
                 _update_folds(self._ffn_refit, activation, target)
-            self._ffn_batches.append((self._store(ffn_input), self._store(activation), self._store(target)))
+            # The FFN input and the target feed only the calibration branch's fit: without a branch, keep only what
+            # finish_layer projects (N x d_ff instead of N x (2d + d_ff) held across the pass).
+            fits_branch = self.calibration_rank > 0
+            self._ffn_batches.append((
+                self._store(ffn_input) if fits_branch else None,
+                self._store(activation),
+                self._store(target) if fits_branch else None,
+            ))
 
         handles = [
             pruned.post_attention_layernorm.register_forward_pre_hook(on_residual),

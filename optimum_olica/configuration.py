@@ -40,6 +40,11 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Where a run happens, not what it computes: a run resumed on another device or with activations kept elsewhere
+# continues the same computation (resume fingerprints leave these out).
+RUNTIME_FIELDS = ("device", "offload_activations")
+
+
 @dataclass
 class OlicaConfig:
     """The settings of one Olica pruning run.

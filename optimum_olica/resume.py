@@ -109,15 +109,17 @@ def fingerprint_token_ids(input_ids: torch.Tensor) -> str:
 def run_manifest(
     *, model_config, weights_fingerprint: str, recipe: dict, input_ids: torch.Tensor, method: str, streaming: bool
 ) -> dict:
-    """What identifies a run: a checkpoint written by a run with any other manifest is not resumed."""
+    """What identifies a run: a checkpoint written by a run with any other manifest is not resumed. The recipe's
+    runtime settings (``RUNTIME_FIELDS``: the compute device, where activations wait) are not part of it."""
     from . import __version__
+    from .configuration import RUNTIME_FIELDS
 
     return {
         "format_version": RESUME_FORMAT_VERSION,
         "package_version": __version__,
         "model_config": fingerprint_model_config(model_config),
         "model_weights": weights_fingerprint,
-        "olica_config": recipe,
+        "olica_config": {key: value for key, value in recipe.items() if key not in RUNTIME_FIELDS},
         "calibration_token_ids": fingerprint_token_ids(input_ids),
         "method": method,
         "mode": "streaming" if streaming else "in-memory",

@@ -146,11 +146,11 @@ def test_sigkilled_runs_resume_to_a_bit_identical_checkpoint(mode, base_checkpoi
 # ---- in-process: mismatches, damage, foreign directories --------------------------------------------------------
 
 
-def interrupted_run(checkpoint: Path, monkeypatch, after_layer: int = 1) -> None:
+def interrupted_run(checkpoint: Path, monkeypatch, after_layer: int = 1, config: OlicaConfig = CONFIG) -> None:
     """A run with a checkpoint directory stopped by an exception right after ``after_layer`` was committed."""
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, f"layer_checkpointed:{after_layer}:raise")
     with pytest.raises(InjectedFault):
-        prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False, checkpoint_dir=checkpoint)
+        prune_model(make_tiny_model("llama_bias"), config, calibration_ids(), progress=False, checkpoint_dir=checkpoint)
     monkeypatch.delenv(ENVIRONMENT_VARIABLE)
     assert last_finished_layer(checkpoint) == after_layer
 
@@ -168,6 +168,23 @@ def test_in_process_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed.report["layers"] == reference.report["layers"]
     assert resumed.report["calibrated_layers"] == reference.report["calibrated_layers"]
     assert len(resumed.report["timings"]["per_layer_s"]) == 3
+
+
+def test_resume_on_another_device_setting_continues_the_run(tmp_path, monkeypatch):
+    # Where the run happens is not what it computes: a run started with device="cpu" and resumed with the default
+    # device and activations offloaded continues, to the checkpoint an uninterrupted run gives.
+    import dataclasses
+
+    reference = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False)
+    interrupted_run(tmp_path / "resume", monkeypatch, config=dataclasses.replace(CONFIG, device="cpu"))
+    resumed = prune_model(
+        make_tiny_model("llama_bias"), dataclasses.replace(CONFIG, offload_activations=True), calibration_ids(),
+        progress=False, checkpoint_dir=tmp_path / "resume",
+    )
+    assert resumed.report["layers"] == reference.report["layers"]
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,21 @@ from typing import Any
 
 from .errors import OlicaError
 
-__all__ = ["TokenizerNotFoundError", "check_model_location", "load_tokenizer", "looks_like_local_path"]
+__all__ = [
+    "TokenizerNotFoundError",
+    "check_model_location",
+    "load_config",
+    "load_tokenizer",
+    "location_kwargs",
+    "looks_like_local_path",
+]
 
 # Files one of which a folder holding a tokenizer has (fast, sentencepiece, BPE and WordPiece tokenizers).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
                    "vocab.txt")
-# The from_pretrained arguments that say where a tokenizer comes from (the model's dtype or device map do not).
-_TOKENIZER_LOADING_KEYS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
+# The from_pretrained arguments that say where a checkpoint's files are, so they also locate its config and tokenizer
+# (the model's dtype or device map do not).
+_LOCATION_KEYS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 # A Hub repo id: "name" or "namespace/name", letters, digits, '-', '_' and '.'.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -74,9 +82,17 @@ def check_model_location(name: str | os.PathLike) -> None:
     raise FileNotFoundError(f"No such folder: {name!r}{_where_to_look(path, name)}")
 
 
-def tokenizer_loading_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The model's from_pretrained arguments that also apply to loading its tokenizer."""
-    return {key: model_kwargs[key] for key in _TOKENIZER_LOADING_KEYS if key in model_kwargs}
+def location_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model's from_pretrained arguments that also locate its config and its tokenizer."""
+    return {key: model_kwargs[key] for key in _LOCATION_KEYS if key in model_kwargs}
+
+
+def load_config(name: str | os.PathLike, model_kwargs: dict[str, Any]):
+    """The config of the checkpoint ``name`` alone (a small JSON file, no weights), read with the model's loading
+    arguments that locate it."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, **location_kwargs(model_kwargs))
 
 
 def load_tokenizer(name: str | os.PathLike, **loading_kwargs):
@@ -102,7 +118,7 @@ def load_tokenizer(name: str | os.PathLike, **loading_kwargs):
         # a tokenizer of the model's family from config.json alone, with special tokens and no vocabulary.
         raise TokenizerNotFoundError(f"{name!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(name, **tokenizer_loading_kwargs(loading_kwargs))
+        return AutoTokenizer.from_pretrained(name, **location_kwargs(loading_kwargs))
     except (OSError, ValueError) as error:
         raise TokenizerNotFoundError(
             f"No tokenizer could be loaded from {name!r} ({' '.join(str(error).split())})"

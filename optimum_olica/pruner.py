@@ -35,7 +35,7 @@ from .checkpoint import (
 from .configuration import OlicaConfig
 from .errors import CalibrationDataError, OlicaError
 from .data import get_calibration_dataset
-from .loading import TokenizerNotFoundError, check_model_location, load_tokenizer
+from .loading import TokenizerNotFoundError, check_model_location, load_config, load_tokenizer
 from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE
 from .olica import OlicaLayerPruner, attach_linear_calibration
 from .resume import (
@@ -327,8 +327,6 @@ def prune_model(
 
 # The model types of the pruned architectures (`olica_llama`, ...), which Olica does not prune a second time.
 PRUNED_MODEL_TYPES = frozenset(config_class.model_type for config_class in OLICA_CONFIG_FOR_BASE_MODEL_TYPE.values())
-# The `from_pretrained` arguments that say where a config is (the others are for the weights or override the config).
-_CONFIG_LOCATION_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "trust_remote_code")
 
 
 def refuse_pruned_model(model_config, further_ratio: float | None = None) -> None:
@@ -358,14 +356,6 @@ def refuse_pruned_model(model_config, further_ratio: float | None = None) -> Non
         f"layers have factored q_proj/k_proj and narrower value heads, not the {model_type.removeprefix('olica_')} "
         f"layers Olica starts from. To make it smaller, {advice}."
     )
-
-
-def _config_of(name: str, model_kwargs: dict):
-    """The config of the checkpoint ``name`` (a small JSON file), read with the loading arguments that locate it."""
-    from transformers import AutoConfig
-
-    location = {key: model_kwargs[key] for key in _CONFIG_LOCATION_KWARGS if key in model_kwargs}
-    return AutoConfig.from_pretrained(name, **location)
 
 
 def _check_calibration_input_ids(input_ids, model_config) -> None:
@@ -576,7 +566,7 @@ class OlicaPruner:
         else:
             name = os.fspath(model_or_path) if isinstance(model_or_path, os.PathLike) else str(model_or_path)
             model_kwargs.setdefault("dtype", "auto")
-            refuse_pruned_model(_config_of(name, model_kwargs))  # before the weights are loaded
+            refuse_pruned_model(load_config(name, model_kwargs))  # before the weights are loaded
             # The tokenizer before the weights: a missing one is reported in seconds, not after minutes of loading.
             tokenizer = _resolve_tokenizer(tokenizer, name, model_kwargs)
             model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)

@@ -82,16 +82,14 @@ def load_tokenizer_first(args: argparse.Namespace, loading: dict, purpose: str):
         loading: the model's ``from_pretrained`` keyword arguments (those that locate files also locate the tokenizer).
         purpose: what the tokenizer is for, for the message (``"the calibration text"``).
     """
-    from ..loading import TokenizerNotFoundError, check_model_location, load_tokenizer, tokenizer_loading_kwargs
+    from ..loading import TokenizerNotFoundError, check_model_location, load_config, load_tokenizer
 
     if args.tokenizer is None:
         check_model_location(args.model)
         if not os.path.isdir(os.path.expanduser(args.model)):
             # A Hub id: its config first, so that a model that is not there is reported as such, not as a model
             # without a tokenizer.
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(args.model, **tokenizer_loading_kwargs(loading))
+            load_config(args.model, loading)
         source, kwargs = args.model, loading
         fix = (
             "pass --tokenizer FOLDER_OR_HUB_ID (the tokenizer of the model these weights come from), or copy its "

@@ -123,32 +123,32 @@ def _text_column_as_flag():
         raise CalibrationDataError(error.message_for("--text-column ")) from None
 
 
-def _refuse_pruned_checkpoint(model: str, loading: dict, ratio: float) -> None:
-    """An Olica checkpoint is refused from its config alone, before its tokenizer or weights are looked at."""
-    from transformers import AutoConfig
+def _model_config(model: str, loading: dict, ratio: float, *, required: bool):
+    """MODEL's config alone (no tokenizer, no weights); an Olica checkpoint is refused from it.
 
-    from ..loading import check_model_location, tokenizer_loading_kwargs
+    Args:
+        required: without it, an unreadable config gives None: the loading steps that follow report it in their
+            own terms.
+    """
+    from ..loading import check_model_location, load_config
     from ..pruner import refuse_pruned_model
 
     check_model_location(model)
     try:
-        model_config = AutoConfig.from_pretrained(model, **tokenizer_loading_kwargs(loading))
+        model_config = load_config(model, loading)
     except (OSError, ValueError):
-        return  # no readable config: the loading steps that follow report it in their own terms
+        if required:
+            raise
+        return None
     refuse_pruned_model(model_config, ratio)
+    return model_config
 
 
 def _memory_plan(args: argparse.Namespace, config: OlicaConfig):
     """The plan of ``--dry-run``, from MODEL's config alone (`optimum_olica.memory_plan.plan_memory`)."""
-    from transformers import AutoConfig
-
-    from ..loading import check_model_location, tokenizer_loading_kwargs
     from ..memory_plan import plan_memory
-    from ..pruner import refuse_pruned_model
 
-    check_model_location(args.model)
-    model_config = AutoConfig.from_pretrained(args.model, **tokenizer_loading_kwargs(model_loading_kwargs(args)))
-    refuse_pruned_model(model_config, config.ratio)
+    model_config = _model_config(args.model, model_loading_kwargs(args), config.ratio, required=True)
     dtype = None if args.dtype in (None, "auto") else args.dtype
     return plan_memory(model_config, config, dtype=dtype)
 
@@ -226,7 +226,7 @@ class OlicaPruneCommand(OlicaSubcommand):
 
             require_token(args.push_to_hub, consequence="Nothing was pruned.")
         loading = model_loading_kwargs(args)
-        _refuse_pruned_checkpoint(args.model, loading, config.ratio)
+        _model_config(args.model, loading, config.ratio, required=False)
         # The tokenizer and the calibration text before the model, which can take minutes to load: a missing
         # tokenizer or an unreadable source fails in seconds.
         tokenizer = load_tokenizer_first(args, loading, "the calibration text")

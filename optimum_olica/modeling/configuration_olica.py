@@ -193,6 +193,11 @@ class OlicaDimensionsMixin:
         values.update(dimensions)
         return cls(**values)
 
+    @property
+    def has_factored_projection(self) -> bool:
+        """Whether some layer's ``q_proj`` or ``k_proj`` is stored as two factors."""
+        return any(rank is not None for rank in list(self.query_ranks) + list(self.key_ranks))
+
     def stock_incompatibilities(self) -> list[str]:
         """Why this model cannot be saved as the plain base architecture with its own weights (empty list: it can).
 
@@ -201,7 +206,7 @@ class OlicaDimensionsMixin:
         (`inexpressible_in_stock`).
         """
         reasons = []
-        if any(rank is not None for rank in self.query_ranks + self.key_ranks):
+        if self.has_factored_projection:
             reasons.append("some q_proj/k_proj are factored")
         if any(d_v != self.attention_head_dim for d_v in self.value_head_dims):
             reasons.append("some value heads are narrower than head_dim")

@@ -324,10 +324,6 @@ def describe_checkpoint_mismatch(config, loading_info: dict, ignore_mismatched_s
     )
 
 
-def has_factored_projection(config) -> bool:
-    return any(rank is not None for rank in list(config.query_ranks) + list(config.key_ranks))
-
-
 def check_tensor_parallel_heads(config, tp_size: int | None) -> None:
     """Refuse a tensor-parallel size that would cut an attention head in two (the plan splits q/k/v/o by head)."""
     if not tp_size or tp_size == 1:
@@ -377,7 +373,7 @@ class OlicaPreTrainedModel(PreTrainedModel):
     def train(self, mode: bool = True):
         # Under tensor parallelism the colwise wrapper of a factored q_proj/k_proj and its colwise `up` both reduce
         # the input gradient across ranks (see olica_tensor_parallel_plan): the forward is exact, the gradients not.
-        if mode and (getattr(self, "_tp_size", None) or 1) > 1 and has_factored_projection(self.config):
+        if mode and (getattr(self, "_tp_size", None) or 1) > 1 and self.config.has_factored_projection:
             raise NotImplementedError(
                 "Training under tensor parallelism is not supported for a pruned model with factored q_proj/k_proj: "
                 "the TP plan computes the forward exactly but not the factors' gradients. Use tensor parallelism "

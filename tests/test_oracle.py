@@ -210,14 +210,18 @@ def assert_replay_reproduces_forward(model, input_ids) -> None:
         torch.testing.assert_close(output, expected[layer_idx + 1], atol=1e-6, rtol=0, msg=f"layer {layer_idx}")
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("shape", list(ORACLE_SHAPES))
-def test_replay_reproduces_the_stock_forward(shape):
-    assert_replay_reproduces_forward(make_stock_model(shape), calibration_ids())
+def test_replay_reproduces_the_stock_forward(shape, attn_implementation):
+    model = make_stock_model(shape)
+    model.set_attn_implementation(attn_implementation)
+    assert_replay_reproduces_forward(model, calibration_ids())
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("shape", list(ORACLE_SHAPES))
-def test_replay_reproduces_the_pruned_forward(shape):
-    assert_replay_reproduces_forward(make_pruned_architecture(shape), calibration_ids())
+def test_replay_reproduces_the_pruned_forward(shape, attn_implementation):
+    assert_replay_reproduces_forward(make_pruned_architecture(shape, attn_implementation), calibration_ids())
 
 
 # ---- bookkeeping ------------------------------------------------------------------------------------------------
@@ -241,11 +245,22 @@ def record_propagated_activations(monkeypatch) -> dict[int, torch.Tensor]:
     return recorded
 
 
-@pytest.mark.parametrize("shape", list(ORACLE_SHAPES))
-def test_saved_checkpoint_reproduces_the_propagated_activations(shape, tmp_path, monkeypatch, single_thread):
+# The default recipe on every shape, and the paths it may not take: a refit forced on (the cached attention and the
+# deferred down_proj, whatever "auto" decides), no refit at all, and a skipped layer.
+BOOKKEEPING_RUNS = {
+    **{shape: (shape, OlicaConfig(ratio=0.3)) for shape in ORACLE_SHAPES},
+    "llama_biases_forced_refit": ("llama_biases", OlicaConfig(ratio=0.3, refit_damping=0.1)),
+    "qwen3_7_heads_mqa_no_refit": ("qwen3_7_heads_mqa", OlicaConfig(ratio=0.3, refit_damping=None)),
+    "llama_mqa_tied_skip_1": ("llama_mqa_tied", OlicaConfig(ratio=0.3, refit_damping=0.1, skip_layers=[1])),
+}
+
+
+@pytest.mark.parametrize("run", list(BOOKKEEPING_RUNS))
+def test_saved_checkpoint_reproduces_the_propagated_activations(run, tmp_path, monkeypatch, single_thread):
+    shape, recipe = BOOKKEEPING_RUNS[run]
     recorded = record_propagated_activations(monkeypatch)
     input_ids = calibration_ids()
-    result = prune_model(make_stock_model(shape), OlicaConfig(ratio=0.3), input_ids, progress=False)
+    result = prune_model(make_stock_model(shape), recipe, input_ids, progress=False)
     checkpoint = save_pruned_model(result.model, tmp_path / "pruned")
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -69,6 +69,9 @@ VARIANTS = {
     "olica_exact": ("olica", {"value_decomposition": "exact"},
                     "Olica with the exact V/O decomposition (truncated SVD of each group's weighted V/O product) "
                     "instead of the fast OND"),
+    "olica_stock": ("olica", {"architecture": "stock"},
+                    "the stock recipe (architecture='stock'): FFN neurons only, one width in every layer, with the "
+                    "refits; saved as the base family itself"),
     "magnitude": ("magnitude", {}, "uniform magnitude-based structured pruning of the same modules, same dims"),
 }
 DEFAULT_VARIANTS = "olica,olica_no_lc,olica_exact,magnitude"

@@ -28,6 +28,7 @@ __all__ = ["CONFIG_NAME", "OlicaConfig"]
 CONFIG_NAME = "olica_config.json"
 
 StatisticsDtype = Literal["float64", "float32"]
+Architecture = Literal["olica", "stock"]
 ValueDecomposition = Literal["fast", "exact"]
 
 
@@ -111,6 +112,20 @@ class OlicaConfig:
             "help": (
                 "Optional explicit ratio for the FFN, in [0, 1): the fraction of intermediate "
                 "neurons removed. None: allocated from `ratio`."
+            )
+        },
+    )
+
+    architecture: Architecture = field(
+        default="olica",
+        metadata={
+            "help": (
+                "What the pruned model must be: 'olica' (default) prunes Q/K (low rank), V/O and the FFN and is "
+                "saved as the Olica architecture, which loads in transformers (plugin or trust_remote_code); "
+                "'stock' prunes only what the base family's own architecture holds (FFN neurons, the same width "
+                "in every layer, plus the o_proj/down_proj refits) and is saved as that family (e.g. "
+                "LlamaForCausalLM), which vLLM, TGI, SGLang and llama.cpp serve at its pruned size. 'stock' "
+                "sets qk_ratio and vo_ratio to 0 and refuses calibration branches and skip_layers."
             )
         },
     )
@@ -331,6 +346,7 @@ class OlicaConfig:
                 )
 
         self.skip_layers = self._check_skip_layers(self.skip_layers)
+        self._check_architecture()
         self._check_int("dimension_multiple", self.dimension_multiple, minimum=1)
 
         allowed_dtypes = get_args(StatisticsDtype)
@@ -360,6 +376,27 @@ class OlicaConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise OlicaConfigError(f"`{name}` must be a bool (True or False), got {value!r}.")
+
+    def _check_architecture(self) -> None:
+        """A 'stock' recipe keeps every layer expressible in the base family: nothing but a uniform FFN width."""
+        allowed = get_args(Architecture)
+        if self.architecture not in allowed:
+            raise OlicaConfigError(f"`architecture` must be one of {list(allowed)}, got {self.architecture!r}.")
+        if self.architecture != "stock":
+            return
+        pinned = [f"{name}={getattr(self, name)}" for name in ("qk_ratio", "vo_ratio") if getattr(self, name)]
+        conflicts = pinned + [
+            f"{name}={getattr(self, name)}" for name in ("num_calibrated_layers", "skip_layers") if getattr(self, name)
+        ]
+        if conflicts:
+            raise OlicaConfigError(
+                f"architecture='stock' prunes only FFN neurons, the same width in every layer, so that the base "
+                f"family's own architecture holds the result; {', '.join(conflicts)} would need the Olica "
+                "architecture (factored Q/K, narrow value heads, per-layer widths or a calibration branch). Leave "
+                "them unset with architecture='stock', or use architecture='olica' and export with "
+                "`optimum-cli olica export --format stock` (exact, larger)."
+            )
+        self.qk_ratio = self.vo_ratio = 0.0
 
     @staticmethod
     def _real(name: str, value: Any, allowed: str) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -86,3 +88,36 @@ def random_olica_model(base_config, seed: int = 3, **dimensions):
         for param in model.parameters():
             param.normal_(0.0, 0.2)
     return model
+
+
+@pytest.fixture(scope="session")
+def pruned_smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct pruned by 20% with the default recipe on 16 x 64 Austen tokens, saved with its tokenizer
+    (about a minute on 2 cores); shared by the deployment tests (quantization, GGUF)."""
+    from optimum_olica import OlicaConfig, OlicaPruner
+    from optimum_olica.default_model import default_model_path
+
+    try:
+        path = default_model_path()
+    except ImportError as error:
+        pytest.skip(f"the default model is not installed: {error}")
+    directory = tmp_path_factory.mktemp("smollm2") / "smollm2-olica-20"
+    OlicaPruner.from_pretrained(path).prune(
+        OlicaConfig(ratio=0.2, num_samples=16, sequence_length=64), save_directory=directory, progress=False
+    )
+    return directory
+
+
+# Lines other packages print at import, which our CLI's messages are checked without. optimum-cli imports every
+# installed optimum subpackage's commands, and optimum-quanto 0.2.7 still imports `optimum.commands.
+# BaseOptimumCLICommand`, gone in optimum 2.x. transformers imports torchao whenever it is installed; the CPU wheel
+# of torchao 0.18 reports its missing CUDA extensions, and torch warns about two Enum registrations it makes.
+UPSTREAM_NOISE = re.compile(
+    r"An exception occurred while loading optimum\.quanto\.subpackage"
+    r"|Failed to load .*/torchao/_C"
+    r"|W\d{4} [\d:.]+ +\d+ .*torch/utils/_pytree\.py:\d+\] <enum '\w+'> is an Enum subclass"
+)
+
+
+def without_upstream_noise(stderr: str) -> str:
+    return "".join(line for line in stderr.splitlines(keepends=True) if not UPSTREAM_NOISE.match(line))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, without_upstream_noise
 from tiny_checkpoint import make_tiny_tokenizer
 
 from optimum_olica import OlicaConfig
@@ -436,10 +436,7 @@ def test_too_high_a_ratio_advises_only_what_can_reach_it(base_model_dir, tmp_pat
 # -- Through the real optimum-cli executable ----------------------------------------------------------------------
 
 
-# optimum-cli imports every installed optimum subpackage's commands; optimum-quanto 0.2.7 (in the test extra) still
-# imports `optimum.commands.BaseOptimumCLICommand`, gone in optimum 2.x, and optimum-cli prints this line at every
-# start. It is not ours, and our messages are checked without it.
-UPSTREAM_QUANTO_LINE = "An exception occurred while loading optimum.quanto.subpackage"
+# Other packages' import-time lines are dropped before our messages are checked (conftest.UPSTREAM_NOISE).
 
 
 def _cli(*argv, cwd=None) -> subprocess.CompletedProcess:
@@ -447,9 +444,7 @@ def _cli(*argv, cwd=None) -> subprocess.CompletedProcess:
         [str(OPTIMUM_CLI), *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=cwd,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    result.stderr = "".join(
-        line for line in result.stderr.splitlines(keepends=True) if not line.startswith(UPSTREAM_QUANTO_LINE)
-    )
+    result.stderr = without_upstream_noise(result.stderr)
     return result
 
 

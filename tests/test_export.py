@@ -26,14 +26,13 @@ from optimum_olica.commands import main
 from optimum_olica.export import dense_from_factors, stock_state_dict, zero_pad_heads
 from optimum_olica.inspection import OlicaCheckpoint, describe_checkpoint
 
-from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model
+from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model, without_upstream_noise
 from oracle_probe import oracle_inputs as probe_inputs  # three prompts, two left-padded
 from reload_probe import probe_outputs
 from tiny_checkpoint import make_tiny_tokenizer
 
 TESTS = Path(__file__).parent
 OPTIMUM_CLI = Path(sys.executable).with_name("optimum-cli")
-UPSTREAM_QUANTO_LINE = "An exception occurred while loading optimum.quanto.subpackage"  # see test_cli.py
 
 # What an export converts: Q and K factored in some layers, value heads narrowed in layers 1 and 2 (head_dim is 16),
 # one reduced FFN width, no calibration branch.
@@ -362,9 +361,7 @@ def _cli(*argv) -> subprocess.CompletedProcess:
         [str(OPTIMUM_CLI), *map(str, argv)], capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    result.stderr = "".join(
-        line for line in result.stderr.splitlines(keepends=True) if not line.startswith(UPSTREAM_QUANTO_LINE)
-    )
+    result.stderr = without_upstream_noise(result.stderr)
     return result
 
 
@@ -387,3 +384,48 @@ def test_cli_refusal_is_one_line_naming_the_layers(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optimum-cli olica export: error: This pruned model has no exact")
     assert "(96 in layers 0, 2; 40 in layer 1)" in lines[0]
+
+
+# ---- the stock recipe: pruned for the stock architecture from the start ---------------------------------------------
+
+
+def test_stock_recipe_saves_the_base_family_at_its_pruned_size(tmp_path):
+    """``architecture='stock'`` narrows only the FFN, uniformly, with the refits: the checkpoint is the stock family
+    itself, as small as the pruned model, and plain transformers (no plugin, no remote code) computes what the pruner
+    returned."""
+    tokenizer = make_tiny_tokenizer()
+    base = make_tiny_model("llama_gqa", vocab_size=len(tokenizer))
+    full_ffn = base.config.intermediate_size
+    dense_parameters = base.num_parameters()
+    calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    pruned = OlicaPruner(base, tokenizer).prune(
+        OlicaConfig(ratio=0.2, architecture="stock", refit_damping=0.1, device="cpu"),
+        calibration_dataset=calibration, save_directory=tmp_path / "stock", progress=False,
+    )
+    config = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["intermediate_size"] < full_ffn
+    assert not {"auto_map", "query_ranks", "value_head_dims", "intermediate_sizes"} & set(config)
+    assert not list((tmp_path / "stock").glob("*.py"))
+    saved = json.loads((tmp_path / "stock" / "olica_config.json").read_text())
+    assert (saved["architecture"], saved["qk_ratio"], saved["vo_ratio"]) == ("stock", 0.0, 0.0)
+
+    outputs = run_plugin_free_probes({"stock": tmp_path / "stock"}, tmp_path)["stock"]
+    expected = probe_outputs(pruned.eval(), **probe_inputs())
+    assert outputs["model_class_is_stock"].item() == 1
+    for key in ("plain_logits", "padded_logits"):
+        torch.testing.assert_close(outputs[key], expected[key], atol=1e-4, rtol=0)
+    assert torch.equal(outputs["generated"], expected["generated"])
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock")
+    assert stock.num_parameters() == pruned.num_parameters()
+    assert abs(1 - stock.num_parameters() / dense_parameters - 0.2) <= 0.005
+
+
+@pytest.mark.parametrize("conflict", [{"qk_ratio": 0.3}, {"vo_ratio": 0.1}, {"num_calibrated_layers": 2},
+                                      {"skip_layers": [0]}])
+def test_stock_recipe_refuses_what_the_stock_architecture_cannot_hold(conflict):
+    name = next(iter(conflict))
+    with pytest.raises(ValueError, match=rf"architecture='stock' prunes only FFN neurons.*{name}="):
+        OlicaConfig(ratio=0.2, architecture="stock", **conflict)
+    with pytest.raises(ValueError, match=r"`architecture` must be one of \['olica', 'stock'\]"):
+        OlicaConfig(architecture="llama")
+    assert OlicaConfig(ratio=0.2, architecture="stock", qk_ratio=0.0).vo_ratio == 0.0

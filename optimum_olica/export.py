@@ -217,7 +217,8 @@ def export_to_stock(
     # checkpoint.py imports this module's `stock_state_dict`: importing it at the top would be circular.
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-    from .checkpoint import prepare_output_directory, save_pruned_model, to_stock_model
+    from .atomic_io import prepare_output_directory
+    from .checkpoint import save_pruned_model, to_stock_model
     from .loading import TOKENIZER_FILES, load_tokenizer
 
     folder = None if isinstance(checkpoint_or_model, PreTrainedModel) else _checkpoint_folder(checkpoint_or_model)

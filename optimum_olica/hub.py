@@ -106,14 +106,11 @@ def build_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
-
     checkpoint = directory if isinstance(directory, OlicaCheckpoint) else OlicaCheckpoint.from_directory(directory)
-    report, recipe = checkpoint.report, checkpoint.recipe
+    report = checkpoint.report
     recorded_base = report.get("base_model")
     hub_base = base_model or _hub_repo_id(recorded_base)
     license_name = license or base_model_license(recorded_base) or base_model_license(hub_base)
-    license_known = license_name is not None
     family = report.get("base_model_type") or checkpoint.model_config.get("model_type")
     data = ModelCardData(
         base_model=hub_base,
@@ -122,46 +119,69 @@ def build_model_card(
         pipeline_tag="text-generation",
         tags=CARD_TAGS + ([family] if family else []),
     )
-    before, after = report["parameters_before"], report["parameters_after"]
-    achieved, target = report["achieved_ratio"], report["target_ratio"]
-    name = repo_id or checkpoint.directory.name
     base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{recorded_base or 'unknown'}`"
-    calibration = report["calibration_data"]
-    lines = [
-        CARD_MARKER,
-        "",
-        f"# {name}",
-        "",
+    lines = [CARD_MARKER, "", f"# {repo_id or checkpoint.directory.name}", ""]
+    lines += _card_introduction(report, base_text)
+    lines += _card_method(report, checkpoint.recipe)
+    lines += _card_parameters(report)
+    lines += _card_calibration_and_evaluation(report, checkpoint.evaluations)
+    lines += _card_loading(checkpoint, family, repo_id or "path/to/this/checkpoint")
+    lines += _card_license(license_name)
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+    return ModelCard(content)
+
+
+def _card_introduction(report: dict, base_text: str) -> list[str]:
+    from . import __version__
+
+    before, after = report["parameters_before"], report["parameters_after"]
+    return [
         f"{base_text} pruned with [Olica](https://arxiv.org/abs/2506.08436) (orthogonal decomposition and linear "
-        f"calibration, He & Lin, ICML 2025) with optimum-olica {__version__}: **{100 * achieved:.2f}% of the "
-        f"parameters removed** ({before:,} -> {after:,}; target {100 * target:.1f}%), in one calibration pass with no "
-        "retraining.",
-        "",
-        "## Method and recipe",
-        "",
-        "Olica factors the query/key projections into activation-weighted low-rank pairs, rotates and prunes value "
-        "neurons per key/value group, removes FFN neurons, and compensates the pruning error by linear calibration: "
-        "a ridge least-squares refit of each layer's `o_proj` and `down_proj` (and, when the recipe asks for it, a "
-        "small low-rank branch beside a few layers' FFN). Key/value heads keep their grouping, so the KV cache "
-        "shrinks with the value heads.",
+        f"calibration, He & Lin, ICML 2025) with optimum-olica {__version__}: **{100 * report['achieved_ratio']:.2f}% "
+        f"of the parameters removed** ({before:,} -> {after:,}; target {100 * report['target_ratio']:.1f}%), in one "
+        "calibration pass with no retraining.",
         "",
     ]
+
+
+def _card_method(report: dict, recipe: dict) -> list[str]:
+    if recipe.get("architecture") == "stock":
+        method = (
+            "The stock recipe (`architecture=\"stock\"`) prunes only what the base family's own architecture holds: "
+            "FFN neurons, the same number in every layer, chosen by activation-weighted scores, and compensates the "
+            "pruning error by linear calibration, a ridge least-squares refit of each layer's `o_proj` and "
+            "`down_proj`. Attention is left whole, so the checkpoint is the base family with a smaller "
+            "`intermediate_size`."
+        )
+    else:
+        method = (
+            "Olica factors the query/key projections into activation-weighted low-rank pairs, rotates and prunes "
+            "value neurons per key/value group, removes FFN neurons, and compensates the pruning error by linear "
+            "calibration: a ridge least-squares refit of each layer's `o_proj` and `down_proj` (and, when the recipe "
+            "asks for it, a small low-rank branch beside a few layers' FFN). Key/value heads keep their grouping, so "
+            "the KV cache shrinks with the value heads."
+        )
+    lines = ["## Method and recipe", "", method, ""]
     parts = report.get("part_ratios") or {}
     if parts:
-        lines += [
-            "Parameter reduction per part: "
-            + ", ".join(f"{part.upper()} {100 * value:.1f}%" for part, value in parts.items())
-            + (f"; linear-calibration branches (rank {report.get('calibration_rank', 0)}) in layers "
-               f"{report.get('calibrated_layers')}." if report.get("calibrated_layers") else "; no calibration branch."),
-            "",
-        ]
+        branches = (
+            f"; linear-calibration branches (rank {report.get('calibration_rank', 0)}) in layers "
+            f"{report.get('calibrated_layers')}." if report.get("calibrated_layers") else "; no calibration branch."
+        )
+        reductions = ", ".join(f"{part.upper()} {100 * value:.1f}%" for part, value in parts.items())
+        lines += [f"Parameter reduction per part: {reductions}{branches}", ""]
     lines += ["The recipe (`olica_config.json`, readable with `OlicaConfig.from_pretrained`):", ""]
-    lines += _markdown_table(["field", "value"], [[f"`{key}`", f"`{json.dumps(value)}`"] for key, value in
-                                                  sorted(recipe.items())])
-    lines += ["", "## Parameters", ""]
+    return lines + _markdown_table(
+        ["field", "value"], [[f"`{key}`", f"`{json.dumps(value)}`"] for key, value in sorted(recipe.items())]
+    )
+
+
+def _card_parameters(report: dict) -> list[str]:
+    lines = ["", "## Parameters", ""]
     lines += _markdown_table(
         ["", "parameters"],
-        [["base model", f"{before:,}"], ["pruned", f"{after:,}"], ["removed", f"{100 * achieved:.2f}%"]],
+        [["base model", f"{report['parameters_before']:,}"], ["pruned", f"{report['parameters_after']:,}"],
+         ["removed", f"{100 * report['achieved_ratio']:.2f}%"]],
     )
     layer_rows = [
         [
@@ -176,9 +196,14 @@ def build_model_card(
         for record in report["layers"]
     ]
     lines += ["", "Per decoder layer:", ""]
-    lines += _markdown_table(["layer", "q rank", "k rank", "v head dim", "FFN width", "branch rank", "parameters"],
-                             layer_rows)
-    lines += [
+    return lines + _markdown_table(
+        ["layer", "q rank", "k rank", "v head dim", "FFN width", "branch rank", "parameters"], layer_rows
+    )
+
+
+def _card_calibration_and_evaluation(report: dict, evaluations: list[dict]) -> list[str]:
+    calibration = report["calibration_data"]
+    lines = [
         "",
         "## Calibration data",
         "",
@@ -191,59 +216,56 @@ def build_model_card(
         "## Evaluation",
         "",
     ]
-    if checkpoint.evaluations:
-        lines += [f"- {format_evaluation(entry)}" for entry in checkpoint.evaluations]
-    else:
-        lines.append(
-            "No evaluation was recorded with this checkpoint (`optimum-cli olica eval DIR --record` adds one)."
-        )
-    repo = repo_id or "path/to/this/checkpoint"
-    lines += ["", "## How to load", ""]
+    if evaluations:
+        return lines + [f"- {format_evaluation(entry)}" for entry in evaluations]
+    return lines + ["No evaluation was recorded with this checkpoint (`optimum-cli olica eval DIR --record` adds one)."]
+
+
+def _card_loading(checkpoint: OlicaCheckpoint, family: str | None, repo: str) -> list[str]:
+    stock_snippet = [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        "```",
+    ]
+    lines = ["", "## How to load", ""]
     if checkpoint.is_stock_architecture:
-        lines += [
+        return lines + [
             f"This checkpoint uses the stock `{family}` architecture (only the FFN was narrowed), so plain "
             "transformers and any engine that reads the base family load it:",
             "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-            "```",
+            *stock_snippet,
         ]
-    else:
-        lines += [
-            "With the plugin (`pip install optimum-olica`), which registers the pruned architectures:",
-            "",
-            "```python",
-            "import optimum_olica  # noqa: F401",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-            "```",
-            "",
-            "Without the plugin, the modeling code stored beside the weights (it needs only torch and transformers):",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
-            "# The tokenizer is a stock one, but AutoTokenizer reads config.json first: without trust_remote_code it",
-            "# stops to ask whether to run the config's code (for 15 seconds, or until stdin answers).",
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)',
-            "```",
-        ]
-    lines += ["", "## License", ""]
-    if license_known:
-        lines.append(f"This is a derivative of the base model and is published under its license: `{license_name}`.")
-    else:
-        lines.append(
-            "The base model's license could not be read when this card was written (its card was not available "
-            "locally). This derivative is bound by the base model's license: check the base model's card."
-        )
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-    return ModelCard(content)
+    return lines + [
+        "With the plugin (`pip install optimum-olica`), which registers the pruned architectures:",
+        "",
+        "```python",
+        "import optimum_olica  # noqa: F401",
+        *stock_snippet[1:],
+        "",
+        "Without the plugin, the modeling code stored beside the weights (it needs only torch and transformers):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)',
+        "# The tokenizer is a stock one, but AutoTokenizer reads config.json first: without trust_remote_code it",
+        "# stops to ask whether to run the config's code (for 15 seconds, or until stdin answers).",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)',
+        "```",
+    ]
+
+
+def _card_license(license_name: str | None) -> list[str]:
+    lines = ["", "## License", ""]
+    if license_name is not None:
+        return lines + [f"This is a derivative of the base model and is published under its license: `{license_name}`."]
+    return lines + [
+        "The base model's license could not be read when this card was written (its card was not available "
+        "locally). This derivative is bound by the base model's license: check the base model's card."
+    ]
 
 
 def write_model_card(directory: str | os.PathLike, **card_kwargs) -> Path | None:

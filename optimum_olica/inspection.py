@@ -25,6 +25,7 @@ __all__ = [
     "OlicaCheckpoint",
     "describe_checkpoint",
     "format_evaluation",
+    "format_summary",
     "record_evaluation",
 ]
 
@@ -110,11 +111,30 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def format_summary(report: dict) -> str:
+    """A plain-text table of what pruning did, per layer and in total."""
+    header = f"{'layer':>5} {'q rank':>7} {'k rank':>7} {'v dim':>6} {'ffn':>6} {'lc rank':>7} {'params':>10} {'time s':>7}"
+    lines = [header, "-" * len(header)]
+    per_layer = report["timings"]["per_layer_s"]
+    for record, seconds in zip(report["layers"], per_layer):
+        q = record["query_rank"] if record["query_rank"] is not None else "dense"
+        k = record["key_rank"] if record["key_rank"] is not None else "dense"
+        lines.append(
+            f"{record['layer']:>5} {q!s:>7} {k!s:>7} {record['value_head_dim']:>6} {record['intermediate_size']:>6} "
+            f"{record['calibration_rank']:>7} {record['parameters']:>10,} {seconds:>7.2f}"
+        )
+    before, after = report["parameters_before"], report["parameters_after"]
+    lines.append("-" * len(header))
+    lines.append(
+        f"parameters: {before:,} -> {after:,} (removed {100 * report['achieved_ratio']:.2f}%, target "
+        f"{100 * report['target_ratio']:.1f}%); pruning took {report['runtime_s']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
 def describe_checkpoint(checkpoint: OlicaCheckpoint) -> str:
     """The text ``optimum-cli olica inspect`` prints: identity, parameters, recipe, calibration data, per-layer
     dimensions (`format_summary`'s table) and recorded evaluations."""
-    from .pruner import format_summary  # the per-layer table the pruner prints after pruning
-
     report, recipe = checkpoint.report, checkpoint.recipe
     before, after = report["parameters_before"], report["parameters_after"]
     loading = (

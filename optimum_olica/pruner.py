@@ -22,16 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .allocation import plan_dimensions
+from .atomic_io import prepare_output_directory, write_directory_atomically
 from .baselines import MagnitudeLayerPruner
-from .checkpoint import (
-    build_olica_model,
-    causal_lm_class_for,
-    olica_config_from,
-    prepare_output_directory,
-    save_pruned_model,
-    verify_saved_checkpoint,
-    write_directory_atomically,
-)
+from .checkpoint import build_olica_model, causal_lm_class_for, olica_config_from, save_pruned_model
+from .inspection import format_summary
+from .integrity import verify_saved_checkpoint
 from .configuration import OlicaConfig
 from .errors import CalibrationDataError, OlicaError
 from .data import get_calibration_dataset
@@ -468,27 +463,6 @@ def _rows(config) -> list[dict]:
         {"calibration_rank": config.calibration_ranks[layer], "parameters": config.layer_parameter_count(layer)}
         for layer in range(config.num_hidden_layers)
     ]
-
-
-def format_summary(report: dict) -> str:
-    """A plain-text table of what pruning did, per layer and in total."""
-    header = f"{'layer':>5} {'q rank':>7} {'k rank':>7} {'v dim':>6} {'ffn':>6} {'lc rank':>7} {'params':>10} {'time s':>7}"
-    lines = [header, "-" * len(header)]
-    per_layer = report["timings"]["per_layer_s"]
-    for record, seconds in zip(report["layers"], per_layer):
-        q = record["query_rank"] if record["query_rank"] is not None else "dense"
-        k = record["key_rank"] if record["key_rank"] is not None else "dense"
-        lines.append(
-            f"{record['layer']:>5} {q!s:>7} {k!s:>7} {record['value_head_dim']:>6} {record['intermediate_size']:>6} "
-            f"{record['calibration_rank']:>7} {record['parameters']:>10,} {seconds:>7.2f}"
-        )
-    before, after = report["parameters_before"], report["parameters_after"]
-    lines.append("-" * len(header))
-    lines.append(
-        f"parameters: {before:,} -> {after:,} (removed {100 * report['achieved_ratio']:.2f}%, target "
-        f"{100 * report['target_ratio']:.1f}%); pruning took {report['runtime_s']:.1f} s"
-    )
-    return "\n".join(lines)
 
 
 class OlicaPruner:

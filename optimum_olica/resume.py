@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._faults import fault_point
+from .atomic_io import fsync_file, write_json_atomically
 from .errors import CheckpointVerificationError, ResumeMismatchError
 
 RESUME_FORMAT_VERSION = 1
@@ -155,34 +156,6 @@ def _differences(saved: dict, current: dict) -> list[str]:
     return differences
 
 
-# ---- atomic files -----------------------------------------------------------------------------------------------------
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _write_json_atomically(path: Path, value: Any) -> None:
-    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
 def _split_tensors(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able ``value`` with each tensor replaced by ``{"__tensor__": key}`` and moved into ``tensors``."""
     if isinstance(value, torch.Tensor):
@@ -266,7 +239,7 @@ class LayerCheckpoint:
             self._lock()
             self._remove_files(keep=set())
             (self.directory / PROGRESS_NAME).unlink(missing_ok=True)  # no manifest: nothing here can be trusted
-            _write_json_atomically(manifest_path, self.manifest)
+            write_json_atomically(manifest_path, self.manifest, TEMPORARY_PREFIX)
             return None
         try:
             saved = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -357,13 +330,13 @@ class LayerCheckpoint:
         ):
             temporary = self.directory / f"{TEMPORARY_PREFIX}{name}"
             save_file(content, temporary, metadata={"format": "pt"})
-            _fsync_file(temporary)
+            fsync_file(temporary)
             written.append((temporary, self.directory / name))
         fault_point("checkpoint_before_rename", layer_idx)
         for temporary, final in written:
             os.replace(temporary, final)
         fault_point("checkpoint_before_commit", layer_idx)
-        _write_json_atomically(self.directory / PROGRESS_NAME, progress)
+        write_json_atomically(self.directory / PROGRESS_NAME, progress, TEMPORARY_PREFIX)
         fault_point("layer_checkpointed", layer_idx)
         stale = self.directory / self.state_file(layer_idx - 1)
         if layer_idx > 0 and stale.exists():

@@ -16,7 +16,7 @@ import sys
 import torch
 
 import optimum_olica  # noqa: F401
-from optimum_olica import checkpoint as checkpoint_module
+from optimum_olica import atomic_io
 from optimum_olica.configuration import OlicaConfig
 from optimum_olica.pruner import OlicaPruner
 
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.no_exchange:
-        checkpoint_module._exchange = lambda first, second: False
+        atomic_io._exchange = lambda first, second: False
     if args.action == "prune":
         pruner = OlicaPruner.from_pretrained(args.base, streaming=args.streaming, checkpoint_dir=args.checkpoint)
         pruner.prune(RECIPE, calibration_ids(), save_directory=args.out, overwrite=args.overwrite, progress=False)

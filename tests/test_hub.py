@@ -188,6 +188,21 @@ def test_card_holds_metadata_recipe_parameters_calibration_and_loading(checkpoin
     assert "No evaluation was recorded" in text
 
 
+def test_card_of_a_stock_recipe_describes_what_was_pruned_and_loads_without_the_plugin(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model("llama_gqa", vocab_size=len(tokenizer))
+    calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    OlicaPruner(model, tokenizer).prune(
+        OlicaConfig(ratio=0.2, architecture="stock", device="cpu"), calibration_dataset=calibration,
+        save_directory=tmp_path / "stock", progress=False,
+    )
+    text = build_model_card(tmp_path / "stock", repo_id=REPO_ID).text
+    assert "The stock recipe (`architecture=\"stock\"`) prunes only" in text
+    assert "factors the query/key projections" not in text
+    assert "QK 0.0%, VO 0.0%" in text
+    assert "trust_remote_code" not in text and "import optimum_olica" not in text
+
+
 def test_card_license_comes_from_a_local_base_model_card_else_unknown(checkpoint_copy, tmp_path):
     report_path = checkpoint_copy / "olica_report.json"
     report = json.loads(report_path.read_text())

@@ -20,15 +20,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import optimum_olica  # noqa: F401
-from optimum_olica import checkpoint as checkpoint_module
+from optimum_olica import atomic_io
 from optimum_olica._faults import ENVIRONMENT_VARIABLE, InjectedFault
-from optimum_olica.checkpoint import (
+from optimum_olica.atomic_io import (
     STAGING_PREFIX,
     clean_interrupted_writes,
     prepare_output_directory,
-    save_pruned_model,
     write_directory_atomically,
 )
+from optimum_olica.checkpoint import save_pruned_model
 from optimum_olica.configuration import OlicaConfig
 from optimum_olica.errors import CheckpointVerificationError
 from optimum_olica.integrity import read_safetensors_header, verify_saved_checkpoint
@@ -184,8 +184,8 @@ def test_kill_between_the_two_renames_is_repaired_by_the_next_run(existing_targe
 
 def test_replacing_a_target_uses_an_atomic_exchange(pruner, existing_target, monkeypatch):
     calls = []
-    exchange = checkpoint_module._exchange
-    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: calls.append((a, b)) or exchange(a, b))
+    exchange = atomic_io._exchange
+    monkeypatch.setattr(atomic_io, "_exchange", lambda a, b: calls.append((a, b)) or exchange(a, b))
     pruner.save_pretrained(existing_target, overwrite=True)
     assert len(calls) == 1
     AutoModelForCausalLM.from_pretrained(existing_target)

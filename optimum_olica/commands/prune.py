@@ -207,7 +207,7 @@ class OlicaPruneCommand(OlicaSubcommand):
         )
 
     def execute(self) -> None:
-        from ..checkpoint import prepare_output_directory
+        from ..atomic_io import prepare_output_directory
         from ..data import load_calibration_texts
         from ..pruner import OlicaPruner
 

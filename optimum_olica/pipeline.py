@@ -35,7 +35,14 @@ from .integrity import read_safetensors_header
 
 
 class LayerAlgorithm(Protocol):
-    """What the pipeline needs from a pruning algorithm (see ``optimum_olica.olica.OlicaLayerPruner``)."""
+    """Everything the pipeline and the entry point call on a pruning algorithm (implemented by
+    ``optimum_olica.olica.OlicaLayerPruner`` and the magnitude baseline).
+
+    Per layer, in this order: ``observe_dense`` (a context manager around the dense layer's calibration pass),
+    ``prune``, ``refine`` (may replay the calibration batches through the pruned layer), ``observe_pruned`` (a context
+    manager around the propagation pass), ``finish_layer`` (returns the layer's report record). After the last layer
+    the entry point asks ``choose_calibrated_layers``; resuming saves and restores ``state_dict``.
+    """
 
     def observe_dense(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
 
@@ -46,6 +53,12 @@ class LayerAlgorithm(Protocol):
     def observe_pruned(self, dense: torch.nn.Module, pruned: torch.nn.Module, layer_idx: int): ...  # context
 
     def finish_layer(self, pruned: torch.nn.Module, layer_idx: int, outputs: list[torch.Tensor]) -> dict: ...
+
+    def choose_calibrated_layers(self, count: int, exclude: tuple[int, ...] = ()) -> list: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class _StopForward(Exception):

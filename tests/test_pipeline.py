@@ -356,3 +356,30 @@ def test_example_dry_run_checks_paths_and_writes_nothing(tmp_path):
     assert "outputs/smollm2-olica-33" in result.stdout
     assert "dry run" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_layer_algorithm_protocol_lists_every_method_the_pipeline_and_entry_point_call():
+    """Every ``algorithm.<name>`` the pipeline and the entry point use is in the protocol, and both algorithms
+    implement the whole protocol with the same parameters."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import optimum_olica
+    from optimum_olica.baselines import MagnitudeLayerPruner
+    from optimum_olica.olica import OlicaLayerPruner
+    from optimum_olica.pipeline import LayerAlgorithm
+
+    protocol = {name for name, value in vars(LayerAlgorithm).items() if callable(value) and not name.startswith("_")}
+    package = Path(optimum_olica.__file__).parent
+    called = set()
+    for module in ("pipeline.py", "pruner.py"):
+        for node in ast.walk(ast.parse((package / module).read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "algorithm":
+                called.add(node.attr)
+    assert called and called <= protocol, called - protocol
+    for implementation in (OlicaLayerPruner, MagnitudeLayerPruner):
+        for name in protocol:
+            expected = list(inspect.signature(getattr(LayerAlgorithm, name)).parameters)
+            assert list(inspect.signature(getattr(implementation, name)).parameters)[:len(expected)] == expected, (
+                implementation.__name__, name)

@@ -10,15 +10,18 @@ the recipe and the calibration token count, following what the pipeline really k
 - decomposition: the float64 copies of ``prune`` (Q/K SVDs, V/O rotation, FFN scores) and the pruned layer;
 - o_proj refit: the attention pass on the pruned layer, two folds of ``Z^T Z`` / ``Z^T Y`` and their solves;
 - propagation: the pruned layer's pass, with the FFN activations (and, for a branch, the FFN inputs and targets)
-  kept for ``finish_layer``;
-- down_proj refit: the FFN-wide folds and the cross-validated Cholesky solves of ``finish_layer``;
+  kept for ``finish_layer``, and the FFN-wide folds;
+- down_proj refit: the cross-validated Cholesky solves of ``finish_layer`` (and a branch's fit);
 - saving: each pruned layer stored (moved home, or written to its own shard when streaming);
 - final write: the pruned model assembled and written (streaming: the non-layer tensors, index and config).
 
 Each phase's figure is the peak of live tensor storage during that phase, the tensors held from earlier phases
-included, for the layer with the widest pruned dimensions. Memory the libraries allocate outside tensors (LAPACK
-workspaces, the allocator's caching and fragmentation, safetensors' serialisation buffers) is not counted: budget a
-margin on top. The time is an estimate from floating-point operation counts and throughputs measured on one CPU
+included, for the layer with the widest pruned dimensions. Device and host follow where the code puts each tensor:
+the refit folds and a calibration branch's sums are summed on the host (the device computes each batch's products
+one Gram block at a time), the solves run on the device in one float64 workspace, and the activations kept between
+passes are on the device unless ``offload_activations`` puts them on the host. Memory the libraries allocate
+outside tensors (LAPACK workspaces, the allocator's caching and fragmentation, safetensors' serialisation buffers)
+is not counted: budget a margin on top. The time is an estimate from floating-point operation counts and throughputs measured on one CPU
 class (see ``CPU_THROUGHPUT``), not a measurement; no time is estimated for accelerators (none was measured).
 """
 
@@ -34,6 +37,7 @@ from .allocation import plan_dimensions
 from .checkpoint import olica_config_from
 from .configuration import OlicaConfig
 from .olica import REFIT_DAMPING_CANDIDATES
+from .olica_math import _COPY_CHUNK_ELEMENTS
 
 # choose_refit_damping's sketch of the output channels.
 _REFIT_PROBES = 64
@@ -55,8 +59,9 @@ PHASES = (
 class PhaseMemory:
     """One phase of the pipeline: peak bytes on the compute device and on the host, disk written, time estimate.
 
-    ``device_bytes`` and ``host_bytes`` are disjoint: on a CPU run both are the same RAM and the peak is their sum
-    (``total_bytes``). ``seconds`` is None where no throughput is known (accelerators).
+    ``device_bytes`` and ``host_bytes`` are disjoint, each the peak of its side (they may fall at different moments
+    of the phase). ``total_bytes`` is the peak of both together at one moment: on a CPU run both are the same RAM
+    and that is the phase's peak. ``seconds`` is None where no throughput is known (accelerators).
     """
 
     name: str
@@ -64,10 +69,11 @@ class PhaseMemory:
     host_bytes: int
     disk_bytes: int
     seconds: float | None
+    combined_bytes: int | None = None
 
     @property
     def total_bytes(self) -> int:
-        return self.device_bytes + self.host_bytes
+        return self.device_bytes + self.host_bytes if self.combined_bytes is None else self.combined_bytes
 
 
 @dataclass(frozen=True)
@@ -241,30 +247,48 @@ def _fold_bytes(s: _Shapes, inputs: int, outputs: int) -> int:
     return 2 * (inputs * inputs + inputs * outputs + 2 * inputs + 2 * outputs) * s.statistics_bytes
 
 
-def _fold_update(s: _Shapes, inputs: int, outputs: int) -> int:
-    """One fold update: half a batch of inputs and targets made contiguous, in float32, and the float32 batch
-    products with their casts to the accumulation dtype."""
+def _largest_gram_block(dim: int) -> int:
+    """Elements of the largest block ``StreamingMoments`` computes of a batch's ``X^T X`` (``_gram_blocks``)."""
+    parts = 4 if dim >= 384 else 2 if dim >= 192 else 1
+    return math.ceil(dim / parts) ** 2
+
+
+def _fold_update(s: _Shapes, inputs: int, outputs: int, on_cpu: bool) -> tuple[int, int]:
+    """(compute device, host) transients of one fold update: half a batch of inputs and targets made contiguous and
+    cast to float32 on the compute device, then one float32 product at a time (a Gram block, then ``X^T E``), each
+    copied to the host sums (on a CPU run the product is added where it is: no copy)."""
     half = s.batch_tokens // 2
-    cast = 8 if s.statistics_bytes == 8 else 0
     rows = half * (inputs + outputs) * (s.weight_bytes + (4 if s.weight_bytes == 2 else 0))
-    return rows + (inputs * inputs + inputs * outputs) * (4 + cast)
+    product = max(_largest_gram_block(inputs), inputs * outputs) * 4
+    return rows + product, 0 if on_cpu else product
 
 
-def _refit_solve(s: _Shapes, inputs: int, outputs: int) -> int:
-    """The cross-validated refit's extra float64 tensors: float64 copies of float32 folds, then one regularised
-    copy of a Gram and its Cholesky factor (``_ridge_solve``), the sketched crosses and the solution."""
-    upcast = 0 if s.statistics_bytes == 8 else 2 * (inputs * inputs + inputs * outputs) * 8
+def _refit_solve(s: _Shapes, inputs: int, outputs: int, on_cpu: bool) -> list[tuple[int, int]]:
+    """The two moments of ``_refit``'s solves as (compute device, host) bytes beyond the folds: one (inputs x inputs)
+    float64 workspace, factored in place, with the cross-validation's sketched crosses and candidate fits (on a CPU
+    run float32 sums are sketched from a float64 copy of the cross, on the host), then, once the folds are merged
+    (one fold's sums released), the final solve's right-hand side (one inputs x outputs float64 matrix, overwritten by
+    the solution), built a piece at a time (one float64 piece of the prior, ``olica_math._COPY_CHUNK_ELEMENTS``)."""
+    workspace = inputs * inputs * 8
     probes = min(_REFIT_PROBES, outputs)
-    return upcast + 2 * inputs * inputs * 8 + 4 * inputs * probes * 8
+    choice = (2 * len(REFIT_DAMPING_CANDIDATES) + 4) * inputs * probes * 8
+    piece = min(max(1, _COPY_CHUNK_ELEMENTS // outputs) * outputs, inputs * outputs) * 8
+    merged = -_fold_bytes(s, inputs, outputs) // 2
+    return [
+        (workspace + choice, inputs * outputs * 8 if on_cpu and s.statistics_bytes == 4 else 0),
+        (workspace + inputs * outputs * 8 + piece, merged),
+    ]
 
 
-def _calibration_fit(s: _Shapes) -> int:
-    """The linear-calibration branch of ``finish_layer``: its (d x d) moments, then the larger of one batch's
-    residual update and the fit (regularised copy, Cholesky factor, solution, its product with the Gram, SVD)."""
+def _calibration_fit(s: _Shapes, on_cpu: bool) -> tuple[int, tuple[int, int]]:
+    """The linear-calibration branch of ``finish_layer``: (its (d x d) moments in host memory, then the larger of one
+    batch's residual update (compute device, host) and the fit, which runs on the host where the moments are
+    (workspace, solution, its product with the Gram, SVD))."""
     d = s.hidden
     moments = (2 * d * d + 4 * d) * s.statistics_bytes
-    batch_update = 3 * s.batch_tokens * d * max(s.weight_bytes, 4) + 2 * d * d * (4 + 8)
-    return moments + max(batch_update, 6 * d * d * 8)
+    batch_device = 3 * s.batch_tokens * d * max(s.weight_bytes, 4) + d * d * 4
+    batch_host = 0 if on_cpu else d * d * 4
+    return moments, (batch_device, max(batch_host, 5 * d * d * 8))
 
 
 def _decomposition_transient(s: _Shapes) -> int:
@@ -285,12 +309,12 @@ def _decomposition_transient(s: _Shapes) -> int:
     return max(steps)
 
 
-def _phase_bytes(run: _Run) -> dict[str, tuple[int, int]]:
-    """(compute device, host) peak bytes of each phase."""
+def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
+    """Per phase, the moments that can be its peak, each as (activations stored between passes, compute-device
+    working set, host working set). Stored activations live on the host with ``offload_activations``, else on the
+    compute device; the refit and branch sums always live on the host (``OlicaLayerPruner._folds``)."""
     s = run.shapes
     w, n, batch = s.weight_bytes, s.num_tokens, s.batch_tokens
-    model = 0 if run.streaming else s.parameters_before * s.weight_bytes
-    host_fixed = model + n * 8  # the model (unless streamed) and the calibration token ids
     layer = _layer_state(run)
     # Streaming: the previous pruned layer is written, not moved off the device, and stays referenced until the
     # next ``prune`` returns.
@@ -310,60 +334,76 @@ def _phase_bytes(run: _Run) -> dict[str, tuple[int, int]]:
     ffn_batches += n * 2 * s.hidden * w if run.calibrated else 0
     o_folds = _fold_bytes(s, attention_width, s.hidden) if run.refit else 0
     down_folds = _fold_bytes(s, s.pruned_ffn, s.hidden) if run.refit else 0
+    o_update = _fold_update(s, attention_width, s.hidden, run.on_cpu)
+    down_update = _fold_update(s, s.pruned_ffn, s.hidden, run.on_cpu) if run.refit else (0, 0)
+    statistics = _dense_statistics(s)
+    o_solve = _refit_solve(s, attention_width, s.hidden, run.on_cpu)
+    down_solve = _refit_solve(s, s.pruned_ffn, s.hidden, run.on_cpu)
 
-    # (stored between passes: on the host when offloaded; working set on the compute device)
-    phases = {
-        # The embedding output is moved from the host to the storage device (the same tensor when that is the host).
-        "capture": (
-            inputs,
-            (s.vocab * s.hidden * w if run.streaming else 0)
-            + (_tokens_by_hidden(s, batch) if not (run.on_cpu or run.offload) else 0)
-            + 4 * s.sequence_length * s.head_dim * 4,  # the rotary embedding's float32 intermediates
-        ),
-        "load": (inputs, layer + previous_pruned),
-        "statistics": (
+    moments = {
+        "load": [(inputs, layer + previous_pruned, 0)],
+        "statistics": [(
             inputs + attention_targets + layer_targets - (_tokens_by_hidden(s, batch) if layer_targets else 0),
-            layer + previous_pruned + _dense_statistics(s) + dense_ffn,
-        ),
-        "decomposition": (
+            layer + previous_pruned + statistics + dense_ffn, 0,
+        )],
+        "decomposition": [(
             inputs + attention_targets + layer_targets,
-            layer + previous_pruned + _dense_statistics(s) + _decomposition_transient(s),
-        ),
-        "o_proj refit": (
-            inputs + attention_targets + layer_targets + n * attention_width * w,
-            layer + pruned + o_folds + max(
-                attention_pass + _fold_update(s, attention_width, s.hidden),
-                _refit_solve(s, attention_width, s.hidden),
-            ),
-        ) if run.refit else (inputs + layer_targets, layer + pruned),  # without a refit, refine does nothing
-        "propagation": (
-            2 * inputs + layer_targets + ffn_batches,
-            layer + pruned + down_folds + _tokens_by_hidden(s, batch) + batch * attention_width * w
-            + (_fold_update(s, s.pruned_ffn, s.hidden) if run.refit else 0),
-        ),
-        "down_proj refit": (
-            2 * inputs + ffn_batches,
-            pruned + down_folds + max(
-                _refit_solve(s, s.pruned_ffn, s.hidden) if run.refit else 0,
-                _calibration_fit(s) if run.calibrated else 0,
-            ),
-        ),
-        "saving": (inputs + _tokens_by_hidden(s, n), pruned),  # the layer's inputs are released after the store
-        # After the loop only the pruned weights remain: the whole pruned model, or (streaming) the non-layer tensors.
-        "final write": (0, 0),
+            layer + previous_pruned + statistics + _decomposition_transient(s), 0,
+        )],
+        # The attention pass consumes the dense attention outputs as it stores the values; then the solves.
+        "o_proj refit": [
+            (inputs + attention_targets + layer_targets + batch * attention_width * w,
+             layer + pruned + attention_pass + o_update[0], o_folds + o_update[1]),
+            *((inputs + layer_targets + n * attention_width * w, layer + pruned + device, o_folds + host)
+              for device, host in o_solve),
+        ] if run.refit else [(inputs + layer_targets, layer + pruned, 0)],  # without a refit, refine does nothing
+        # The pass consumes the dense layer outputs (and the cached values) as it stores its outputs and the FFN
+        # activations: its peak is at the end.
+        "propagation": [(
+            2 * inputs + ffn_batches + _tokens_by_hidden(s, batch),
+            layer + pruned + _tokens_by_hidden(s, batch) + batch * attention_width * w + down_update[0],
+            down_folds + down_update[1],
+        )],
+        "down_proj refit": [
+            (2 * inputs + ffn_batches, pruned + device, down_folds + host) for device, host in down_solve
+        ] if run.refit else [(2 * inputs + ffn_batches, pruned, 0)],
+        "saving": [(inputs + _tokens_by_hidden(s, n), pruned, 0)],  # the layer's inputs are released after the store
     }
-    result = {}
-    for name, (stored, working) in phases.items():
-        if name == "capture":
-            result[name] = (stored if not run.offload else 0, host_fixed + working + (stored if run.offload else 0))
-            continue
-        host = host_fixed
-        if name == "final write":
-            host = n * 8 + (s.non_layer_parameters if run.streaming else s.parameters_after) * w
-        if run.offload:
-            result[name] = (working + 2 * _tokens_by_hidden(s, batch), host + stored)
-        else:
-            result[name] = (stored + working, host)
+    if run.calibrated:
+        # The branch is fitted after the refit; the merged refit fold (half of down_folds) is still referenced.
+        branch_moments, (batch_device, branch_host) = _calibration_fit(s, run.on_cpu)
+        moments["down_proj refit"].append(
+            (2 * inputs + ffn_batches, pruned + batch_device, down_folds // 2 + branch_moments + branch_host)
+        )
+    return moments
+
+
+def _phase_bytes(run: _Run) -> dict[str, tuple[int, int, int]]:
+    """(compute device, host, both at once) peak bytes of each phase."""
+    s = run.shapes
+    w, n, batch = s.weight_bytes, s.num_tokens, s.batch_tokens
+    model = 0 if run.streaming else s.parameters_before * w
+    host_fixed = model + n * 8  # the model (unless streamed) and the calibration token ids
+    inputs = _tokens_by_hidden(s, n) + _rotary_bytes(s)
+    # The embedding output is moved from the host to the storage device (the same tensor when that is the host).
+    capture_host = (
+        host_fixed + (s.vocab * s.hidden * w if run.streaming else 0)
+        + (_tokens_by_hidden(s, batch) if not (run.on_cpu or run.offload) else 0)
+        + 4 * s.sequence_length * s.head_dim * 4  # the rotary embedding's float32 intermediates
+    )
+    capture = (0, capture_host + inputs) if run.offload else (inputs, capture_host)
+    result = {"capture": (*capture, sum(capture))}
+    for name, moments in _phase_moments(run).items():
+        placed = []
+        for stored, device, host in moments:
+            if run.offload:  # stored on the host; the device holds the batch moved in and its output
+                placed.append((device + 2 * _tokens_by_hidden(s, batch), host_fixed + host + stored))
+            else:
+                placed.append((device + stored, host_fixed + host))
+        result[name] = (max(d for d, _ in placed), max(h for _, h in placed), max(d + h for d, h in placed))
+    # After the loop only the pruned weights remain: the whole pruned model, or (streaming) the non-layer tensors.
+    final_host = n * 8 + (s.non_layer_parameters if run.streaming else s.parameters_after) * w
+    result["final write"] = (0, final_host, final_host)
     return result
 
 
@@ -448,7 +488,8 @@ def plan_memory(
         if device == "cpu":
             seconds = sum(count / CPU_THROUGHPUT[kind] for kind, count in flops.get(name, {}).items())
             seconds += (read + written) / _DISK_BYTES_PER_S
-        phases.append(PhaseMemory(name, *memory[name], disk_bytes=written, seconds=seconds))
+        device_bytes, host_bytes, combined = memory[name]
+        phases.append(PhaseMemory(name, device_bytes, host_bytes, written, seconds, combined_bytes=combined))
     notes = [
         "device/host: peak bytes of live tensors in each phase, tensors kept from earlier phases included"
         + (" (a CPU run: both are the same RAM, add them)" if device == "cpu" else "")

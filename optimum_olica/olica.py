@@ -228,12 +228,12 @@ class OlicaLayerPruner:
         if self.refit_damping is None or layer_idx in self.skip_layers:
             return
         o_proj = pruned.self_attn.o_proj
-        folds = self._folds(o_proj.in_features, o_proj.out_features)
-        targets = iter(self._dense_attention_outputs)
+        folds = self._folds(o_proj.in_features, o_proj.out_features, o_proj.weight.device)
         self._attention_values = []
 
         def on_value_output(module, args):
-            target = next(targets).to(args[0].device)
+            # Each target is released once used: the pass ends holding the values, not the targets too.
+            target = self._dense_attention_outputs.pop(0).to(args[0].device)
             if o_proj.bias is not None:
                 target = target - o_proj.bias  # the refit fits the weight; the bias (the dense one) is added unchanged
             _update_folds(folds, args[0], target)
@@ -252,11 +252,10 @@ class OlicaLayerPruner:
         if weight is not None:
             o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
 
-    def _folds(self, in_features: int, out_features: int) -> list[om.StreamingMoments]:
-        return [
-            om.StreamingMoments(in_features, gram=True, target_dim=out_features, dtype=self.statistics_dtype)
-            for _ in range(2)
-        ]
+    def _folds(self, in_features: int, out_features: int, device: torch.device) -> list[om.StreamingMoments]:
+        """Two folds of refit statistics, summed in host memory: the (in x in) Gram matrices of an FFN-wide
+        ``down_proj`` are GBs that the compute device then never holds (it computes each batch's products)."""
+        return [_host_moments(in_features, out_features, self.statistics_dtype, device) for _ in range(2)]
 
     def _refit(self, folds: list[om.StreamingMoments], weight: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         """The refitted weight and its damping, or (None, None) when the refit is disabled or declined."""
@@ -268,15 +267,18 @@ class OlicaLayerPruner:
             if len(filled) < 2:
                 damping = max(REFIT_DAMPING_CANDIDATES)  # one sequence: no validation possible, damp strongly
             else:
+                # The solves run on the compute device, each in one (in x in) float64 workspace; the folds stay
+                # in host memory and are copied into it piece by piece.
                 damping = om.choose_refit_damping(
-                    [(fold.gram, fold.cross) for fold in folds], weight, REFIT_DAMPING_CANDIDATES
+                    [(fold.raw_sum("gram"), fold.raw_sum("cross")) for fold in folds], weight, REFIT_DAMPING_CANDIDATES
                 )
                 if damping is None:
                     return None, None
         merged = filled[0]
         for fold in filled[1:]:
-            merged.absorb(fold)  # in place: no third copy of the (in x in) Gram at the peak
-        return om.refit_output_projection(merged.gram, merged.cross, weight, damping), damping
+            merged.absorb(fold)  # in place: no third copy of the (in x in) Gram
+        gram, cross = merged.raw_sum("gram"), merged.raw_sum("cross")
+        return om.refit_output_projection(gram, cross, weight, damping), damping
 
     # ---- the FFN on the pruned layer's own inputs: down_proj refit and linear calibration -------------------
 
@@ -291,7 +293,7 @@ class OlicaLayerPruner:
         """
         mlp = pruned.mlp
         self._ffn_batches = []
-        self._ffn_refit = self._folds(mlp.down_proj.in_features, mlp.hidden_size)
+        self._ffn_refit = self._folds(mlp.down_proj.in_features, mlp.hidden_size, mlp.down_proj.weight.device)
         if (self.refit_damping is None and self.calibration_rank <= 0) or layer_idx in self.skip_layers:
             yield
             return
@@ -301,7 +303,6 @@ class OlicaLayerPruner:
             pruned.self_attn = _CachedAttention(attention.o_proj, self._attention_values)
         bias = down_proj.bias
         residuals = []
-        dense_outputs = iter(self._dense_layer_outputs)
 
         def on_residual(module, args):
             residuals.append(args[0])
@@ -311,7 +312,8 @@ class OlicaLayerPruner:
             # What the FFN must add to the pruned layer's residual stream to give the dense layer's output: the fit
             # then also absorbs what is left of the attention error (measured: better than targeting the dense
             # FFN's output on the same input, 48.2 vs 49.1 on SmolLM2 at 20%, and no dense FFN rerun).
-            target = next(dense_outputs).to(ffn_input.device) - residuals.pop()
+            # Each dense output is released once used (the pass's outputs take its place).
+            target = self._dense_layer_outputs.pop(0).to(ffn_input.device) - residuals.pop()
             if bias is not None:
                 target = target - bias  # the refit fits the weight; the bias is added unchanged
             if self.refit_damping is not None:
@@ -351,8 +353,8 @@ class OlicaLayerPruner:
         self._record = {}
         moments = None
         if self.calibration_rank > 0 and self._ffn_batches:
-            d = mlp.hidden_size
-            moments = om.StreamingMoments(d, gram=True, target_dim=d, dtype=self.statistics_dtype)
+            # Summed in host memory, and the branch is fitted there: a (d x d) solve, once per layer.
+            moments = _host_moments(mlp.hidden_size, mlp.hidden_size, self.statistics_dtype, down.weight.device)
         for index, (ffn_input, activation, target) in enumerate(self._ffn_batches):
             projected = down(activation.to(down.weight.device))  # bias included
             outputs[index] += projected.to(outputs[index].device)
@@ -431,6 +433,12 @@ def planned_dimensions(config, layer_idx: int) -> dict:
 
 # Relative dampings tried by the cross-validated refit (multiples of the mean diagonal of Z^T Z).
 REFIT_DAMPING_CANDIDATES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def _host_moments(dim: int, target_dim: int, dtype: torch.dtype, compute_device: torch.device) -> om.StreamingMoments:
+    """Gram and cross sums kept in host memory (page-locked when the batches come from a CUDA device)."""
+    pinned = torch.device(compute_device).type == "cuda"
+    return om.StreamingMoments(dim, gram=True, target_dim=target_dim, device="cpu", dtype=dtype, pin_memory=pinned)
 
 
 def _update_folds(folds: list[om.StreamingMoments], inputs: torch.Tensor, targets: torch.Tensor) -> None:

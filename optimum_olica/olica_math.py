@@ -22,7 +22,7 @@ from torch import Tensor
 __all__ = [
     "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "ffn_neuron_scores",
     "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
-    "choose_refit_damping", "refit_output_projection", "ridge_least_squares", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
+    "choose_refit_damping", "refit_output_projection", "ridge_least_squares", "solve_workspace", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
     "value_output_rotation", "exact_value_output_decomposition",
 ]
 
@@ -96,39 +96,73 @@ def _check_keep(keep: Tensor, width: int) -> Tensor:
     return keep.long()
 
 
-def _symmetric_gram(rows: Tensor) -> Tensor:
-    """``rows^T rows``, computing only the blocks on and above the diagonal (the rest is their transpose).
-
-    With 4 column blocks that is 10 of 16 block products; measured on one CPU core, 4,096 tokens x 1,229 channels:
-    0.10 s instead of 0.20 s for the plain product (which also does not exploit the symmetry).
-    """
-    dim = rows.shape[-1]
+def _gram_block_edges(dim: int) -> list[int]:
+    """Column-block edges of ``_gram_blocks``: 4 blocks from 384 channels, 2 from 192, else 1."""
     parts = 4 if dim >= 384 else 2 if dim >= 192 else 1
-    if parts == 1:
-        return rows.T @ rows
-    edges = [round(i * dim / parts) for i in range(parts + 1)]
-    columns = [rows[:, edges[i] : edges[i + 1]] for i in range(parts)]
-    gram = rows.new_empty(dim, dim)
-    for i in range(parts):
-        for j in range(i, parts):
-            block = columns[i].T @ columns[j]
-            gram[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = block
-            if i != j:
-                gram[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = block.T
+    return [round(i * dim / parts) for i in range(parts + 1)]
+
+
+def _gram_blocks(rows: Tensor):
+    """The blocks on and above the diagonal of ``rows^T rows``: ``(row_slice, column_slice, block)``, lazily.
+
+    The blocks below the diagonal are their transposes, so they are never computed. With 4 column blocks that is
+    10 of 16 block products; measured on one CPU core, 4,096 tokens x 1,229 channels: 0.10 s instead of 0.20 s for
+    the plain product. Yielding one block at a time lets a caller move each block elsewhere (the host) before the
+    next is computed, so the full (dim, dim) product never exists on the compute device.
+    """
+    edges = _gram_block_edges(rows.shape[-1])
+    spans = [slice(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    for i, first in enumerate(spans):
+        for second in spans[i:]:
+            yield first, second, rows[:, first].T @ rows[:, second]
+
+
+def _mirror_upper_blocks(gram: Tensor) -> Tensor:
+    """Fill, in place, the blocks below the diagonal of a ``_gram_blocks`` sum with the transposes of those above."""
+    edges = _gram_block_edges(gram.shape[-1])
+    spans = [slice(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    for i, first in enumerate(spans):
+        for second in spans[i + 1 :]:
+            gram[second, first] = gram[first, second].T
     return gram
+
+
+def _add_into(total: Tensor, value: Tensor) -> None:
+    """``total += value`` where ``total`` lives, in ``total``'s dtype: a wider ``value`` is rounded first (as a cast
+    would), a narrower one is widened exactly by ``add_`` element by element."""
+    if value.dtype.itemsize > total.dtype.itemsize:
+        value = value.to(total.dtype)
+    total.add_(value.to(total.device))
+
+
+def _symmetric_gram(rows: Tensor) -> Tensor:
+    """``rows^T rows`` from ``_gram_blocks`` (the blocks below the diagonal are exact transposes)."""
+    gram = rows.new_empty(rows.shape[-1], rows.shape[-1])
+    for first, second, block in _gram_blocks(rows):
+        gram[first, second] = block
+    return _mirror_upper_blocks(gram)
 
 
 class StreamingMoments:
     """Float64 running sums of activation statistics, fed batch by batch (method §1-§3).
+
+    Each batch's products (``X^T X`` block by block, ``X^T E``, the channel sums) are computed in float32 where the
+    batch is (float64 batches stay float64) and added into the running sums where those live, in `dtype`. With the
+    sums on the host and the batches on an accelerator, the accelerator holds one batch and one Gram block at a
+    time; the float64 sums keep the error from growing with the token count, as if they were on the accelerator
+    (the same float32 products, the same float64 additions: the sums are bit-identical wherever they live).
 
     Args:
         dim (`int`): Channel count of `x`.
         gram (`bool`, *optional*, defaults to `False`): Also accumulate ``X^T X`` `(dim, dim)`.
         target_dim (`int`, *optional*): If set, `update` takes a target ``E`` and the sums of E, E**2 and ``X^T E``
             `(dim, target_dim)` are accumulated too.
-        device (*optional*): Where the sums live; defaults to the device of the first batch.
-        dtype (*optional*, defaults to `torch.float64`): Accumulation dtype. float32 halves the memory of the Gram
-            matrices of very wide models at the cost of precision; sums are cast to float64 when read.
+        device (*optional*): Where the sums live (e.g. ``"cpu"``: host memory); defaults to the device of the first
+            batch.
+        dtype (*optional*, defaults to `torch.float64`): Accumulation dtype. float32 halves the memory of the sums
+            (wherever they live) at the cost of precision; sums are cast to float64 when read.
+        pin_memory (`bool`, *optional*, defaults to `False`): Allocate host sums in page-locked memory (faster
+            copies to and from a CUDA device; needs CUDA).
 
     Statistics (all but `count` raise `RuntimeError` before the first token): `count`; `mean` and `second_moment`
     (mean of x**2, the method's ``s``) `(dim,)`; `gram` (raw ``X^T X``); `cross` (raw ``X^T E``); `target_mean`,
@@ -137,7 +171,7 @@ class StreamingMoments:
 
     def __init__(
         self, dim: int, *, gram: bool = False, target_dim: int | None = None, device=None,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype = torch.float64, pin_memory: bool = False,
     ):
         _check_int("dim", dim)
         if target_dim is not None:
@@ -145,7 +179,7 @@ class StreamingMoments:
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"`dtype` must be torch.float64 or torch.float32, got {dtype}.")
         self.dim, self.target_dim, self.has_gram, self.device = dim, target_dim, bool(gram), device
-        self.dtype = dtype
+        self.dtype, self.pin_memory = dtype, bool(pin_memory)
         self._count = 0
         self._sums: dict[str, Tensor] = {}
 
@@ -182,12 +216,17 @@ class StreamingMoments:
                 shapes["gram"] = (self.dim, self.dim)
             if self.target_dim is not None:
                 shapes.update(t=(self.target_dim,), t2=(self.target_dim,), cross=(self.dim, self.target_dim))
-            self._sums = {key: torch.zeros(shape, dtype=self.dtype, device=device) for key, shape in shapes.items()}
+            pin = self.pin_memory and torch.device(device).type == "cpu"
+            self._sums = {
+                key: torch.zeros(shape, dtype=self.dtype, device=device, pin_memory=pin)
+                for key, shape in shapes.items()
+            }
         sums = self._sums
-        # Per-batch products in float32 (float64 inputs stay float64), accumulated across batches in `dtype`: the
-        # float64 sums keep error from growing with the token count, at a fraction of float64 GEMM cost.
+        # Per-batch products in float32 (float64 inputs stay float64) where the batch is, accumulated across batches
+        # in `dtype` where the sums are: the float64 sums keep error from growing with the token count, at a fraction
+        # of float64 GEMM cost. add_ casts each product to `dtype` element by element (no full-size copy).
         batch_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        parts = [part.to(device=sums["x"].device, dtype=batch_dtype) for part in parts]
+        parts = [part.to(dtype=batch_dtype) for part in parts]
         rows = parts[0]
         batch = {"x": rows.sum(dim=0), "x2": rows.square().sum(dim=0)}
         if target is not None:
@@ -197,12 +236,14 @@ class StreamingMoments:
         # sums, so one bad batch cannot poison what was already accumulated.
         if not all(bool(torch.isfinite(value).all()) for value in batch.values()):
             raise ValueError("non-finite activations: the batch holds NaN or Inf in a counted token.")
-        if self.has_gram:
-            batch["gram"] = _symmetric_gram(rows)
-        if target is not None:
-            batch["cross"] = rows.T @ target_rows
         for key, value in batch.items():
-            sums[key] += value.to(self.dtype)
+            _add_into(sums[key], value)
+        if self.has_gram:
+            # Only the blocks on and above the diagonal are summed; `raw_sum` mirrors them below.
+            for first, second, block in _gram_blocks(rows):
+                _add_into(sums["gram"][first, second], block)
+        if target is not None:
+            _add_into(sums["cross"], rows.T @ target_rows)
         self._count += rows.shape[0]
 
     def absorb(self, other: "StreamingMoments") -> None:
@@ -223,13 +264,19 @@ class StreamingMoments:
             self._count += other._count
         other._sums, other._count = {}, 0
 
-    def _read(self, key: str, per_token: bool = False) -> Tensor:
+    def raw_sum(self, key: str) -> Tensor:
+        """The running sum ``key`` ("gram", "cross", "x", "x2", "t", "t2") itself: in `dtype`, where it lives, not
+        copied (a solve can then move it to the compute device piece by piece). Do not modify it."""
         if self._count == 0:
             raise RuntimeError("StreamingMoments has seen no token yet: call `update` with at least one token.")
         if key not in self._sums:
             needed = "gram=True" if key == "gram" else "target_dim set"
             raise RuntimeError(f"This statistic needs a StreamingMoments built with {needed}.")
-        value = self._sums[key].double()
+        value = self._sums[key]
+        return _mirror_upper_blocks(value) if key == "gram" else value
+
+    def _read(self, key: str, per_token: bool = False) -> Tensor:
+        value = self.raw_sum(key).double()
         return value / self._count if per_token else value
 
     count = property(lambda self: self._count, doc="Number of tokens counted so far.")
@@ -493,54 +540,124 @@ def prune_ffn(
     return gate, up, down_weight.index_select(1, keep), biases[0], biases[1]
 
 
-def _ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> tuple[Tensor, float]:
-    """`ridge_least_squares` that also returns the ridge finally used."""
+_COPY_CHUNK_ELEMENTS = 1 << 20  # elements per piece of a copy to the solving device (8 MB in float64)
+
+
+def solve_workspace(dim: int, device=None) -> Tensor:
+    """The one `(dim, dim)` float64 matrix the refit solves work in (`ridge_least_squares`, `refit_output_projection`,
+    `choose_refit_damping`), on the device that runs them: each solve copies its Gram into it, piece by piece, and
+    factors it in place, so the Gram matrices themselves can stay in host memory."""
+    _check_int("dim", dim)
+    return torch.empty(dim, dim, dtype=torch.float64, device=device)
+
+
+def _all_finite(matrix: Tensor) -> bool:
+    """No NaN or Inf in ``matrix`` (float64): its sum is then finite. ``torch.isfinite`` would allocate a copy of
+    its size (``abs``) and three masks, GBs for an FFN-wide system; an overflowing sum of finite entries (beyond
+    1e308) would be refused too, and no solve of such a system is meaningful."""
+    return math.isfinite(float(matrix.sum()))
+
+
+def _load_gram(workspace: Tensor, gram: Tensor, transpose: bool = False) -> Tensor:
+    """Copy ``gram`` (any float dtype, any device), or its transpose, into ``workspace`` piece by piece (no full-size
+    temporary on either side), refusing a non-finite value."""
+    dim = workspace.shape[0]
+    step = max(1, _COPY_CHUNK_ELEMENTS // dim)
+    for start in range(0, dim, step):
+        rows = slice(start, min(start + step, dim))
+        workspace[rows].copy_(gram[:, rows].T if transpose else gram[rows])
+        if not _all_finite(workspace[rows]):
+            raise ValueError("`gram` and `cross` must be finite.")
+    return workspace
+
+
+def _factor_in_place(workspace: Tensor, gram: Tensor, ridge: float) -> Tensor | None:
+    """The lower Cholesky factor of ``gram + ridge I``, computed inside ``workspace``; None if not positive definite.
+
+    The workspace receives ``gram``'s transpose, so its transposed view is a column-major (LAPACK-layout) matrix
+    whose lower triangle is ``gram``'s own: factoring that view in place reads exactly what a Cholesky of ``gram``
+    reads, and needs no second `(dim, dim)` matrix (measured on CPU: no allocation; a row-major one is copied).
+    """
+    factor = _load_gram(workspace, gram, transpose=True).T
+    factor.diagonal().add_(ridge)
+    info = torch.empty((), dtype=torch.int32, device=workspace.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    return factor if int(info) == 0 else None
+
+
+def _column_major(rows: int, columns: int, device) -> Tensor:
+    """An empty `(rows, columns)` float64 matrix in LAPACK's column-major layout (a transposed row-major one)."""
+    return torch.empty(columns, rows, dtype=torch.float64, device=device).T
+
+
+def _solve_in_place(factor: Tensor, right_side: Tensor) -> Tensor:
+    """Overwrite the column-major ``right_side`` with ``(L L^T)^-1 right_side``, ``L = factor`` (lower): the two
+    triangular solves of LAPACK's potrs (measured bit-identical to ``torch.cholesky_solve``), without its copy."""
+    torch.linalg.solve_triangular(factor, right_side, upper=False, out=right_side)
+    torch.linalg.solve_triangular(factor.T, right_side, upper=True, out=right_side)
+    return right_side
+
+
+def _ridge_solve(gram: Tensor, cross, ridge: float, workspace: Tensor | None = None) -> tuple[Tensor, float]:
+    """`ridge_least_squares` that also returns the ridge finally used.
+
+    ``cross`` may also be a function that builds a fresh `(dim, k)` float64 right-hand side in column-major layout on
+    the workspace's device: the solution then overwrites it (one such matrix; it is built again for a retry).
+    """
     dim = _matrix_dims("gram", gram)[0]
     _check_shape("gram", gram, (dim, dim))
-    if cross.ndim not in (1, 2) or cross.shape[0] != dim:
-        raise ValueError(f"`cross` must have shape ({dim}, target_dim) or ({dim},), got {tuple(cross.shape)}.")
+    if workspace is None:
+        workspace = solve_workspace(dim, gram.device)
+    _check_shape("workspace", workspace, (dim, dim))
+    shape, right_side = None, cross
+    if not callable(cross):
+        if cross.ndim not in (1, 2) or cross.shape[0] != dim:
+            raise ValueError(f"`cross` must have shape ({dim}, target_dim) or ({dim},), got {tuple(cross.shape)}.")
+        shape, columns = cross.shape, cross.reshape(dim, -1)
+        right_side = lambda: _column_major(dim, columns.shape[1], workspace.device).copy_(columns)  # noqa: E731
     _check_real("ridge", ridge)
-    gram, cross = gram.double(), cross.double()
-    if not bool(torch.isfinite(gram).all()) or not bool(torch.isfinite(cross).all()):
-        raise ValueError("`gram` and `cross` must be finite.")
     tried = float(ridge)
     for attempt in range(_RIDGE_RETRIES + 1):
-        # The ridge goes onto the diagonal of one copy (no identity matrix): for an FFN-wide system each extra
-        # (dim x dim) float64 temporary is hundreds of MB at the peak of a streaming run.
-        regularized = gram.clone()
-        regularized.diagonal().add_(tried)
-        factor, info = torch.linalg.cholesky_ex(regularized)
-        del regularized
-        solution = torch.cholesky_solve(cross.reshape(dim, -1), factor) if int(info) == 0 else None
-        if solution is not None and bool(torch.isfinite(solution).all()):
+        target = right_side()
+        if not _all_finite(target):
+            raise ValueError("`gram` and `cross` must be finite.")
+        factor = _factor_in_place(workspace, gram, tried)
+        solution = _solve_in_place(factor, target) if factor is not None else None
+        del target
+        if solution is not None and _all_finite(solution):
             if attempt:
                 message = f"ridge_least_squares: not positive definite with ridge {ridge:.3g}; used ridge {tried:.3g}."
                 warnings.warn(message, stacklevel=3)
-            return solution.reshape(cross.shape), tried
+            return (solution if shape is None else solution.reshape(shape)), tried
         if attempt < _RIDGE_RETRIES:
             # Ten times zero is zero: a zero ridge restarts from a tiny fraction of the Gram scale.
-            tried = tried * 10 if tried > 0 else 1e-10 * max(float(gram.diagonal().abs().mean()), 1.0)
+            scale = float(gram.diagonal().double().abs().mean())
+            tried = tried * 10 if tried > 0 else 1e-10 * max(scale, 1.0)
     raise ValueError(f"ridge_least_squares: no positive definite system up to ridge {tried:.3g} (asked {ridge:.3g}).")
 
 
-def ridge_least_squares(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+def ridge_least_squares(gram: Tensor, cross: Tensor, ridge: float, workspace: Tensor | None = None) -> Tensor:
     """Solve ``(G + ridge I) W = C`` by Cholesky in float64 (method §3).
 
     If that is not positive definite the ridge is multiplied by 10, at most 6 times (a zero ridge restarts at
     ``1e-10 * max(mean|diag G|, 1)``), with a warning naming the ridge used; `ValueError` if all fail.
 
     Args:
-        gram (`torch.Tensor` of shape `(dim, dim)`): ``X^T X``.
+        gram (`torch.Tensor` of shape `(dim, dim)`): ``X^T X``, any float dtype, any device (e.g. host memory).
         cross (`torch.Tensor` of shape `(dim, target_dim)` or `(dim,)`): ``X^T E``.
         ridge (`float`): Damping ``lambda >= 0``.
+        workspace (`torch.Tensor` of shape `(dim, dim)`, *optional*): float64 scratch from `solve_workspace`, on the
+            device that solves; its contents are overwritten. Default: a new one on `gram`'s device.
 
     Returns:
-        `torch.Tensor` shaped like `cross`, float64.
+        `torch.Tensor` shaped like `cross`, float64, on the workspace's device.
     """
-    return _ridge_solve(gram, cross, ridge)[0]
+    return _ridge_solve(gram, cross, ridge, workspace)[0]
 
 
-def refit_output_projection(gram: Tensor, cross: Tensor, weight: Tensor, damping: float) -> Tensor:
+def refit_output_projection(
+    gram: Tensor, cross: Tensor, weight: Tensor, damping: float, workspace: Tensor | None = None
+) -> Tensor:
     """Least-squares refit of a pruned output projection to the dense output (our addition to the method).
 
     After neurons are dropped, the kept ones can compensate: ``W' = argmin ||Z W'^T - Y||^2 + lam ||W' - W||^2`` with
@@ -553,9 +670,11 @@ def refit_output_projection(gram: Tensor, cross: Tensor, weight: Tensor, damping
         cross (`torch.Tensor` of shape `(in, out)`): ``Z^T Y``.
         weight (`torch.Tensor` of shape `(out, in)`): the pruned projection's weight.
         damping (`float`): relative damping, > 0.
+        workspace (`torch.Tensor` of shape `(in, in)`, *optional*): float64 scratch from `solve_workspace` on the
+            device that solves (the Gram and the cross may stay in host memory). Default: one on `weight`'s device.
 
     Returns:
-        `torch.Tensor` of shape `(out, in)`, float64.
+        `torch.Tensor` of shape `(out, in)`, float64, on `weight`'s device.
     """
     n_in, n_out = _matrix_dims("cross", cross)
     _check_shape("gram", gram, (n_in, n_in))
@@ -563,9 +682,24 @@ def refit_output_projection(gram: Tensor, cross: Tensor, weight: Tensor, damping
     _check_real("damping", damping)
     if damping <= 0:
         raise ValueError(f"`damping` must be > 0, got {damping}.")
-    gram, cross, weight = gram.double(), cross.double(), weight.double()
-    lam = damping * float(gram.diagonal().mean().clamp_min(1e-30))
-    solution, _ = _ridge_solve(gram, cross + lam * weight.T, lam)
+    if workspace is None:
+        workspace = solve_workspace(n_in, weight.device)
+    device = workspace.device
+    lam = damping * float(gram.diagonal().double().mean().clamp_min(1e-30))
+
+    def cross_plus_prior() -> Tensor:
+        # cross + lam * W^T, built a piece at a time into one (in, out) float64 matrix on the solving device, which
+        # the solve then overwrites with the solution: no float64 copy of the whole weight or cross, no second matrix.
+        target = _column_major(n_in, n_out, device)
+        step = max(1, _COPY_CHUNK_ELEMENTS // n_out)
+        for start in range(0, n_in, step):
+            rows = slice(start, min(start + step, n_in))
+            prior = weight.T[rows].to(device=device, dtype=torch.float64, copy=True).mul_(lam)
+            target[rows] = cross[rows]  # cast to float64 as it is copied
+            target[rows] += prior
+        return target
+
+    solution, _ = _ridge_solve(gram, cross_plus_prior, lam, workspace)
     return solution.T
 
 
@@ -576,7 +710,7 @@ def _squared_error_up_to_constant(weight: Tensor, gram: Tensor, cross: Tensor) -
 
 def choose_refit_damping(
     folds: list[tuple[Tensor, Tensor]], weight: Tensor, candidates: tuple[float, ...], num_probes: int | None = 64,
-    seed: int = 0,
+    seed: int = 0, workspace: Tensor | None = None,
 ) -> float | None:
     """Pick the refit damping by two-fold cross-validation on the calibration tokens (our addition).
 
@@ -591,38 +725,69 @@ def choose_refit_damping(
     and error products shrink by ``out / num_probes`` (on SmolLM2's ``down_proj``, 576 outputs, the whole choice
     costs about a third of the exact one). ``num_probes=None`` or ``>= out`` scores the exact errors.
 
+    Memory: the folds may stay in host memory; the solves and the scores run in one `(in, in)` float64 `workspace`
+    on the device of `weight`: every fit copies its fold's Gram into it and factors it in place, then each fold's
+    Gram is copied in once more to score the fits of the other fold (2 * len(candidates) + 2 copies).
+
     Args:
-        folds: two ``(gram (in, in), cross (in, out))`` pairs from disjoint halves of the tokens.
+        folds: two ``(gram (in, in), cross (in, out))`` pairs from disjoint halves of the tokens, any float dtype.
         weight (`torch.Tensor` of shape `(out, in)`): the pruned projection's weight.
         candidates: relative dampings to try, each > 0.
         num_probes (`int`, *optional*, defaults to 64): Columns of the sketch; None for exact errors.
         seed (`int`, *optional*, defaults to 0): Seed of the sketch (the choice is deterministic).
+        workspace (`torch.Tensor` of shape `(in, in)`, *optional*): float64 scratch from `solve_workspace` on the
+            solving device. Default: one on `weight`'s device.
 
     Returns:
         The best damping, or None when no refit beats the unchanged weight.
     """
     if len(folds) != 2:
         raise ValueError(f"`folds` must hold two (gram, cross) pairs, got {len(folds)}.")
-    weight = weight.double()
-    (gram_a, cross_a), (gram_b, cross_b) = [(g.double(), c.double()) for g, c in folds]
-    out_features = weight.shape[0]
+    out_features, in_features = _matrix_dims("weight", weight)
+    device = weight.device if workspace is None else workspace.device
+    weight = weight.to(device=device, dtype=torch.float64)
     if num_probes is not None:
         _check_int("num_probes", num_probes)
+    sketch = None
     if num_probes is not None and num_probes < out_features:
         generator = torch.Generator().manual_seed(seed)
         sketch = torch.randn(out_features, num_probes, dtype=torch.float64, generator=generator) / num_probes**0.5
-        sketch = sketch.to(weight.device)
-        weight, cross_a, cross_b = sketch.T @ weight, cross_a @ sketch, cross_b @ sketch
-    best, best_error = None, _squared_error_up_to_constant(weight, gram_a, cross_a) + _squared_error_up_to_constant(
-        weight, gram_b, cross_b
-    )
-    for damping in candidates:
-        error = _squared_error_up_to_constant(
-            refit_output_projection(gram_a, cross_a, weight, damping), gram_b, cross_b
-        ) + _squared_error_up_to_constant(refit_output_projection(gram_b, cross_b, weight, damping), gram_a, cross_a)
+        weight = sketch.to(device).T @ weight
+    grams = [gram for gram, _ in folds]
+    crosses = [_sketched_cross(cross, sketch, device) for _, cross in folds]
+    if workspace is None:  # allocated once the full-size weight and crosses are sketched (and released)
+        workspace = solve_workspace(in_features, device)
+    fits = [
+        [refit_output_projection(grams[fold], crosses[fold], weight, damping, workspace) for damping in candidates]
+        for fold in (0, 1)
+    ]
+    # Errors on each fold: of the unchanged weight, and of every fit of the other fold, from one copy of its Gram.
+    kept_error, fit_errors = [], []
+    for fold in (0, 1):
+        gram = _load_gram(workspace, grams[fold])
+        kept_error.append(_squared_error_up_to_constant(weight, gram, crosses[fold]))
+        fit_errors.append([_squared_error_up_to_constant(fit, gram, crosses[fold]) for fit in fits[1 - fold]])
+    best, best_error = None, kept_error[0] + kept_error[1]
+    for index, damping in enumerate(candidates):
+        error = fit_errors[1][index] + fit_errors[0][index]  # (fit on fold 0, scored on 1) + (fit on 1, scored on 0)
         if error < best_error:
             best, best_error = damping, error
     return best
+
+
+def _sketched_cross(cross: Tensor, sketch: Tensor | None, device) -> Tensor:
+    """``cross @ sketch`` in float64 on ``device`` (``cross`` itself without a sketch), moved a piece at a time."""
+    if sketch is None:
+        return cross.to(device=device, dtype=torch.float64)
+    sketch = sketch.to(device)
+    if cross.device == sketch.device:
+        return cross.double() @ sketch
+    rows, columns = cross.shape
+    step = max(1, _COPY_CHUNK_ELEMENTS // columns)
+    pieces = [
+        cross[start : start + step].to(device=device, dtype=torch.float64) @ sketch for start in range(0, rows, step)
+    ]
+    return torch.cat(pieces)
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,8 +18,9 @@ the recipe and the calibration token count, following what the pipeline really k
 Each phase's figure is the peak of live tensor storage during that phase, the tensors held from earlier phases
 included, for the layer with the widest pruned dimensions. Device and host follow where the code puts each tensor:
 the refit folds and a calibration branch's sums are summed on the host (the device computes each batch's products
-one Gram block at a time), the solves run on the device in one float64 workspace, and the activations kept between
-passes are on the device unless ``offload_activations`` puts them on the host. Memory the libraries allocate
+one Gram block at a time), the solves run on the device in one float64 workspace, the pruned FFN's activations kept
+for the ``down_proj`` refit wait on the host when the compute device is an accelerator, and the other activations kept
+between passes are on the device unless ``offload_activations`` puts them on the host. Memory the libraries allocate
 outside tensors (LAPACK workspaces, the allocator's caching and fragmentation, safetensors' serialisation buffers)
 is not counted: budget a margin on top. The time is an estimate from floating-point operation counts and throughputs measured on one CPU
 class (see ``CPU_THROUGHPUT``), not a measurement; no time is estimated for accelerators (none was measured).
@@ -37,7 +38,7 @@ from .allocation import plan_dimensions
 from .checkpoint import olica_config_from
 from .configuration import OlicaConfig
 from .olica import REFIT_DAMPING_CANDIDATES
-from .olica_math import _COPY_CHUNK_ELEMENTS
+from .olica_math import _COPY_CHUNK_ELEMENTS, _SCORE_BLOCK_ELEMENTS
 
 # choose_refit_damping's sketch of the output channels.
 _REFIT_PROBES = 64
@@ -293,8 +294,11 @@ def _calibration_fit(s: _Shapes, on_cpu: bool) -> tuple[int, tuple[int, int]]:
 
 def _decomposition_transient(s: _Shapes) -> int:
     """The largest float64 working set of ``prune``: the pieces of the new state held so far plus the step's own
-    temporaries (SVD of the weighted Q/K weights, V/O rotation, FFN scores, the assembled pruned layer)."""
+    temporaries (SVD of the weighted Q/K weights, V/O rotation, FFN scores, the assembled pruned layer). The FFN
+    scores hold a block of gate/up rows in float64 and scaled (``olica_math._SCORE_BLOCK_ELEMENTS``), then one float64
+    copy of ``down_proj``."""
     d, q_width, kv_width = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    score_block = min(max(2, _SCORE_BLOCK_ELEMENTS // d), s.ffn) * d
     query = 0 if s.query_rank is None else s.query_rank * (d + q_width) * 8
     key = 0 if s.key_rank is None else s.key_rank * (d + kv_width) * 8
     value_output = (s.kv_heads * s.value_dim * d + d * s.heads * s.value_dim) * 8
@@ -303,7 +307,7 @@ def _decomposition_transient(s: _Shapes) -> int:
         svd(q_width) if s.query_rank is not None else 0,
         query + (svd(kv_width) if s.key_rank is not None else 0),
         query + key + 3 * d * q_width * 8 + 2 * kv_width * d * 8,  # rotation: o and v in float64, rotated copies
-        query + key + value_output + 2 * s.ffn * d * 8,  # FFN scores: gate (then up) in float64, scaled
+        query + key + value_output + max(2 * score_block, s.ffn * d) * 8,  # FFN scores
         query + key + value_output + s.pruned_layer_parameters * s.weight_bytes,  # the pruned layer assembled
     )
     return max(steps)
@@ -329,9 +333,11 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
     cast = 4 if w == 2 else 0
     dense_ffn = batch * s.ffn * max(3 * w, w + cast + 4) + 2 * _tokens_by_hidden(s, batch)
     attention_pass = batch * (s.heads + 2 * s.kv_heads) * s.head_dim * w + batch * attention_width * w
-    # Kept for finish_layer: the FFN activations, and for a branch's fit also the FFN inputs and targets.
-    ffn_batches = n * s.pruned_ffn * w if run.refit or run.calibrated else 0
-    ffn_batches += n * 2 * s.hidden * w if run.calibrated else 0
+    # Kept for finish_layer: the FFN activations, and for a branch's fit also the FFN inputs and targets. The
+    # activations computed on an accelerator wait in host memory (``OlicaLayerPruner._store_activation``).
+    ffn_activations = n * s.pruned_ffn * w if run.refit or run.calibrated else 0
+    ffn_batches = (ffn_activations if run.on_cpu else 0) + (n * 2 * s.hidden * w if run.calibrated else 0)
+    host_activations = 0 if run.on_cpu else ffn_activations
     o_folds = _fold_bytes(s, attention_width, s.hidden) if run.refit else 0
     down_folds = _fold_bytes(s, s.pruned_ffn, s.hidden) if run.refit else 0
     o_update = _fold_update(s, attention_width, s.hidden, run.on_cpu)
@@ -362,19 +368,27 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
         "propagation": [(
             2 * inputs + ffn_batches + _tokens_by_hidden(s, batch),
             layer + pruned + _tokens_by_hidden(s, batch) + batch * attention_width * w + down_update[0],
-            down_folds + down_update[1],
+            down_folds + down_update[1] + host_activations,
         )],
         "down_proj refit": [
-            (2 * inputs + ffn_batches, pruned + device, down_folds + host) for device, host in down_solve
-        ] if run.refit else [(2 * inputs + ffn_batches, pruned, 0)],
+            (2 * inputs + ffn_batches, pruned + device, down_folds + host + host_activations)
+            for device, host in down_solve
+        ] if run.refit else [(2 * inputs + ffn_batches, pruned, host_activations)],
         "saving": [(inputs + _tokens_by_hidden(s, n), pruned, 0)],  # the layer's inputs are released after the store
     }
     if run.calibrated:
         # The branch is fitted after the refit; the merged refit fold (half of down_folds) is still referenced.
         branch_moments, (batch_device, branch_host) = _calibration_fit(s, run.on_cpu)
-        moments["down_proj refit"].append(
-            (2 * inputs + ffn_batches, pruned + batch_device, down_folds // 2 + branch_moments + branch_host)
-        )
+        moments["down_proj refit"].append((
+            2 * inputs + ffn_batches, pruned + batch_device,
+            down_folds // 2 + branch_moments + branch_host + host_activations,
+        ))
+    if not run.on_cpu:
+        # finish_layer's projections: each batch of activations copied back from the host, and its output.
+        moments["down_proj refit"].append((
+            2 * inputs + ffn_batches, pruned + batch * (s.pruned_ffn + s.hidden) * w,
+            (down_folds // 2 if run.refit else 0) + host_activations,
+        ))
     return moments
 
 

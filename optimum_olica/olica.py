@@ -217,6 +217,17 @@ class OlicaLayerPruner:
     def _store(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.storage_device) if self.storage_device is not None else tensor.detach()
 
+    def _store_activation(self, activation: torch.Tensor) -> torch.Tensor:
+        """The pruned FFN's activations (``N x f``, the widest tensor kept between passes) wait for ``finish_layer``
+        in host memory when they are computed on an accelerator, as the refit sums do: ``finish_layer`` copies each
+        batch back once to project it (an exact copy: results unchanged). On a CPU run they stay in place."""
+        if activation.device.type == "cpu":
+            return self._store(activation)
+        # Page-locked from CUDA: both copies run at full bus speed (the CUDA host allocator reuses the blocks).
+        pinned = activation.device.type == "cuda"
+        host = torch.empty(activation.shape, dtype=activation.dtype, device="cpu", pin_memory=pinned)
+        return host.copy_(activation.detach())
+
     # ---- refit of o_proj: the pruned attention, fitted to the dense attention output -----------------------
 
     @torch.no_grad()
@@ -323,7 +334,7 @@ class OlicaLayerPruner:
             fits_branch = self.calibration_rank > 0
             self._ffn_batches.append((
                 self._store(ffn_input) if fits_branch else None,
-                self._store(activation),
+                self._store_activation(activation),
                 self._store(target) if fits_branch else None,
             ))
 

@@ -369,6 +369,23 @@ def test_ffn_neuron_scores_match_loop():
         ffn_neuron_scores(gate_w, up_w, down_w.T, s_x, s_a)
 
 
+@pytest.mark.parametrize("d_ff, block_elements", [(11, 1), (11, 140), (12, 210), (1, 1), (10, 10**6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ffn_neuron_scores_in_row_blocks_are_bit_identical_to_one_pass(d_ff, block_elements, dtype, monkeypatch):
+    """The gate/up row norms are computed a block of rows at a time (blocks of two or three rows here, a one-row
+    remainder merged into the block before it): the scores must be the same bits as the formula in one pass."""
+    from optimum_olica import olica_math
+
+    monkeypatch.setattr(olica_math, "_SCORE_BLOCK_ELEMENTS", block_elements)
+    hidden = 70  # vectorised row reductions with a remainder
+    gate_w, up_w, down_w = (w.to(dtype) for w in ffn_weights(23, hidden=hidden, d_ff=d_ff))
+    s_x, s_a = torch.rand(hidden, generator=gen(24), dtype=F64), torch.rand(d_ff, generator=gen(25), dtype=F64)
+    sqrt_x = s_x.sqrt()
+    one_pass = (up_w.double() * sqrt_x).norm(dim=1) + (gate_w.double() * sqrt_x).norm(dim=1)
+    one_pass = one_pass + s_a.sqrt() * down_w.double().norm(dim=0)
+    assert torch.equal(ffn_neuron_scores(gate_w, up_w, down_w, s_x, s_a), one_pass)
+
+
 def test_prune_ffn_equals_zeroing_dropped_neurons():
     gate_w, up_w, down_w = ffn_weights(23)
     g = gen(24)

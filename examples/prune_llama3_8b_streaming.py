@@ -2,10 +2,11 @@
 
 `OlicaPruner.from_pretrained(model, streaming=True)` loads nothing: the model skeleton lives on the meta device, each
 decoder layer's weights are read from disk only while that layer is calibrated and pruned, and each pruned layer is
-written to its own shard at once. Device memory then holds one layer (about 0.44 GB for Llama-3-8B in bfloat16), the
-calibration activations (num_samples x sequence_length x hidden_size) and that layer's statistics, instead of the
-whole 16 GB model; `--offload-activations` keeps the activations in CPU memory between layers. (The peak on a real
-8B run has not been measured in this project, whose test machines have no GPU; the dry run prints the first two.)
+written to its own shard at once. Device memory then holds one layer, the calibration activations and that layer's
+working set instead of the whole 16 GB model: `--dry-run` prints the plan per phase (`optimum_olica.plan_memory`,
+checked against the bytes really allocated on small shapes): about 2.3 GB on the GPU for Llama-3-8B with 256 x 128
+tokens, 1.8 GB with `--offload-activations`, which keeps the activations in CPU memory between layers. (No real 8B
+run on a GPU has been measured in this project, whose test machines have no GPU.)
 
 A Hub id is downloaded first (about 16 GB for Llama-3-8B; gated models need `hf auth login`). Any local folder of
 safetensors works too, on the CPU with `--device cpu` (slow for a real model; the test suite runs this script on a
@@ -92,24 +93,14 @@ def local_config(model: str):
         return None
 
 
-def memory_plan(config, num_samples: int, sequence_length: int) -> list[str]:
-    """The figures that bound peak device memory: one decoder layer and the calibration activations."""
-    import torch
+def memory_plan(config, args: argparse.Namespace):
+    """`optimum_olica.plan_memory` for this run: bytes on the device and the host per phase, from the config alone."""
+    from optimum_olica import OlicaConfig
+    from optimum_olica.memory_plan import plan_memory
 
-    dtype = getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    width = torch.finfo(dtype).bits // 8
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    layer_bytes = (attention + 3 * hidden * intermediate) * width
-    activation_bytes = num_samples * sequence_length * hidden * width
-    gib = 1024**3
-    return [
-        f"{config.num_hidden_layers} decoder layers, hidden size {hidden}, FFN {intermediate}, {dtype} weights",
-        f"one layer's weights: {layer_bytes / gib:.2f} GiB (only this layer is on the device at a time)",
-        f"calibration activations: {activation_bytes / gib:.2f} GiB per copy (inputs and outputs of the current layer)",
-    ]
+    recipe = OlicaConfig(ratio=args.ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
+                         streaming=True, offload_activations=args.offload_activations)
+    return plan_memory(config, recipe, device="cuda" if args.device.startswith("cuda") else "cpu")
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -131,8 +122,7 @@ def dry_run(args: argparse.Namespace) -> None:
     if config is None:
         print("model config: not available offline (fetched with the weights on a real run)")
     else:
-        for line in memory_plan(config, args.num_samples, args.sequence_length):
-            print(f"memory plan: {line}")
+        print(memory_plan(config, args))
     print("dry run: arguments and paths are fine; nothing was downloaded or pruned.")
 
 

@@ -114,8 +114,9 @@ def test_streaming_dry_run_prints_the_plan_without_downloading(tmp_path):
     assert "model: meta-llama/Meta-Llama-3-8B (Hub id, downloaded first)" in out
     assert "streaming: weights read layer by layer" in out
     assert "compute device: cuda:0" in out
-    # The published shape: 32 layers, 4096 wide; one bf16 layer (218M parameters) is 0.41 GiB.
-    assert "32 decoder layers, hidden size 4096" in out and "one layer's weights: 0.41 GiB" in out
+    # The published shape, 8.03B parameters in bfloat16, planned phase by phase for the GPU (optimum_olica.plan_memory).
+    assert "Memory plan: llama, 8,030,261,248 -> " in out and "bfloat16, streaming, compute device cuda" in out
+    assert "down_proj refit" in out and "peak / total" in out
     assert "nothing was downloaded or pruned" in out
     assert not (tmp_path / "out").exists()
 

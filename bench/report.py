@@ -27,6 +27,10 @@ QUICK_PLOT = ROOT / "bench" / "results" / "quality_perplexity_quick.png"
 PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
 # bench/quality.py --results quality_domains: a few rows measured on every text, beside the full table.
 DOMAINS_RESULTS = "quality_domains"
+# bench/quality.py --variants olica,olica_stock --results quality_deployment: the stock recipe beside Olica.
+DEPLOYMENT_RESULTS = "quality_deployment"
+# bench/calibration_screen.py: the calibration and refit variants of issue 15 on a cheaper protocol.
+SCREEN_RESULTS = "calibration_screen"
 VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
 
 
@@ -145,26 +149,34 @@ def summary_rows(cost, memory, speed, speed_large, quality, gpu, domains=None) -
                              f"{row['perplexity']:.2f}", f"{row['perplexity'] / dense['perplexity']:.2f} x dense", "-"))
     if domains:
         rows += _domain_summary_rows(domains)
+    for plan in (gpu or {}).get("plans", []):
+        target = gpu["targets"]["plan_70b_peak_gpu_bytes" if plan["name"] == "70B" else "peak_gpu_bytes"]
+        size = plan["name"]
+        where = "CPU" if plan["offload_activations"] else "GPU"
+        rows.append((f"Plan: {size}-shape peak accelerator memory, one layer (activations on {where})",
+                     f"<= {_gb(target)}", _gb(plan["peak_device_bytes"]), f"{plan['peak_device_bytes'] / target:.2f}",
+                     _verdict(plan["peak_device_bytes"] <= target)))
     if gpu and gpu.get("gpu_run"):
         targets = gpu["targets"]
-        for run in gpu["llama2_7b_streaming"]:
+        size = "8B" if "llama3_8b_streaming" in gpu else "7B"
+        for run in gpu.get("llama3_8b_streaming", gpu.get("llama2_7b_streaming", [])):
             where = "CPU" if run["offload_activations"] else "GPU"
-            rows.append((f"7B streaming wall time (activations on {where})", f"< {targets['wall_s']:.0f} s",
+            rows.append((f"{size} streaming wall time (activations on {where})", f"< {targets['wall_s']:.0f} s",
                          f"{run['wall_s']:.1f} s", f"{run['wall_s'] / targets['wall_s']:.2f}",
                          _verdict(run["wall_s"] < targets["wall_s"])))
-            rows.append((f"7B streaming peak GPU memory (activations on {where})",
+            rows.append((f"{size} streaming peak GPU memory (activations on {where})",
                          f"< {_gb(targets['peak_gpu_bytes'])}", _gb(run["peak_gpu_bytes"]),
                          f"{run['peak_gpu_bytes'] / targets['peak_gpu_bytes']:.2f}",
                          _verdict(run["peak_gpu_bytes"] < targets["peak_gpu_bytes"])))
         comparison = gpu.get("smollm2_cpu_vs_gpu")
-        if comparison:
+        if comparison and comparison.get("measured", True):
             gap = comparison["relative_gap"]
             rows.append(("SmolLM2 20% perplexity, pruned on GPU vs CPU", f"< {_pct(comparison['target_relative_gap'])}",
                          _pct(gap), f"{gap / comparison['target_relative_gap']:.2f}",
                          _verdict(gap < comparison["target_relative_gap"])))
     else:
         reason = "no CUDA device where bench/gpu.py ran" if gpu else "bench/gpu.py has not been run"
-        for figure, target in (("7B streaming wall time", "< 90 s"), ("7B streaming peak GPU memory", "< 2 GB"),
+        for figure, target in (("8B streaming wall time", "< 90 s"), ("8B streaming peak GPU memory", "< 2.5 GB"),
                                ("SmolLM2 perplexity, pruned on GPU vs CPU", "< 1%")):
             rows.append((figure, target, f"not run ({reason})", "-", "-"))
     return rows
@@ -402,13 +414,13 @@ def _out_of_domain_cells(row: dict, dense: dict) -> list[str]:
     return cells
 
 
-def domains_section(domains, quick: bool) -> str:
+def domains_section(domains, quick: bool, title: str = "Quality across domains", intro: str = "",
+                    command: str = f"--variants olica --ratios 0.2 --results {DOMAINS_RESULTS}") -> str:
     """The rows measured on every text (bench/quality.py --results quality_domains), each as a ratio to dense."""
-    lines = ["## Quality across domains", ""]
+    lines = [f"## {title}", ""] + ([intro, ""] if intro else [])
     if not domains:
         flag = " --quick" if quick else ""
-        return "\n".join(lines + [f"Not measured yet: run `python bench/quality.py{flag} --variants olica --ratios 0.2 "
-                                  f"--results {DOMAINS_RESULTS}`.\n"])
+        return "\n".join(lines + [f"Not measured yet: run `python bench/quality.py{flag} {command}`.\n"])
     protocol = domains["protocol"]
     lines += [
         f"Protocol: {protocol['model']}; calibration {protocol['calibration']}; in domain: the "
@@ -429,6 +441,59 @@ def domains_section(domains, quick: bool) -> str:
         lines.append(f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['parameters']:,} | "
                      f"{row['perplexity'] / dense['perplexity']:.2f}x | "
                      f"{' | '.join(_out_of_domain_cells(row, dense))} |")
+    lines += ["", "Variants:", ""]
+    lines += [f"- `{name}`: {description}" + _generation_note(domains["rows"], name)
+              for name, description in domains.get("variants", {}).items()]
+    return "\n".join(lines + [""])
+
+
+def _generation_note(rows: list[dict], name: str) -> str:
+    """The seconds a variant spent sampling its self-generated calibration sequences, apart from pruning."""
+    seconds = [row["generation_s"] for row in rows if row["variant"] == name and row.get("generation_s")]
+    if not seconds:
+        return "."
+    return (f" (generating its sequences took {min(seconds):.0f} to {max(seconds):.0f} s, not counted in the "
+            "pruning time).")
+
+
+def screening_section(screen, quick: bool) -> str:
+    """The screened calibration and refit variants (bench/calibration_screen.py): cheaper protocol, every variant."""
+    lines = ["## Calibration variants screened (issue 15)", ""]
+    if quick:
+        return ""
+    if not screen:
+        return "\n".join(lines + ["Not measured yet: run `python bench/calibration_screen.py`.\n"])
+    protocol = screen["protocol"]
+    lines += [
+        f"A cheaper protocol than the tables above, to choose what gets their full run: SmolLM2-135M-Instruct, "
+        f"{100 * protocol['ratio']:.0f}% of the parameters really removed; calibration {protocol['calibration']}; "
+        f"perplexity on the first {protocol['eval_tokens']:,} tokens of each text (windows of 128), "
+        f"{protocol['threads']} thread. Each cell is a ratio to the dense model on the same tokens. Nothing was tuned "
+        f"to the legal or code text. The seconds are wall times on a machine shared with other work: they compare "
+        f"poorly from row to row. {_provenance(screen)}",
+        "",
+        "| variant | sequences | recipe overrides | Pride and Prejudice | licenses | python-stdlib | prune (s) | "
+        "generation (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    dense = next(row for row in screen["rows"] if row["variant"] == "dense")["perplexity"]
+    lines.append("| dense | - | - | " + " | ".join(f"ppl {_format_perplexity(v)}" for v in dense.values())
+                 + " | - | - |")
+    for row in screen["rows"]:
+        if row["variant"] == "dense":
+            continue
+        overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "-"
+        cells = " | ".join(f"{row['perplexity'][name] / value:.2f}x" for name, value in dense.items())
+        lines.append(f"| {row['variant']} | {row['num_sequences']} | {overrides} | {cells} | {row['prune_s']:.0f} | "
+                     f"{row['generation_s']:.0f} |")
+    lines += ["", "Variants:", ""]
+    lines += [f"- `{name}`: {variant['description']}." for name, variant in screen["variants"].items()]
+    # The script keeps the rows it finds, so the table may come from several runs: each row names its own.
+    commands = list(dict.fromkeys(row["command"] for row in screen["rows"] if row.get("command")))
+    if commands:
+        lines += ["", "Measured by (in order; each run keeps the rows already there; a variant a command names but the "
+                  "table lacks was not measured: that run was stopped first):", ""]
+        lines += [f"- `{command}`" for command in commands]
     return "\n".join(lines + [""])
 
 
@@ -438,6 +503,50 @@ def _format_perplexity(value: float) -> str:
     return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"
 
 
+def _plan_lines(gpu) -> list[str]:
+    """The memory plan's per-phase accelerator bytes (``bench/gpu.py`` computes them from the configs), next to the
+    per-phase peaks measured on a GPU where there are any."""
+    plans = gpu.get("plans", [])
+    if not plans:
+        return []
+    measured = {run["offload_activations"]: run.get("phase_peak_gpu_bytes", {})
+                for run in gpu.get("llama3_8b_streaming", [])}
+    phases = list(plans[0]["phases"])
+    header = []
+    for plan in plans:
+        size = plan["name"]
+        where = "CPU" if plan["offload_activations"] else "GPU"
+        header.append(f"plan {size}, activations on {where}")
+        if size == "8B":
+            header.append(f"measured {size}, activations on {where}")
+    lines = ["Memory plan (`optimum-cli olica prune MODEL OUT --dry-run --streaming --num-samples 256 --sequence-length "
+             "128 --device cuda`, from the config alone), accelerator bytes per phase for one layer, and the peak "
+             "`torch.cuda.max_memory_allocated` measured in each phase (\"not measured\" without a GPU run):", "",
+             "| phase | " + " | ".join(header) + " |", "| --- |" + " --- |" * len(header)]
+    for phase in phases:
+        cells = []
+        for plan in plans:
+            cells.append(_gb(plan["phases"][phase]["device_bytes"]))
+            if plan["name"] == "8B":
+                value = measured.get(plan["offload_activations"], {}).get(phase)
+                cells.append(_gb(value) if value is not None else "not measured")
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _decode_lines(decode) -> list[str]:
+    rows = decode["ms_per_step"]
+    contexts = list(rows["dense"])
+    lines = [f"Decode, batch 1, {decode['steps']} greedy steps after a prefill ({decode['attention']}; pruned value "
+             f"heads {decode['pruned_value_head_dims']} wide, key heads {decode['head_dim']}): ms per step", "",
+             "| model | " + " | ".join(f"{c} tokens of context" for c in contexts) + " |",
+             "| --- |" + " --- |" * len(contexts)]
+    for variant, label in (("dense", "dense"), ("pruned_padded", "pruned, value heads padded (as shipped)"),
+                           ("pruned_unpadded", "pruned, value heads unpadded")):
+        lines.append(f"| {label} | " + " | ".join(f"{rows[variant][c]:.2f}" for c in contexts) + " |")
+    return lines + [""]
+
+
 def gpu_section(gpu, quick: bool) -> str:
     lines = ["## GPU", ""]
     if not gpu:
@@ -445,9 +554,11 @@ def gpu_section(gpu, quick: bool) -> str:
     lines += [f"Protocol: {gpu['protocol']['model']}, calibration {gpu['protocol']['calibration']}; the checkpoint's "
               "files are dropped from the page cache first, so the wall time includes reading the weights from disk. "
               f"{_provenance(gpu)}", ""]
+    lines += _plan_lines(gpu)
     if not gpu.get("gpu_run"):
-        lines += [f"**The GPU benchmark was not run ({gpu['reason']}).** Run `python bench/gpu.py` on a machine with an "
-                  "NVIDIA GPU to measure the 7B wall time, its peak GPU memory and the CPU/GPU perplexity agreement."]
+        lines += [f"**The GPU benchmark was not run ({gpu['reason']}).** Not measured: "
+                  + "; ".join(gpu.get("not_measured", ["the GPU wall time, peak GPU memory and CPU/GPU perplexity"]))
+                  + ". Run `PYTHONPATH=. python bench/gpu.py --no-report` on a machine with an NVIDIA GPU."]
         rehearsal = gpu.get("cpu_rehearsal")
         if rehearsal:
             lines += ["", f"What did run: {rehearsal['note']} ({rehearsal['model']}, {rehearsal['calibration']}, "
@@ -456,12 +567,18 @@ def gpu_section(gpu, quick: bool) -> str:
     lines += ["| activations between layers | wall time | target | peak GPU memory | target | achieved ratio |",
               "| --- | --- | --- | --- | --- | --- |"]
     targets = gpu["targets"]
-    for run in gpu["llama2_7b_streaming"]:
+    for run in gpu.get("llama3_8b_streaming", gpu.get("llama2_7b_streaming", [])):
         lines.append(f"| {'CPU (offload_activations)' if run['offload_activations'] else 'GPU'} | "
                      f"{run['wall_s']:.1f} s | < {targets['wall_s']:.0f} s | {_gb(run['peak_gpu_bytes'])} | "
                      f"< {_gb(targets['peak_gpu_bytes'])} | {_pct(run['achieved_ratio'])} |")
+    if gpu.get("decode"):
+        lines += [""] + _decode_lines(gpu["decode"])
+    if gpu.get("skipped"):
+        lines += ["", "Skipped in this run: " + "; ".join(gpu["skipped"]) + "."]
     comparison = gpu.get("smollm2_cpu_vs_gpu")
-    if comparison:
+    if comparison and not comparison.get("measured", True):
+        lines += ["", f"SmolLM2 CPU vs GPU: not measured ({comparison['reason']})."]
+    elif comparison:
         lines += ["", f"SmolLM2-135M at 20% ({comparison['calibration']}; {comparison['evaluation']}): perplexity "
                   f"{comparison['pruned_on_cpu']['perplexity']:.3f} pruned on the CPU, "
                   f"{comparison['pruned_on_gpu']['perplexity']:.3f} pruned on the GPU: a gap of "
@@ -469,7 +586,25 @@ def gpu_section(gpu, quick: bool) -> str:
     return "\n".join(lines + [""])
 
 
-def closing_note(cost, memory, speed, speed_large, quality, gpu, domains=None) -> str:
+def _screening_verdicts(screen) -> str:
+    """One sentence per screened variant against the benchmark calibration: where it helped and where it lost."""
+    rows = {row["variant"]: row["perplexity"] for row in screen["rows"]}
+    reference = rows.get("austen")
+    if reference is None:
+        return ""
+    verdicts = []
+    for name, values in rows.items():
+        if name in ("dense", "austen"):
+            continue
+        better = [text for text in values if values[text] < reference[text]]
+        worse = [text for text in values if values[text] >= reference[text]]
+        verdicts.append(f"`{name}` " + (f"better on {', '.join(better)}" if better else "better nowhere")
+                        + (f", not better on {', '.join(worse)}" if worse else ""))
+    return ("Screened against the benchmark calibration (bench/calibration_screen.py, same tokens): "
+            + "; ".join(verdicts) + ".")
+
+
+def closing_note(cost, memory, speed, speed_large, quality, gpu, domains=None, screen=None) -> str:
     """Quote the headline figures and name the largest remaining cost, from the data."""
     lines = ["## Closing note", ""]
     quoted = []
@@ -510,6 +645,8 @@ def closing_note(cost, memory, speed, speed_large, quality, gpu, domains=None) -
         quoted.append("the GPU targets are not measured yet")
     if quoted:
         lines.append("Measured: " + "; ".join(quoted) + ".")
+    if screen and _screening_verdicts(screen):
+        lines += ["", _screening_verdicts(screen)]
     if cost:
         shares = {phase: share for phase, share in cost["phase_shares"].items()}
         largest = max(shares, key=shares.get)
@@ -582,6 +719,7 @@ def main(argv: list[str] | None = None) -> Path:
     if quality and plot_quality(quality, plot):
         plot_name = plot.name if quick else f"img/{plot.name}"
     summary = summary_rows(cost, memory, speed, speed_large, quality, gpu, domains)
+    screen = None if quick else _load(SCREEN_RESULTS, False)
     lines = [
         "# Benchmarks" + (" (quick smoke run: small settings, not the reference figures)" if quick else ""),
         "",
@@ -598,8 +736,16 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     lines += [f"| {' | '.join(row)} |" for row in summary]
     lines += ["", cost_section(cost, quick), memory_section(memory, quick), speed_section(speed, speed_large, quick),
-              quality_section(quality, quick, plot_name), domains_section(domains, quick), gpu_section(gpu, quick),
-              closing_note(cost, memory, speed, speed_large, quality, gpu, domains)]
+              quality_section(quality, quick, plot_name), domains_section(domains, quick),
+              domains_section(
+                  _load(DEPLOYMENT_RESULTS, False) if not quick else None, quick, "The stock recipe beside Olica",
+                  "The stock recipe (`architecture=\"stock\"`) prunes only FFN neurons, one width in every layer, so "
+                  "the checkpoint is the base family itself and serving engines load it at its pruned size; Olica's "
+                  "own checkpoint is smaller than its stock export (see [Deployment](deployment.md)). Same protocol "
+                  "as the table above.",
+                  f"--variants olica,olica_stock --ratios 0.2,0.33 --results {DEPLOYMENT_RESULTS}"),
+              screening_section(screen, quick), gpu_section(gpu, quick),
+              closing_note(cost, memory, speed, speed_large, quality, gpu, domains, screen)]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}", flush=True)

@@ -5,13 +5,8 @@ with ``AutoModelForCausalLM.from_pretrained``. It touches no GPU.
 """
 
 from .adapters import peft_target_modules
-from .checkpoint import (
-    SUPPORTED_MODEL_TYPES,
-    UnsupportedArchitectureError,
-    convert_to_olica,
-    save_pruned_model,
-    to_stock_model,
-)
+from .checkpoint import save_pruned_model
+from .conversion import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, convert_to_olica, to_stock_model
 from .configuration import OlicaConfig
 from .errors import (
     CalibrationDataError,
@@ -22,7 +17,9 @@ from .errors import (
     ResumeMismatchError,
 )
 from .data import get_calibration_dataset
+from .self_calibration import generate_calibration_ids, mix_calibration_ids
 from .export import StockExport, export_to_stock
+from .gguf_export import GGUFExport, export_to_gguf  # gguf and llama_cpp are imported only when it runs
 from .evaluation import perplexity
 from .memory_plan import MemoryPlan, plan_memory
 from .pruner import OlicaPruner, format_summary, prune_model
@@ -46,6 +43,8 @@ __all__ = [
     "OlicaPruner",
     "format_summary",
     "get_calibration_dataset",
+    "generate_calibration_ids",
+    "mix_calibration_ids",
     "perplexity",
     "MemoryPlan",
     "plan_memory",
@@ -64,6 +63,8 @@ __all__ = [
     "to_stock_model",
     "StockExport",
     "export_to_stock",
+    "GGUFExport",
+    "export_to_gguf",
     "CalibrationDataError",
     "CheckpointVerificationError",
     "NonFiniteActivationsError",

@@ -1,99 +1,18 @@
-"""Moving models between the stock and the Olica architectures, and saving a pruned model (written atomically by
-`atomic_io`)."""
+"""Saving a pruned model as a checkpoint that reloads with ``from_pretrained``: the stock family when the model has
+a stock form of the same size, else the Olica architecture with its modeling code; written atomically (`atomic_io`)
+and verified (`integrity`) before it is moved into place."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
-import torch
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .atomic_io import write_directory_atomically
-from .errors import OlicaError
-from .export import stock_state_dict
+from .conversion import to_stock_model
 from .integrity import verify_saved_checkpoint
-from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE, OLICA_MODEL_CLASSES, OlicaDimensionsMixin
-
-
-SUPPORTED_MODEL_TYPES = tuple(OLICA_CONFIG_FOR_BASE_MODEL_TYPE)
-
-
-class UnsupportedArchitectureError(OlicaError):
-    """The model's family has no Olica architecture."""
-
-
-def olica_config_class_for(config) -> type:
-    """The Olica config class for a stock (or already Olica) transformers config."""
-    if isinstance(config, OlicaDimensionsMixin):
-        return type(config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in OLICA_CONFIG_FOR_BASE_MODEL_TYPE:
-        raise UnsupportedArchitectureError(
-            f"Olica does not support model_type={model_type!r} "
-            f"({', '.join(getattr(config, 'architectures', None) or [])}). "
-            f"Supported families: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    return OLICA_CONFIG_FOR_BASE_MODEL_TYPE[model_type]
-
-
-def olica_config_from(config, **dimensions):
-    """The Olica config of a stock config with the given per-layer dimensions (full dimensions by default)."""
-    # from_base_config copies every field but the model identity, so it also re-dimensions an Olica config.
-    return olica_config_class_for(config).from_base_config(config, **dimensions)
-
-
-def causal_lm_class_for(olica_config) -> type[PreTrainedModel]:
-    return OLICA_MODEL_CLASSES[type(olica_config)][1]
-
-
-def build_olica_model(olica_config, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """An Olica causal LM holding exactly the tensors of ``state_dict`` (no copy, no random initialisation)."""
-    with init_empty_weights():
-        model = causal_lm_class_for(olica_config)(olica_config)
-    _load_state_dict_exactly(model, state_dict)
-    return model.eval()
-
-
-def convert_to_olica(model: PreTrainedModel) -> PreTrainedModel:
-    """The Olica architecture at full dimensions holding the same weights: computes the same function."""
-    olica_config = olica_config_from(model.config)
-    olica_config._attn_implementation = model.config._attn_implementation
-    return build_olica_model(olica_config, model.state_dict())
-
-
-def to_stock_model(model: PreTrainedModel) -> PreTrainedModel:
-    """The stock architecture (e.g. ``LlamaForCausalLM``) computing the same function as an Olica model.
-
-    Factored Q/K are multiplied back into dense weights and narrow value heads zero-padded to ``head_dim``
-    (`optimum_olica.export.stock_state_dict`), so the stock model has more parameters than the Olica one when either
-    is used; every other tensor is shared, not copied. The generation config is carried over.
-
-    Raises:
-        ValueError: naming the layers, if the model has FFN widths that differ between layers or a linear-calibration
-            branch, which no stock config can express.
-    """
-    stock_config = model.config.to_base_config()
-    stock_config._attn_implementation = model.config._attn_implementation
-    with init_empty_weights():
-        stock = AutoModelForCausalLM.from_config(stock_config)
-    _load_state_dict_exactly(stock, stock_state_dict(model.state_dict(), model.config))
-    stock.generation_config = copy.deepcopy(model.generation_config)
-    return stock.eval()
-
-
-def _load_state_dict_exactly(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [key for key in result.missing_keys if key not in tied]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"Weights do not fit {type(model).__name__}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+from .modeling import OlicaDimensionsMixin
 
 
 def save_pruned_model(
@@ -142,15 +61,4 @@ def save_pruned_model(
     )
 
 
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "UnsupportedArchitectureError",
-    "build_olica_model",
-    "causal_lm_class_for",
-    "convert_to_olica",
-    "olica_config_class_for",
-    "olica_config_from",
-    "save_pruned_model",
-    "to_stock_model",
-    "verify_saved_checkpoint",
-]
+__all__ = ["save_pruned_model"]

@@ -154,6 +154,20 @@ class OlicaConfig:
         default=0,
         metadata={"help": "Seed for drawing the calibration windows, >= 0. Same seed, same windows."},
     )
+    self_calibration: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Fraction of the num_samples calibration sequences the model writes itself, in [0, 1] "
+                "(self-calibration, Williams et al. 2024): round(self_calibration * num_samples) sequences are sampled "
+                "from the model (from its BOS token, temperature 1, seeded with `seed`) and alternate with windows of "
+                "calibration_source, so the refit's cross-validation fits on one and validates on the other. "
+                "0 (default): the data only; 1: no data at all. Applies where the pruner draws the data "
+                "(OlicaPruner.prune, optimum-cli olica prune); token ids passed in are used as they are. The "
+                "generation time is reported as calibration_data.generation_s. See docs/recipes.md."
+            )
+        },
+    )
 
     # -- Linear calibration -------------------------------------------------
     calibration_rank_ratio: float = field(
@@ -224,8 +238,11 @@ class OlicaConfig:
         default="float64",
         metadata={
             "help": (
-                "Dtype in which activation statistics (second moments, X^T X, X^T E) are "
-                "accumulated: 'float64' (default, robust to massive activations) or 'float32'."
+                "Dtype of the running sums of the activation statistics (second moments, X^T X, X^T E): "
+                "'float64' (default, robust to massive activations) or 'float32', which halves those sums "
+                "(mostly host memory: the refit and calibration-branch sums live on the host) at a precision "
+                "cost. It does not lower the accelerator's peak: each batch's products are float32 either "
+                "way and every solve runs in float64."
             )
         },
     )
@@ -315,6 +332,12 @@ class OlicaConfig:
         self._check_int("num_samples", self.num_samples, minimum=1)
         self._check_int("sequence_length", self.sequence_length, minimum=8)
         self._check_int("seed", self.seed, minimum=0)
+        self.self_calibration = self._real("self_calibration", self.self_calibration, "a number in [0, 1]")
+        if not 0.0 <= self.self_calibration <= 1.0:
+            raise OlicaConfigError(
+                f"`self_calibration` must be in [0, 1] (the fraction of calibration sequences the model writes), "
+                f"got {self.self_calibration!r}."
+            )
 
         self.calibration_rank_ratio = self._real(
             "calibration_rank_ratio", self.calibration_rank_ratio, "a number in [0, 1]"
@@ -445,6 +468,11 @@ class OlicaConfig:
         if self.num_calibrated_layers <= 0:
             return 0
         return max(1, math.floor(self.calibration_rank_ratio * hidden_size))
+
+    def self_generated_samples(self) -> int:
+        """How many of the `num_samples` calibration sequences the model writes itself (`self_calibration`)."""
+        # round-half-even is fine: the count only has to be the same for the same recipe.
+        return round(self.self_calibration * self.num_samples)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a JSON-safe dict (plain str/int/float/bool/None/list values)."""

@@ -1,113 +1,25 @@
 """Exact export of an Olica-pruned model to its base family's stock architecture (``LlamaForCausalLM``, ...).
 
 Serving engines (vLLM, TGI, SGLang, llama.cpp's converter) read one head size and one FFN width per model, and plain
-transformers loads only the stock families without custom code. The Olica architecture departs from them in two ways
-that can be undone exactly:
-
-- a factored ``q_proj``/``k_proj``, ``x -> up(down(x))``, is the dense matrix ``up.weight @ down.weight`` (the bias
-  is ``up``'s);
-- a value head ``d_v`` wide is a ``head_dim``-wide head whose extra channels are zero: zero rows in ``v_proj`` (and
-  zero bias entries), zero columns in ``o_proj``. Those channels carry exactly zero through the attention product and
-  ``o_proj`` ignores them, so every output is the same sum.
-
-Both cost parameters: the export is larger than the Olica checkpoint (`StockExport` reports both counts). Per-layer
-FFN widths and linear-calibration branches have no stock counterpart: they are refused, naming the layers
-(``config.to_base_config()``), never approximated.
-
-The conversion is pure functions on tensors (`dense_from_factors`, `zero_pad_heads`, `stock_state_dict`);
-``checkpoint.to_stock_model`` builds the stock model from them (the same path saves FFN-only recipes as stock), and
-`export_to_stock` is the I/O around it.
+transformers loads only the stock families without custom code. Factored Q/K and narrow value heads have an exact
+stock form (`optimum_olica.conversion.to_stock_model`: dense Q/K, value heads zero-padded to ``head_dim``), which
+costs parameters: the export is larger than the Olica checkpoint (`StockExport` reports both counts). Per-layer FFN
+widths and linear-calibration branches have no stock counterpart: they are refused, naming the layers
+(``config.to_base_config()``), never approximated. `export_to_stock` is the I/O around the conversion: read a
+checkpoint folder, refuse early, write the stock checkpoint with its tokenizer and provenance.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.nn import functional
-
-__all__ = ["StockExport", "dense_from_factors", "export_to_stock", "stock_state_dict", "zero_pad_heads"]
+__all__ = ["StockExport", "export_to_stock"]
 
 RECIPE_NAME = "olica_config.json"
 REPORT_NAME = "olica_report.json"
-
-
-def dense_from_factors(up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-    """The dense weight ``(out, in)`` of the factored projection ``x -> up(down(x))``: ``up (out, rank) @ down (rank,
-    in)``.
-
-    The product is formed in float64 and rounded once to the factors' dtype: a bfloat16 checkpoint gets the nearest
-    representable dense weight, not one with ``rank`` roundings accumulated in low precision.
-    """
-    if up_weight.shape[1] != down_weight.shape[0]:
-        raise ValueError(
-            f"Factors do not chain: up {tuple(up_weight.shape)} needs down with {up_weight.shape[1]} rows, got "
-            f"{tuple(down_weight.shape)}."
-        )
-    dtype = torch.promote_types(up_weight.dtype, down_weight.dtype)
-    return (up_weight.double() @ down_weight.double()).to(dtype)
-
-
-def zero_pad_heads(tensor: torch.Tensor, dim: int, num_heads: int, head_width: int, padded_width: int) -> torch.Tensor:
-    """``tensor`` with each of ``num_heads`` consecutive blocks of ``head_width`` entries along ``dim`` followed by
-    zeros up to ``padded_width``.
-
-    Attention lays heads out one after the other, each head's channels together (``view(..., heads, width)``), so:
-    ``v_proj``'s weight ``(g*d_v, d)`` and bias ``(g*d_v,)`` are padded along dim 0 per KV head (``num_heads`` =
-    ``num_key_value_heads``), ``o_proj``'s weight ``(d, h*d_v)`` along dim 1 per attention head.
-    """
-    if tensor.shape[dim] != num_heads * head_width or not 0 < head_width <= padded_width:
-        raise ValueError(
-            f"Cannot pad {num_heads} heads of {head_width} to {padded_width}: dimension {dim} of the tensor has "
-            f"{tensor.shape[dim]} entries."
-        )
-    # (..., heads * head_width) -> (..., heads, head_width) -> (..., heads, padded_width) -> (..., heads * padded_width)
-    per_head = tensor.movedim(dim, -1).unflatten(-1, (num_heads, head_width))
-    padded = functional.pad(per_head, (0, padded_width - head_width))
-    return padded.flatten(-2).movedim(-1, dim)
-
-
-def _densify(tensors: dict[str, torch.Tensor], projection: str) -> None:
-    """Replace ``<projection>.down/up`` by ``<projection>.weight`` (and ``.bias``, from ``up``) in ``tensors``."""
-    down = tensors.pop(f"{projection}.down.weight")
-    up = tensors.pop(f"{projection}.up.weight")
-    tensors[f"{projection}.weight"] = dense_from_factors(up, down)
-    bias = tensors.pop(f"{projection}.up.bias", None)
-    if bias is not None:
-        tensors[f"{projection}.bias"] = bias
-
-
-def stock_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """The stock architecture's weights for an Olica causal LM's ``state_dict``.
-
-    Factored ``q_proj``/``k_proj`` become dense; narrow value heads are zero-padded to ``head_dim`` in ``v_proj`` and
-    ``o_proj``. Every other tensor is passed through as the same object (no copy); the input is not modified.
-
-    Args:
-        state_dict: the Olica model's tensors (``model.layers.<i>.self_attn.q_proj.down.weight``, ...).
-        config: its Olica config, whose per-layer fields say which layers to convert. Layers with a
-            linear-calibration branch have no stock form (``config.to_base_config()`` refuses them first).
-    """
-    stock = dict(state_dict)
-    head_dim = config.attention_head_dim
-    for layer in range(config.num_hidden_layers):
-        attention = f"model.layers.{layer}.self_attn"
-        for projection, rank in (("q_proj", config.query_ranks[layer]), ("k_proj", config.key_ranks[layer])):
-            if rank is not None:
-                _densify(stock, f"{attention}.{projection}")
-        value_head_dim = config.value_head_dims[layer]
-        if value_head_dim == head_dim:
-            continue
-        for name in (f"{attention}.v_proj.weight", f"{attention}.v_proj.bias"):
-            if name in stock:
-                stock[name] = zero_pad_heads(stock[name], 0, config.num_key_value_heads, value_head_dim, head_dim)
-        name = f"{attention}.o_proj.weight"  # o_proj's bias is per output feature: unchanged
-        stock[name] = zero_pad_heads(stock[name], 1, config.num_attention_heads, value_head_dim, head_dim)
-    return stock
 
 
 @dataclass(frozen=True)
@@ -214,11 +126,12 @@ def export_to_stock(
             names the layers and the alternatives), or it is not an Olica model.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False, or is the checkpoint folder itself.
     """
-    # checkpoint.py imports this module's `stock_state_dict`: importing it at the top would be circular.
+    # Imported here: reading this module (the CLI's --help) must not import torch and transformers.
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
     from .atomic_io import prepare_output_directory
-    from .checkpoint import save_pruned_model, to_stock_model
+    from .checkpoint import save_pruned_model
+    from .conversion import to_stock_model
     from .loading import TOKENIZER_FILES, load_tokenizer
 
     folder = None if isinstance(checkpoint_or_model, PreTrainedModel) else _checkpoint_folder(checkpoint_or_model)

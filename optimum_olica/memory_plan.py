@@ -35,7 +35,7 @@ import torch
 
 from . import pruner
 from .allocation import plan_dimensions
-from .checkpoint import olica_config_from
+from .conversion import olica_config_from
 from .configuration import OlicaConfig
 from .olica import REFIT_DAMPING_CANDIDATES
 from .olica_math import _COPY_CHUNK_ELEMENTS, _SCORE_BLOCK_ELEMENTS
@@ -190,7 +190,7 @@ def _shapes(model_config, recipe: OlicaConfig, dtype: torch.dtype) -> _Shapes:
     widest = max(layers, key=lambda layer: (pruned.layer_parameter_count(layer), layer not in recipe.skip_layers))
     head_dim = getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
     sequence_length = recipe.sequence_length
-    batch_sequences = min(max(1, pruner.CALIBRATION_TOKENS_PER_BATCH // sequence_length), recipe.num_samples)
+    batch_sequences = min(pruner.calibration_batch_size(sequence_length), recipe.num_samples)
     layer_total = sum(full.layer_parameter_count(layer) for layer in layers)
     return _Shapes(
         hidden=full.hidden_size, ffn=full.intermediate_size, heads=full.num_attention_heads,

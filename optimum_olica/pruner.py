@@ -24,12 +24,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .allocation import plan_dimensions
 from .atomic_io import prepare_output_directory, write_directory_atomically
 from .baselines import MagnitudeLayerPruner
-from .checkpoint import build_olica_model, causal_lm_class_for, olica_config_from, save_pruned_model
+from .checkpoint import save_pruned_model
+from .conversion import build_olica_model, causal_lm_class_for, olica_config_from
 from .inspection import format_summary
 from .integrity import verify_saved_checkpoint
 from .configuration import OlicaConfig
 from .errors import CalibrationDataError, OlicaError
 from .data import get_calibration_dataset
+from .self_calibration import generate_calibration_ids, mix_calibration_ids
 from .loading import TokenizerNotFoundError, check_model_location, load_config, load_tokenizer
 from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE
 from .olica import OlicaLayerPruner, attach_linear_calibration
@@ -57,6 +59,17 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "olica_report.json"
 CALIBRATION_TOKENS_PER_BATCH = 4096
+
+
+def calibration_batch_size(sequence_length: int) -> int:
+    """Sequences per calibration batch: about CALIBRATION_TOKENS_PER_BATCH tokens, an even count when above one.
+
+    The refit's cross-validation folds take the even and the odd sequences of each batch; with even batches these are
+    the even and odd sequences of the whole set, so data mixed by `mix_calibration_ids` (data, generated, data, ...)
+    puts each source in its own fold whatever the sequence length.
+    """
+    batch_size = max(1, CALIBRATION_TOKENS_PER_BATCH // sequence_length)
+    return batch_size - batch_size % 2 if batch_size > 1 else batch_size
 
 
 @dataclass
@@ -142,10 +155,73 @@ def prune_model(
             the last finished layer and gives bit-identical weights; different arguments, model or data are refused
             with ``ResumeMismatchError``. The directory is kept: delete it once the pruned model is saved.
     """
+    run = _plan_run(model, config, calibration_input_ids, method)
+    plan_config, timings, storage = run.plan_config, run.timings, run.storage
+    model.eval()
+    streaming = stream_from is not None
+    if streaming and stream_to is None:
+        raise OlicaError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
+    weights = SafetensorsWeights(stream_from) if streaming else None
+    checkpoint = None if checkpoint_dir is None else LayerCheckpoint(
+        checkpoint_dir, _run_manifest(model, config, calibration_input_ids, method, weights)
+    )
+    # Opened before any work, so a mismatch fails at once.
+    resume_point = None if checkpoint is None else checkpoint.open()
+    source, sink = _source_and_sink(model, weights, stream_to)
+
+    tick = time.perf_counter()
+    activations = capture_layer_inputs(
+        model, calibration_input_ids, batch_size=calibration_batch_size(calibration_input_ids.shape[1]),
+        storage_device=storage, input_device=_input_device(model),
+    )
+    timings.capture = time.perf_counter() - tick
+    if streaming:
+        _release_input_embeddings(model)  # only the capture needed them; the layer loop is the memory peak
+
+    algorithm = _layer_algorithm(run)
+    restored_records, first_layer, on_layer_done = _resume_hooks(
+        checkpoint, resume_point, source, sink, plan_config, activations, algorithm, timings
+    )
+    records = restored_records + run_sequential(
+        source, sink, activations, algorithm, run.device,
+        timings=timings, progress=progress, on_layer_done=on_layer_done, first_layer=first_layer,
+    )
+    del activations
+
+    chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers, exclude=tuple(config.skip_layers))
+    if streaming:
+        pruned, final_config = None, _finish_streamed(run, chosen, weights, sink, Path(stream_to))
+        parameters_after = final_config.count_parameters()
+    else:
+        pruned, final_config = _finish_in_memory(run, chosen)
+        parameters_after = pruned.num_parameters()
+    report = _report(run, final_config, parameters_after, chosen, records, streaming)
+    return PruningResult(pruned, report)
+
+
+@dataclass
+class _Run:
+    """What one pruning run settled before its first layer: the inputs, the plan, where it computes."""
+
+    model: PreTrainedModel
+    config: OlicaConfig
+    method: str
+    calibration_input_ids: torch.Tensor
+    plan: object  # allocation.PruningPlan
+    plan_config: object  # the Olica config at the planned dimensions
+    calibration_rank: int
+    device: torch.device
+    storage: torch.device
+    timings: PipelineTimings
+    started: float
+
+
+def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, method: str) -> _Run:
+    """Check the inputs, plan the dimensions and choose the devices, before any work."""
+    started = time.perf_counter()
     if method not in ("olica", "magnitude"):
         raise OlicaError(f"method={method!r} is not one of 'olica', 'magnitude'.")
     refuse_pruned_model(model.config, further_ratio=config.ratio)
-    started = time.perf_counter()
     _check_calibration_input_ids(calibration_input_ids, model.config)
     full_config = olica_config_from(model.config)
     skip_layers = tuple(config.skip_layers)
@@ -170,120 +246,114 @@ def prune_model(
     )
     plan_config = olica_config_from(model.config, **plan.per_layer_lists())
     plan_config._attn_implementation = model.config._attn_implementation
-
     device = _compute_device(model, config.device)
     storage = torch.device("cpu") if config.offload_activations else device
-    num_samples, sequence_length = calibration_input_ids.shape
-    batch_size = max(1, CALIBRATION_TOKENS_PER_BATCH // sequence_length)
-    timings = PipelineTimings()
+    return _Run(model, config, method, calibration_input_ids, plan, plan_config, calibration_rank, device, storage,
+                PipelineTimings(), started)
 
-    model.eval()
-    streaming = stream_from is not None
-    if streaming:
-        if stream_to is None:
-            raise OlicaError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
-        weights = SafetensorsWeights(stream_from)
-    checkpoint = resume_point = None
-    if checkpoint_dir is not None:
-        # Fingerprinted before any layer is replaced; opened before any work, so a mismatch fails at once.
-        checkpoint = LayerCheckpoint(
-            checkpoint_dir,
-            run_manifest(
-                model_config=model.config,
-                weights_fingerprint=(
-                    fingerprint_safetensors_files(list(weights.file_of.values())) if streaming
-                    else fingerprint_state_dict(model.state_dict())
-                ),
-                recipe=config.to_dict(),
-                input_ids=calibration_input_ids,
-                method=method,
-                streaming=streaming,
-            ),
-        )
-        resume_point = checkpoint.open()
-    if streaming:
-        _materialize_input_embeddings(model, weights)
-        source = SafetensorsLayerSource(model, weights)
-        sink = SafetensorsLayerSink(Path(stream_to), f"{model.base_model_prefix}.layers.")
-    else:
-        source, sink = ModelLayerSource(model), ModelLayerSink(model)
-    tick = time.perf_counter()
-    activations = capture_layer_inputs(
-        model, calibration_input_ids, batch_size=batch_size, storage_device=storage, input_device=_input_device(model)
+
+def _run_manifest(model, config: OlicaConfig, calibration_input_ids, method: str, weights) -> dict:
+    """What identifies a run for resuming, fingerprinted before any layer is replaced."""
+    return run_manifest(
+        model_config=model.config,
+        weights_fingerprint=(
+            fingerprint_safetensors_files(list(weights.file_of.values())) if weights is not None
+            else fingerprint_state_dict(model.state_dict())
+        ),
+        recipe=config.to_dict(),
+        input_ids=calibration_input_ids,
+        method=method,
+        streaming=weights is not None,
     )
-    timings.capture = time.perf_counter() - tick
-    if streaming:
-        _release_input_embeddings(model)  # only the capture needed them; the layer loop is the memory peak
 
-    if method == "magnitude":
+
+def _source_and_sink(model, weights, stream_to):
+    """Where layers come from and go to: the model itself, or safetensors files in streaming mode."""
+    if weights is None:
+        return ModelLayerSource(model), ModelLayerSink(model)
+    _materialize_input_embeddings(model, weights)
+    return SafetensorsLayerSource(model, weights), SafetensorsLayerSink(
+        Path(stream_to), f"{model.base_model_prefix}.layers."
+    )
+
+
+def _layer_algorithm(run: _Run):
+    config, plan_config, skip_layers = run.config, run.plan_config, tuple(run.config.skip_layers)
+    if run.method == "magnitude":
         algorithm = MagnitudeLayerPruner(plan_config, skip_layers=skip_layers)
     else:
         algorithm = OlicaLayerPruner(
             plan_config,
-            calibration_rank=calibration_rank,
+            calibration_rank=run.calibration_rank,
             ridge_strength=config.ridge_strength,
             refit_damping=config.refit_damping,
-            storage_device=storage,
+            storage_device=run.storage,
             statistics_dtype=getattr(torch, config.statistics_dtype),
             value_decomposition=config.value_decomposition,
             skip_layers=skip_layers,
         )
-    restored_records, first_layer, on_layer_done = [], 0, None
-    if checkpoint is not None:
-        if resume_point is not None:
-            first_layer = _restore_finished_layers(
-                checkpoint, resume_point, sink, plan_config, activations, algorithm, timings
-            )
-            restored_records = list(resume_point.records)
-            logger.info("Resuming from %s after layer %d.", checkpoint.directory, first_layer - 1)
-        finished_records, num_layers = list(restored_records), len(source)
+    return algorithm
 
-        def on_layer_done(layer_idx: int, record: dict, pruned: torch.nn.Module) -> None:
-            finished_records.append(record)
-            checkpoint.save_layer(
-                layer_idx,
-                pruned.state_dict(),
-                activations.hidden_states if layer_idx + 1 < num_layers else [],  # the last layer's feed nothing
-                algorithm.state_dict(),
-                finished_records,
-                dataclasses.asdict(timings),
-            )
 
-    records = restored_records + run_sequential(
-        source,
-        sink,
-        activations,
-        algorithm,
-        device,
-        timings=timings,
-        progress=progress,
-        on_layer_done=on_layer_done,
-        first_layer=first_layer,
-    )
-    del activations
+def _resume_hooks(checkpoint, resume_point, source, sink, plan_config, activations, algorithm, timings):
+    """(records of the layers a checkpoint already finished, the first layer to prune, the per-layer save hook)."""
+    if checkpoint is None:
+        return [], 0, None
+    restored_records, first_layer = [], 0
+    if resume_point is not None:
+        first_layer = _restore_finished_layers(
+            checkpoint, resume_point, sink, plan_config, activations, algorithm, timings
+        )
+        restored_records = list(resume_point.records)
+        logger.info("Resuming from %s after layer %d.", checkpoint.directory, first_layer - 1)
+    finished_records, num_layers = list(restored_records), len(source)
 
-    chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers, exclude=skip_layers)
-    if streaming:
-        dimensions = plan.per_layer_lists()
-        for candidate in chosen:
-            state = sink.read(candidate.layer_idx)
-            state["mlp.linear_calibration.down.weight"] = candidate.fit.down.to(state["mlp.down_proj.weight"].dtype)
-            state["mlp.linear_calibration.up.weight"] = candidate.fit.up.to(state["mlp.down_proj.weight"].dtype)
-            sink.write(candidate.layer_idx, state)
-            dimensions["calibration_ranks"][candidate.layer_idx] = candidate.fit.down.shape[0]
-        final_config = olica_config_from(model.config, **dimensions, olica_recipe=config.to_dict())
-        _write_streamed_checkpoint(Path(stream_to), final_config, weights, sink, model)
-        pruned = None
-        parameters_after = final_config.count_parameters()
-    else:
-        layers = decoder_layers(model)
-        for candidate in chosen:
-            attach_linear_calibration(layers[candidate.layer_idx], candidate.fit)
-        final_config = olica_config_from(model.config, **_layer_dimensions(layers), olica_recipe=config.to_dict())
-        final_config._attn_implementation = model.config._attn_implementation
-        pruned = build_olica_model(final_config, _full_state_dict(model))
-        pruned.generation_config = model.generation_config
-        parameters_after = pruned.num_parameters()
+    def on_layer_done(layer_idx: int, record: dict, pruned: torch.nn.Module) -> None:
+        finished_records.append(record)
+        checkpoint.save_layer(
+            layer_idx,
+            pruned.state_dict(),
+            activations.hidden_states if layer_idx + 1 < num_layers else [],  # the last layer's feed nothing
+            algorithm.state_dict(),
+            finished_records,
+            dataclasses.asdict(timings),
+        )
+
+    return restored_records, first_layer, on_layer_done
+
+
+def _finish_streamed(run: _Run, chosen, weights, sink, directory: Path):
+    """Attach the chosen calibration branches to the written shards and complete the checkpoint; its config."""
+    model, config = run.model, run.config
+    dimensions = run.plan.per_layer_lists()
+    for candidate in chosen:
+        state = sink.read(candidate.layer_idx)
+        state["mlp.linear_calibration.down.weight"] = candidate.fit.down.to(state["mlp.down_proj.weight"].dtype)
+        state["mlp.linear_calibration.up.weight"] = candidate.fit.up.to(state["mlp.down_proj.weight"].dtype)
+        sink.write(candidate.layer_idx, state)
+        dimensions["calibration_ranks"][candidate.layer_idx] = candidate.fit.down.shape[0]
+    final_config = olica_config_from(model.config, **dimensions, olica_recipe=config.to_dict())
+    _write_streamed_checkpoint(directory, final_config, weights, sink, model)
+    return final_config
+
+
+def _finish_in_memory(run: _Run, chosen):
+    """Attach the chosen calibration branches and build the pruned model from the replaced layers."""
+    model, config = run.model, run.config
+    layers = decoder_layers(model)
+    for candidate in chosen:
+        attach_linear_calibration(layers[candidate.layer_idx], candidate.fit)
+    final_config = olica_config_from(model.config, **_layer_dimensions(layers), olica_recipe=config.to_dict())
+    final_config._attn_implementation = model.config._attn_implementation
+    pruned = build_olica_model(final_config, _full_state_dict(model))
+    pruned.generation_config = model.generation_config
+    return pruned, final_config
+
+
+def _report(run: _Run, final_config, parameters_after: int, chosen, records, streaming: bool) -> dict:
+    """``olica_report.json``: what was pruned, how, from what data, in how long."""
+    model, config, plan = run.model, run.config, run.plan
+    num_samples, sequence_length = run.calibration_input_ids.shape
     parameters_before = plan.parameters_before
     report = {
         "format_version": 1,
@@ -291,12 +361,12 @@ def prune_model(
         "base_model_type": model.config.model_type,
         "parameters_before": parameters_before,
         "parameters_after": parameters_after,
-        "method": method,
+        "method": run.method,
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - parameters_after / parameters_before,
         "part_ratios": {"qk": plan.ratios.qk, "vo": plan.ratios.vo, "ffn": plan.ratios.ffn},
         "calibrated_layers": [candidate.layer_idx for candidate in chosen],
-        "calibration_rank": calibration_rank,
+        "calibration_rank": run.calibration_rank,
         "calibration_data": {
             "source": config.calibration_source,
             "num_samples": int(num_samples),
@@ -305,9 +375,9 @@ def prune_model(
             "seed": config.seed,
         },
         "layers": records,
-        "timings": timings.to_dict(),
-        "runtime_s": time.perf_counter() - started,
-        "device": str(device),
+        "timings": run.timings.to_dict(),
+        "runtime_s": time.perf_counter() - run.started,
+        "device": str(run.device),
         "streaming": streaming,
         "environment": {
             "python": platform.python_version(),
@@ -317,7 +387,7 @@ def prune_model(
     }
     for record, dims in zip(report["layers"], _rows(final_config)):
         record.update(dims)
-    return PruningResult(pruned, report)
+    return report
 
 
 # The model types of the pruned architectures (`olica_llama`, ...), which Olica does not prune a second time.
@@ -502,6 +572,8 @@ class OlicaPruner:
         self.pruned_model: PreTrainedModel | None = None
         self.report: dict | None = None
         self.config: OlicaConfig | None = None
+        # Seconds spent sampling self-generated calibration sequences (None: none were), for the report.
+        self.generation_s: float | None = None
         # The folder the checkpoint was last written to; push_to_hub uploads it.
         self.saved_directory: Path | None = None
 
@@ -572,19 +644,44 @@ class OlicaPruner:
     ) -> torch.Tensor:
         """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's;
         ``text_column`` names the text column of a tabular source (see `get_calibration_dataset`)."""
+        self.generation_s = None
         if isinstance(calibration_dataset, torch.Tensor):
+            if config.self_calibration > 0:
+                raise OlicaError(
+                    f"self_calibration={config.self_calibration} cannot be applied to calibration token ids, which are "
+                    "used as they are: pass the text instead, or mix generated sequences in yourself with "
+                    "optimum_olica.generate_calibration_ids and mix_calibration_ids."
+                )
             _check_calibration_input_ids(calibration_dataset, self.model.config)  # before .long() hides floats
             return calibration_dataset.long()
+        num_generated = config.self_generated_samples()
+        generated = self._self_generated_ids(config, num_generated) if num_generated else None
+        if num_generated == config.num_samples:
+            return generated  # all self-generated: no data is read
         if self.tokenizer is None:
             raise OlicaError(
                 "The model has no tokenizer, so text calibration data cannot be tokenized: pass tokenizer= to "
                 "OlicaPruner.from_pretrained, or pass calibration_dataset as a (num_samples, sequence_length) tensor."
             )
         source = config.calibration_source if calibration_dataset is None else calibration_dataset
-        return get_calibration_dataset(
-            self.tokenizer, source, num_samples=config.num_samples, sequence_length=config.sequence_length,
-            seed=config.seed, text_column=text_column,
+        data = get_calibration_dataset(
+            self.tokenizer, source, num_samples=config.num_samples - num_generated,
+            sequence_length=config.sequence_length, seed=config.seed, text_column=text_column,
         )
+        return data if generated is None else mix_calibration_ids(data, generated)
+
+    def _self_generated_ids(self, config: OlicaConfig, count: int) -> torch.Tensor:
+        """``count`` sequences sampled from the model (`config.self_calibration`); the seconds go to the report."""
+        if config.streaming or self.weights_dir is not None:
+            raise OlicaError(
+                f"self_calibration={config.self_calibration} needs the model loaded to generate text, and a streaming "
+                "pruner holds no weights: generate the sequences with a loaded model "
+                "(optimum_olica.generate_calibration_ids), or set self_calibration=0."
+            )
+        started = time.perf_counter()
+        ids = generate_calibration_ids(self.model, self.tokenizer, count, config.sequence_length, seed=config.seed)
+        self.generation_s = time.perf_counter() - started
+        return ids
 
     def prune(
         self,
@@ -644,6 +741,12 @@ class OlicaPruner:
             )
         result = prune_model(self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir)
         result.report["calibration_data"]["source"] = str(config_source)
+        if self.generation_s is not None:
+            if config.self_generated_samples() == config.num_samples:
+                result.report["calibration_data"]["source"] = "self-generated"
+            result.report["calibration_data"].update(
+                self_generated_samples=config.self_generated_samples(), generation_s=self.generation_s
+            )
         self.pruned_model, self.report, self.config = result.model, result.report, config
         if progress:
             print(format_summary(result.report))

@@ -138,11 +138,24 @@ _WHAT = {
 }
 
 
+def _recipe_defaults() -> dict:
+    """Every OlicaConfig field that has a default, with it (as to_dict writes it)."""
+    import dataclasses
+
+    from .configuration import OlicaConfig
+
+    return {field_.name: field_.default for field_ in dataclasses.fields(OlicaConfig)
+            if field_.default is not dataclasses.MISSING}
+
+
 def _differences(saved: dict, current: dict) -> list[str]:
     differences = []
     for key in current:
         if key == "olica_config":
             old, new = saved.get(key) or {}, current[key]
+            # A field added after the checkpoint was written ran at its default, which keeps the old behaviour.
+            defaults = _recipe_defaults()
+            old = {**{name: value for name, value in defaults.items() if name in new}, **old}
             for field_name in sorted(set(old) | set(new)):
                 if old.get(field_name) != new.get(field_name):
                     differences.append(

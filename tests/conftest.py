@@ -79,7 +79,7 @@ def single_thread():
 def random_olica_model(base_config, seed: int = 3, **dimensions):
     """An Olica model of ``base_config`` with the given per-layer dimensions and random weights, biases and norms
     (std 0.2): what pruning writes, minus the fit."""
-    from optimum_olica.checkpoint import causal_lm_class_for, olica_config_from
+    from optimum_olica.conversion import causal_lm_class_for, olica_config_from
 
     config = olica_config_from(base_config, **dimensions)
     torch.manual_seed(seed)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import optimum_olica  # noqa: F401  (registers the pruned architectures)
 from optimum_olica import OlicaConfig, OlicaPruner
 from optimum_olica.allocation import RatioTooHighError, RatioTooLowError, plan_dimensions
-from optimum_olica.checkpoint import olica_config_from
+from optimum_olica.conversion import olica_config_from
 from optimum_olica.errors import OlicaError
 from optimum_olica.olica import OlicaLayerPruner, _AttentionBlock, _CachedAttention
 from optimum_olica.pipeline import capture_layer_inputs, decoder_layers, replay

@@ -12,7 +12,7 @@ from optimum_olica.allocation import (
     plan_dimensions,
     reference_split,
 )
-from optimum_olica.checkpoint import olica_config_from
+from optimum_olica.conversion import olica_config_from
 
 SMOLLM2_SHAPE = LlamaConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -175,3 +175,64 @@ def test_quality_resume_keeps_rows_measured_before_the_out_of_domain_texts(tmp_p
                                                        "rows": rows}))
     with pytest.raises(SystemExit, match="another protocol"):
         quality._previous_rows(args, evaluation)
+
+
+def test_report_renders_a_gpu_run_next_to_the_memory_plan(tmp_path, monkeypatch):
+    """The page of a GPU run of bench/gpu.py: the plans' per-phase accelerator bytes beside the measured phase peaks,
+    the decode table of the three variants, what was skipped and why SmolLM2 was not compared."""
+    pytest.importorskip("matplotlib")
+    import gpu
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "QUICK_DOC", tmp_path / "benchmarks_quick.md")
+    monkeypatch.setattr(report, "QUICK_PLOT", tmp_path / "plot.png")
+    results = _fake_results(quick=True)
+    plans = [gpu.plan_figures(name, shape, 256, 128, offload)
+             for name, shape in (("8B", gpu.LLAMA_3_8B), ("70B", gpu.LLAMA_3_70B)) for offload in (False, True)]
+    run = {"offload_activations": False, "wall_s": 80.0, "peak_gpu_bytes": 2.6e9, "achieved_ratio": 0.2,
+           "phase_peak_gpu_bytes": {name: 1.5e9 for name in plans[0]["phases"]}}
+    run["phase_peak_gpu_bytes"]["down_proj refit"] = 2.6e9
+    ms = {"1024": 10.0, "8192": 12.0}
+    results["gpu"] = {
+        **results["gpu"], "gpu_run": True, "gpu": "Test GPU", "plans": plans, "skipped": ["8B prune with offload"],
+        "targets": {"wall_s": 90.0, "peak_gpu_bytes": 2.5e9, "plan_70b_peak_gpu_bytes": 10e9,
+                    "perplexity_relative_gap": 0.01},
+        "llama3_8b_streaming": [run],
+        "decode": {"steps": 64, "attention": "sdpa", "pruned_value_head_dims": [112], "head_dim": 128,
+                   "ms_per_step": {"dense": ms, "pruned_padded": ms, "pruned_unpadded": {"1024": 9.0, "8192": 8.5}}},
+        "smollm2_cpu_vs_gpu": {"measured": False, "reason": "SmolLM2 not available here (test)"},
+    }
+    for name, data in results.items():
+        (tmp_path / f"{name}_quick.json").write_text(json.dumps(data))
+    text = report.main(["--quick"]).read_text()
+    down = {(plan["name"], plan["offload_activations"]): plan["phases"]["down_proj refit"]["device_bytes"] for plan in plans}
+    assert (f"| down_proj refit | {report._gb(down['8B', False])} | 2.60 GB | {report._gb(down['8B', True])} | not measured"
+            f" | {report._gb(down['70B', False])} | {report._gb(down['70B', True])} |") in text
+    assert "| pruned, value heads unpadded | 9.00 | 8.50 |" in text
+    assert "| 8B streaming wall time (activations on GPU) | < 90 s | 80.0 s | 0.89 | yes |" in text
+    assert "| 8B streaming peak GPU memory (activations on GPU) | < 2.50 GB | 2.60 GB | 1.04 | **no** |" in text
+    assert "| Plan: 70B-shape peak accelerator memory, one layer (activations on GPU) | <= 10.00 GB | " in text
+    assert "Skipped in this run: 8B prune with offload." in text
+    assert "SmolLM2 CPU vs GPU: not measured (SmolLM2 not available here (test))." in text
+
+
+def test_screening_section_shows_every_variant_as_ratios_to_dense_with_its_command():
+    record = _fake_results(quick=False)["quality"]
+    screen = {**record, "protocol": {"ratio": 0.2, "eval_tokens": 8192, "calibration": "c", "threads": 1},
+              "variants": {"mixed": {"description": "half and half", "calibration": [], "arrangement": "interleave",
+                                     "overrides": {}}},
+              "rows": [{"variant": "dense", "perplexity": {"pride_and_prejudice": 10.0, "licenses": 20.0,
+                                                           "python-stdlib": 4.0}, "command": "python bench/s.py a"},
+                       {"variant": "mixed", "num_sequences": 128, "overrides": {"refit_damping": 1.0},
+                        "perplexity": {"pride_and_prejudice": 12.0, "licenses": 30.0, "python-stdlib": 5.0},
+                        "prune_s": 100.4, "generation_s": 70.6, "command": "python bench/s.py b"}]}
+    text = report.screening_section(screen, quick=False)
+    assert "| dense | - | - | ppl 10.00 | ppl 20.00 | ppl 4.00 | - | - |" in text
+    assert "| mixed | 128 | refit_damping=1.0 | 1.20x | 1.50x | 1.25x | 100 | 71 |" in text
+    assert "- `mixed`: half and half." in text
+    assert "- `python bench/s.py a`\n- `python bench/s.py b`" in text
+    assert report.screening_section(None, quick=False).startswith("## Calibration variants screened")
+    screen["rows"].insert(1, {**screen["rows"][1], "variant": "austen",
+                              "perplexity": {"pride_and_prejudice": 11.0, "licenses": 40.0, "python-stdlib": 5.0}})
+    assert report._screening_verdicts(screen).endswith(
+        "`mixed` better on licenses, not better on pride_and_prejudice, python-stdlib.")

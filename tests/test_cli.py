@@ -234,6 +234,7 @@ def test_every_config_field_has_a_flag_and_no_flag_means_the_default():
         (["--refit-damping", "0.5"], {"refit_damping": 0.5}),
         (["--skip-layers", "0,3"], {"skip_layers": [0, 3]}),
         (["--dataset", "corpus.txt", "--num-samples", "4"], {"calibration_source": "corpus.txt", "num_samples": 4}),
+        (["--self-calibration", "0.5"], {"self_calibration": 0.5}),
         (["--qk-ratio", "0.3", "--streaming", "--statistics-dtype", "float32"],
          {"qk_ratio": 0.3, "streaming": True, "statistics_dtype": "float32"}),
     ],

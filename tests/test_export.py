@@ -23,7 +23,7 @@ import optimum_olica  # noqa: F401  (registers the Auto classes)
 from optimum_olica import OlicaConfig, OlicaPruner, export_to_stock
 from optimum_olica.checkpoint import save_pruned_model
 from optimum_olica.commands import main
-from optimum_olica.export import dense_from_factors, stock_state_dict, zero_pad_heads
+from optimum_olica.conversion import dense_from_factors, stock_state_dict, zero_pad_heads
 from optimum_olica.inspection import OlicaCheckpoint, describe_checkpoint
 
 from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model, without_upstream_noise

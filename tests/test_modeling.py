@@ -13,13 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import optimum_olica  # noqa: F401  (registers the Auto classes)
-from optimum_olica.checkpoint import (
-    UnsupportedArchitectureError,
-    build_olica_model,
-    convert_to_olica,
-    olica_config_from,
-    save_pruned_model,
-)
+from optimum_olica.checkpoint import save_pruned_model
+from optimum_olica.conversion import UnsupportedArchitectureError, build_olica_model, convert_to_olica, olica_config_from
 from optimum_olica.modeling import OlicaLowRankLinear
 
 from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model

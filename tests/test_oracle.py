@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM
 import optimum_olica  # noqa: F401  (registers the Auto classes)
 import optimum_olica.pruner as pruner_module
 from optimum_olica import OlicaConfig, prune_model
-from optimum_olica.checkpoint import build_olica_model, olica_config_from, save_pruned_model
+from optimum_olica.checkpoint import save_pruned_model
+from optimum_olica.conversion import build_olica_model, olica_config_from
 from optimum_olica.olica import OlicaLayerPruner
 from optimum_olica.pipeline import (
     ModelLayerSink,

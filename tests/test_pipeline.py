@@ -365,7 +365,6 @@ def test_the_layer_algorithm_protocol_lists_every_method_the_pipeline_and_entry_
     import inspect
     from pathlib import Path
 
-    import optimum_olica
     from optimum_olica.baselines import MagnitudeLayerPruner
     from optimum_olica.olica import OlicaLayerPruner
     from optimum_olica.pipeline import LayerAlgorithm

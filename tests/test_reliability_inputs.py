@@ -127,7 +127,7 @@ def test_every_package_error_is_a_value_error():
     """``except ValueError`` code written before the package's error types keeps catching them."""
     from optimum_olica import errors
     from optimum_olica.allocation import RatioTooHighError
-    from optimum_olica.checkpoint import UnsupportedArchitectureError
+    from optimum_olica.conversion import UnsupportedArchitectureError
 
     for error_type in [*(getattr(errors, name) for name in errors.__all__), RatioTooHighError,
                        UnsupportedArchitectureError]:

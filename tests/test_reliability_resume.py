@@ -187,6 +187,26 @@ def test_resume_on_another_device_setting_continues_the_run(tmp_path, monkeypatc
         assert torch.equal(expected[name], actual[name]), name
 
 
+def test_a_recipe_field_added_later_compares_at_its_default(tmp_path, monkeypatch):
+    # A checkpoint written before OlicaConfig.self_calibration existed ran without it (its default, 0): the same
+    # recipe continues it; asking for self-generated data is a different run and is refused.
+    import dataclasses
+
+    checkpoint = tmp_path / "resume"
+    interrupted_run(checkpoint, monkeypatch)
+    manifest_path = checkpoint / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["olica_config"]["self_calibration"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ResumeMismatchError, match="OlicaConfig.self_calibration is 0.5, the checkpoint has 0.0"):
+        prune_model(make_tiny_model("llama_bias"), dataclasses.replace(CONFIG, self_calibration=0.5),
+                    calibration_ids(), progress=False, checkpoint_dir=checkpoint)
+    resumed = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False,
+                          checkpoint_dir=checkpoint)
+    reference = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False)
+    assert resumed.report["layers"] == reference.report["layers"]
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [

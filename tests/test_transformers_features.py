@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import optimum_olica  # noqa: F401  (registers the Auto classes)
-from optimum_olica.checkpoint import causal_lm_class_for, olica_config_from, save_pruned_model
+from optimum_olica.checkpoint import save_pruned_model
+from optimum_olica.conversion import causal_lm_class_for, olica_config_from
 
 from conftest import make_tiny_model
 from test_modeling import REDUCED_DIMENSIONS, make_reduced_model

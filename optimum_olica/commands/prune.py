@@ -26,7 +26,7 @@ _METAVARS = {"calibration_source": "SOURCE"}
 # Fields that are not choices of a run: the file format version is written by save_pretrained.
 _NOT_FLAGS = {"format_version"}
 # Fields shown in the "Calibration data" group rather than "Recipe".
-_CALIBRATION_FIELDS = ("calibration_source", "num_samples", "sequence_length", "seed")
+_CALIBRATION_FIELDS = ("calibration_source", "num_samples", "sequence_length", "seed", "self_calibration")
 
 
 def config_flag_name(field_name: str) -> str:

@@ -1,0 +1,120 @@
+"""Self-generated calibration data (optimum_olica.self_calibration, OlicaConfig.self_calibration): the sequences are
+samples of the model's own distribution (checked against its softmax), reproducible under a seed, full length, and the
+pruner draws, mixes and consumes them as the recipe says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from optimum_olica import (
+    OlicaConfig,
+    OlicaPruner,
+    generate_calibration_ids,
+    get_calibration_dataset,
+    mix_calibration_ids,
+)
+from optimum_olica.errors import OlicaConfigError, OlicaError
+from optimum_olica.olica import _update_folds
+from optimum_olica.olica_math import StreamingMoments
+from optimum_olica.pruner import calibration_batch_size
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_first_tokens_follow_the_models_own_distribution_whatever_its_generation_defaults():
+    # A checkpoint's generation_config (here a low temperature and top-p, as chat models ship) must not narrow the
+    # samples: the first sampled token's frequencies must match softmax(logits after BOS) with EOS excluded.
+    model = make_tiny_model("llama_gqa", initializer_range=0.05)
+    model.generation_config.temperature, model.generation_config.top_p = 0.2, 0.5
+    model.generation_config.do_sample = True
+    samples = generate_calibration_ids(model, None, num_samples=4000, sequence_length=1, seed=0, batch_size=4000)
+    with torch.no_grad():
+        logits = model(torch.tensor([[model.config.bos_token_id]])).logits[0, -1].double()
+    logits[model.config.eos_token_id] = -float("inf")
+    expected = torch.softmax(logits, dim=-1)
+    observed = torch.bincount(samples[:, 0], minlength=expected.numel()).double() / samples.shape[0]
+    total_variation = 0.5 * (observed - expected).abs().sum().item()
+    # Sampling noise alone: about 0.5 * sum sqrt(2 p / (pi n)) ~ 0.07 here; a temperature of 0.2 or top-p of 0.5 moves
+    # the distribution by far more than that (checked: > 0.3).
+    assert total_variation < 0.12, total_variation
+    assert expected[samples[:, 0]].min() > 0
+
+
+def test_generated_windows_are_reproducible_full_length_and_leave_the_global_rng_alone():
+    model = make_tiny_model("qwen2")
+    state = torch.get_rng_state()
+    first = generate_calibration_ids(model, None, num_samples=5, sequence_length=12, seed=3, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = generate_calibration_ids(model, None, num_samples=5, sequence_length=12, seed=3, batch_size=2)
+    other = generate_calibration_ids(model, None, num_samples=5, sequence_length=12, seed=4, batch_size=2)
+    assert first.shape == (5, 12) and first.dtype == torch.long
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not (first == model.config.eos_token_id).any()  # suppressed: every window is full length
+
+
+def test_mixing_alternates_sources_and_the_refit_folds_take_one_source_each():
+    data = torch.arange(0, 60).reshape(6, 10)
+    generated = torch.arange(100, 140).reshape(4, 10)
+    mixed = mix_calibration_ids(data, generated)
+    assert torch.equal(mixed[0:8:2], data[:4]) and torch.equal(mixed[1:8:2], generated)
+    assert torch.equal(mixed[8:], data[4:])
+    # Batches as the pruner cuts them, for a sequence length whose plain token budget gives an odd batch (4096 // 80
+    # = 51): each fold must still see one source only.
+    sequence_length = 80
+    batch = calibration_batch_size(sequence_length)
+    sources = torch.tensor([0.0, 1.0]).repeat(60)[:, None, None]  # (sequence, token, feature): 0 data, 1 generated
+    folds = [StreamingMoments(1, gram=True, target_dim=1, dtype=torch.float64) for _ in range(2)]
+    for start in range(0, len(sources), batch):
+        _update_folds(folds, sources[start:start + batch], sources[start:start + batch])
+    assert folds[0].gram.item() == 0.0 and folds[1].gram.item() == folds[1].count == 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real SmolLM2 tokenizer (from the cached conversion of the default model): text sources need one."""
+    from transformers import AutoTokenizer
+
+    from optimum_olica.default_model import default_model_path
+
+    try:
+        return AutoTokenizer.from_pretrained(default_model_path())
+    except ImportError as error:
+        pytest.skip(str(error))
+
+
+def test_the_pruner_draws_mixes_and_reports_self_generated_sequences(tokenizer):
+    model = make_tiny_model("llama_gqa", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    pruner = OlicaPruner(model, tokenizer)
+    # The vocabulary holds nearly all parameters: the parts are pinned (ratio is then only informative).
+    config = OlicaConfig(qk_ratio=0.25, vo_ratio=0.25, ffn_ratio=0.25, num_samples=6, sequence_length=16, seed=2,
+                         self_calibration=0.5)
+    expected = mix_calibration_ids(get_calibration_dataset(tokenizer, "austen", 3, 16, seed=2),
+                                   generate_calibration_ids(model, tokenizer, 3, 16, seed=2))
+    assert torch.equal(pruner.calibration_input_ids(config), expected)
+    before = model.num_parameters()
+    assert pruner.prune(config, progress=False).num_parameters() < before
+    report = pruner.report["calibration_data"]
+    assert (report["source"], report["self_generated_samples"], report["num_samples"]) == ("austen", 3, 6)
+    assert report["generation_s"] > 0
+
+
+def test_all_self_generated_reads_no_data_and_token_ids_cannot_be_mixed_into():
+    model = make_tiny_model("llama_gqa")
+    pruner = OlicaPruner(model)  # no tokenizer: no text could be read
+    config = OlicaConfig(ratio=0.2, num_samples=4, sequence_length=16, self_calibration=1.0)
+    assert torch.equal(pruner.calibration_input_ids(config), generate_calibration_ids(model, None, 4, 16, seed=0))
+    pruner.prune(config, progress=False)
+    assert pruner.report["calibration_data"]["source"] == "self-generated"
+    with pytest.raises(OlicaError, match="cannot be applied to calibration token ids"):
+        OlicaPruner(make_tiny_model("llama_gqa")).prune(
+            OlicaConfig(self_calibration=0.5), torch.randint(3, 128, (4, 16)), progress=False
+        )
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "half", True])
+def test_self_calibration_outside_zero_one_is_refused(value):
+    with pytest.raises(OlicaConfigError, match="self_calibration"):
+        OlicaConfig(self_calibration=value)

@@ -302,7 +302,13 @@ class OlicaConfig:
     # ----------------------------------------------------------------------
     def __post_init__(self) -> None:
         self._check_format_version(self.format_version)
+        self._check_target()
+        self._check_calibration_data()
+        self._check_linear_calibration()
+        self._check_layers_and_numerics()
+        self._check_runtime()
 
+    def _check_target(self) -> None:
         self.ratio = self._real("ratio", self.ratio, "a number in (0, 1)")
         if not 0.0 < self.ratio < 1.0:
             raise OlicaConfigError(f"`ratio` must be in (0, 1) (exclusive), got {self.ratio!r}.")
@@ -316,6 +322,7 @@ class OlicaConfig:
                 raise OlicaConfigError(f"`{name}` must be None or in [0, 1), got {value!r}.")
             setattr(self, name, value)
 
+    def _check_calibration_data(self) -> None:
         if isinstance(self.calibration_source, os.PathLike):
             self.calibration_source = os.fspath(self.calibration_source)
         if not isinstance(self.calibration_source, str):
@@ -339,6 +346,7 @@ class OlicaConfig:
                 f"got {self.self_calibration!r}."
             )
 
+    def _check_linear_calibration(self) -> None:
         self.calibration_rank_ratio = self._real(
             "calibration_rank_ratio", self.calibration_rank_ratio, "a number in [0, 1]"
         )
@@ -368,6 +376,7 @@ class OlicaConfig:
                     f"`refit_damping` must be > 0 (finite) or None to disable the refit, got {self.refit_damping!r}."
                 )
 
+    def _check_layers_and_numerics(self) -> None:
         self.skip_layers = self._check_skip_layers(self.skip_layers)
         self._check_architecture()
         self._check_int("dimension_multiple", self.dimension_multiple, minimum=1)
@@ -384,6 +393,7 @@ class OlicaConfig:
                 f"`value_decomposition` must be one of {list(allowed_decompositions)}, got {self.value_decomposition!r}."
             )
 
+    def _check_runtime(self) -> None:
         if self.device is not None and not isinstance(self.device, str):
             # Accept a torch.device without importing torch here; store its string form (JSON-safe).
             if type(self.device).__module__ == "torch" and type(self.device).__name__ == "device":

@@ -90,6 +90,26 @@ def _metrics_of(task_results: dict) -> dict[str, float]:
     return metrics
 
 
+def _task_manager(TaskManager, task_names: list[str], include_path):
+    """lm-eval's task index over the bundled folder and ``include_path``; refuses names it does not know."""
+    extra_paths = [] if include_path is None else (
+        [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+    )
+    search_paths = [str(bundled_tasks_dir())] + [str(Path(path).expanduser().resolve()) for path in extra_paths]
+    # Indexing lm-eval's own few thousand task YAMLs takes tens of seconds on a small machine: skip it when the
+    # requested tasks are all in the bundled or included folders.
+    task_manager = TaskManager(include_path=search_paths, include_defaults=False)
+    if not all(name in task_manager.task_index or os.path.isfile(name) for name in task_names):
+        task_manager = TaskManager(include_path=search_paths)
+    unknown = [name for name in task_names if name not in task_manager.task_index and not os.path.isfile(name)]
+    if unknown:
+        raise ValueError(
+            f"Unknown lm-eval task(s): {', '.join(unknown)}. The bundled offline task is {BUNDLED_TASKS[0]!r}; "
+            f"`lm_eval ls tasks` lists lm-eval's own; a custom task folder goes in include_path."
+        )
+    return task_manager
+
+
 def evaluate_zero_shot(
     model,
     tokenizer,
@@ -129,21 +149,7 @@ def evaluate_zero_shot(
     lm_eval, HFLM, TaskManager = _import_lm_eval()
 
     task_names = parse_task_names(tasks)
-    extra_paths = [] if include_path is None else (
-        [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
-    )
-    search_paths = [str(bundled_tasks_dir())] + [str(Path(path).expanduser().resolve()) for path in extra_paths]
-    # Indexing lm-eval's own few thousand task YAMLs takes tens of seconds on a small machine: skip it when the
-    # requested tasks are all in the bundled or included folders.
-    task_manager = TaskManager(include_path=search_paths, include_defaults=False)
-    if not all(name in task_manager.task_index or os.path.isfile(name) for name in task_names):
-        task_manager = TaskManager(include_path=search_paths)
-    unknown = [name for name in task_names if name not in task_manager.task_index and not os.path.isfile(name)]
-    if unknown:
-        raise ValueError(
-            f"Unknown lm-eval task(s): {', '.join(unknown)}. The bundled offline task is {BUNDLED_TASKS[0]!r}; "
-            f"`lm_eval ls tasks` lists lm-eval's own; a custom task folder goes in include_path."
-        )
+    task_manager = _task_manager(TaskManager, task_names, include_path)
 
     model.eval()
     # backend="causal": lm-eval guesses the backend from the model type, and the pruned types (olica_llama, ...)

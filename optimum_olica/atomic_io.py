@@ -148,7 +148,7 @@ def _fsync_tree(directory: Path) -> None:
         fsync_directory(root)
 
 
-def write_json_atomically(path: Path, value, temporary_prefix: str = ".olica-tmp-") -> None:
+def write_json_atomically(path: Path, value, temporary_prefix: str = STAGING_PREFIX) -> None:
     """Replace ``path`` by the JSON of ``value`` in one rename: a reader sees the old file or the new one, whole."""
     temporary = path.with_name(f"{temporary_prefix}{path.name}")
     with open(temporary, "w", encoding="utf-8") as handle:

@@ -76,6 +76,18 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+# Per-layer dimensions of a 3-layer tiny model with every module kind the Olica architecture adds and a stock form:
+# Q and K factored in some layers, value heads narrowed in layers 1 and 2 (head_dim is 16), one reduced FFN width, no
+# calibration branch (what the stock and GGUF exports undo, and what quantizers must handle).
+EXPORTABLE_DIMENSIONS = {
+    "query_ranks": [None, 10, 24],
+    "key_ranks": [6, None, 12],
+    "value_head_dims": [16, 8, 12],
+    "intermediate_sizes": [48, 48, 48],
+    "calibration_ranks": [0, 0, 0],
+}
+
+
 def random_olica_model(base_config, seed: int = 3, **dimensions):
     """An Olica model of ``base_config`` with the given per-layer dimensions and random weights, biases and norms
     (std 0.2): what pruning writes, minus the fit."""

@@ -26,7 +26,13 @@ from optimum_olica.commands import main
 from optimum_olica.conversion import dense_from_factors, stock_state_dict, zero_pad_heads
 from optimum_olica.inspection import OlicaCheckpoint, describe_checkpoint
 
-from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model, without_upstream_noise
+from conftest import (
+    EXPORTABLE_DIMENSIONS,
+    TINY_FAMILIES,
+    make_tiny_model,
+    random_olica_model,
+    without_upstream_noise,
+)
 from oracle_probe import oracle_inputs as probe_inputs  # three prompts, two left-padded
 from reload_probe import probe_outputs
 from tiny_checkpoint import make_tiny_tokenizer
@@ -34,15 +40,6 @@ from tiny_checkpoint import make_tiny_tokenizer
 TESTS = Path(__file__).parent
 OPTIMUM_CLI = Path(sys.executable).with_name("optimum-cli")
 
-# What an export converts: Q and K factored in some layers, value heads narrowed in layers 1 and 2 (head_dim is 16),
-# one reduced FFN width, no calibration branch.
-EXPORTABLE = {
-    "query_ranks": [None, 10, 24],
-    "key_ranks": [6, None, 12],
-    "value_head_dims": [16, 8, 12],
-    "intermediate_sizes": [48, 48, 48],
-    "calibration_ranks": [0, 0, 0],
-}
 # The tiny families, and a Qwen2 whose layers mix sliding-window and full attention.
 SHAPES = {family: {} for family in TINY_FAMILIES}
 SHAPES["qwen2_mixed_windows"] = {"family": "qwen2", "use_sliding_window": True, "max_window_layers": 1,
@@ -53,7 +50,7 @@ def make_olica_model(shape: str = "llama_gqa", **dimensions):
     """An Olica model with the given dimensions and random weights, biases and norms (std 0.2)."""
     overrides = dict(SHAPES[shape])
     base = make_tiny_model(overrides.pop("family", shape), **overrides)
-    return random_olica_model(base.config, **{**EXPORTABLE, **dimensions})
+    return random_olica_model(base.config, **{**EXPORTABLE_DIMENSIONS, **dimensions})
 
 
 def run_plugin_free_probes(checkpoints: dict[str, Path], directory: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -24,7 +24,7 @@ from optimum_olica.commands import main
 from optimum_olica.evaluation import evaluation_token_ids, perplexity
 from optimum_olica.gguf_export import interleave_rotary_halves
 
-from conftest import TINY_FAMILIES, make_tiny_model, random_olica_model
+from conftest import EXPORTABLE_DIMENSIONS, TINY_FAMILIES, make_tiny_model, random_olica_model
 from tiny_checkpoint import make_tiny_tokenizer
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -32,15 +32,6 @@ needs_llama_cpp = pytest.mark.skipif(
     reason="llama-cpp-python is not installed (pip install 'optimum-olica[llamacpp]'; make install builds it)",
 )
 
-# Factored Q and K in some layers, value heads narrowed in layers 1 and 2 (head_dim 16), one FFN width: what the
-# stock conversion undoes before the GGUF is written.
-EXPORTABLE = {
-    "query_ranks": [None, 10, 24],
-    "key_ranks": [6, None, 12],
-    "value_head_dims": [16, 8, 12],
-    "intermediate_sizes": [48, 48, 48],
-    "calibration_ranks": [0, 0, 0],
-}
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
 TOKENIZER_TEXTS = [
     "Hello world",
@@ -61,7 +52,7 @@ def tiny_olica_model(family: str, tokenizer, **dimensions):
     # (test_sliding_window_is_warned_about covers that), so its parity run has no window.
     overrides = {"sliding_window": None} if family == "mistral" else {}
     base = make_tiny_model(family, vocab_size=len(tokenizer), **overrides)
-    return random_olica_model(base.config, **{**EXPORTABLE, **dimensions})
+    return random_olica_model(base.config, **{**EXPORTABLE_DIMENSIONS, **dimensions})
 
 
 def open_in_llama_cpp(path, n_ctx: int = 128, **kwargs):

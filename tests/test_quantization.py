@@ -19,22 +19,15 @@ from transformers import AutoModelForCausalLM
 import optimum_olica  # noqa: F401  (registers the Auto classes)
 from optimum_olica.checkpoint import save_pruned_model
 
-from conftest import make_tiny_model, random_olica_model
+from conftest import EXPORTABLE_DIMENSIONS, make_tiny_model, random_olica_model
 from oracle_probe import oracle_inputs
 
 EVAL_TEXT = Path(__file__).parent / "data" / "pride_and_prejudice_eval.txt"
-# Factored Q/K in some layers, narrow value heads, one FFN width: every module kind the Olica architecture adds.
-DIMENSIONS = {
-    "query_ranks": [None, 10, 24],
-    "key_ranks": [6, None, 12],
-    "value_head_dims": [16, 8, 12],
-    "intermediate_sizes": [48, 48, 48],
-    "calibration_ranks": [0, 0, 0],
-}
 
 
 def olica_checkpoint(directory: Path) -> Path:
-    return save_pruned_model(random_olica_model(make_tiny_model("llama_bias").config, **DIMENSIONS), directory)
+    model = random_olica_model(make_tiny_model("llama_bias").config, **EXPORTABLE_DIMENSIONS)
+    return save_pruned_model(model, directory)
 
 
 def check_int8_rounding(weight: torch.Tensor, dequantized: torch.Tensor) -> None:

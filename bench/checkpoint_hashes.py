@@ -28,6 +28,8 @@ import optimum_olica  # noqa: E402,F401
 from optimum_olica import OlicaConfig  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
 
+from magnitude import magnitude_algorithm  # noqa: E402  (bench/, beside this file)
+
 # name -> (family, OlicaConfig fields, prune_model keyword arguments)
 RECIPES = {
     "llama_gqa-default": ("llama_gqa", {"ratio": 0.2}, {}),
@@ -38,7 +40,7 @@ RECIPES = {
     "llama_gqa-forced-refit": ("llama_gqa", {"ratio": 0.2, "refit_damping": 0.1}, {}),
     "llama_gqa-no-refit": ("llama_gqa", {"ratio": 0.2, "refit_damping": None}, {}),
     "llama_gqa-exact-ond": ("llama_gqa", {"ratio": 0.2, "value_decomposition": "exact"}, {}),
-    "llama_gqa-magnitude": ("llama_gqa", {"ratio": 0.2}, {"method": "magnitude"}),
+    "llama_gqa-magnitude": ("llama_gqa", {"ratio": 0.2}, {"layer_algorithm": magnitude_algorithm}),
 }
 
 

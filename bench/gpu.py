@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import shutil
 import sys
@@ -68,21 +67,6 @@ LLAMA_3_70B = LlamaShape(hidden_size=8192, num_hidden_layers=80, intermediate_si
 LLAMA_3_TINY = LlamaShape(hidden_size=256, num_hidden_layers=4, intermediate_size=896, num_attention_heads=8,
                           num_key_value_heads=2, vocab_size=2048)
 
-# Where the pipeline's phases run: the methods `tests/test_memory_plan.py` attributes to the plan's phases.
-# (owner module, owner attribute path, phase, kind): kind "enter" times only entering a context manager.
-PHASE_HOOKS = (
-    ("pruner", "capture_layer_inputs", "capture", None),
-    ("pipeline", "SafetensorsLayerSource.dense_layer", "load", "enter"),
-    ("olica", "OlicaLayerPruner.observe_dense", "statistics", "context"),
-    ("olica", "OlicaLayerPruner.prune", "decomposition", None),
-    ("olica", "OlicaLayerPruner.refine", "o_proj refit", None),
-    ("olica", "OlicaLayerPruner.observe_pruned", "propagation", "context"),
-    ("olica", "OlicaLayerPruner.finish_layer", "down_proj refit", None),
-    ("pipeline", "SafetensorsLayerSink.store", "saving", None),
-    ("pruner", "_write_streamed_checkpoint", "final write", None),
-)
-
-
 def _llama_config(shape: LlamaShape):
     from transformers import LlamaConfig
 
@@ -118,7 +102,7 @@ class PhaseProfile:
     """Seconds and (on CUDA) peak allocated GPU bytes per phase of the pipeline, while installed."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.seconds, self.peak_gpu_bytes, self._undo = cuda, {}, {}, []
+        self.cuda, self.seconds, self.peak_gpu_bytes = cuda, {}, {}
         self.outside_phases_gpu_bytes = 0  # the peak between phases (each phase resets the counter)
 
     def _enter(self, name: str) -> float:
@@ -147,44 +131,15 @@ class PhaseProfile:
         finally:
             self._leave(name, started)
 
-    def _wrap(self, original, name: str, kind: str | None):
-        profile = self
-        if kind == "enter":
-            @contextlib.contextmanager
-            def wrapped(*args, **kwargs):
-                with contextlib.ExitStack() as stack:
-                    with profile.phase(name):
-                        value = stack.enter_context(original(*args, **kwargs))
-                    yield value
-        elif kind == "context":
-            @contextlib.contextmanager
-            def wrapped(*args, **kwargs):
-                with profile.phase(name), original(*args, **kwargs) as value:
-                    yield value
-        else:
-            def wrapped(*args, **kwargs):
-                with profile.phase(name):
-                    return original(*args, **kwargs)
-        return functools.wraps(original)(wrapped)
-
     def __enter__(self):
-        import importlib
+        from optimum_olica.memory_plan import phases_observed
 
-        for module_name, path, name, kind in PHASE_HOOKS:
-            owner = importlib.import_module(f"optimum_olica.{module_name}")
-            *parents, attribute = path.split(".")
-            for parent in parents:
-                owner = getattr(owner, parent)
-            original = getattr(owner, attribute)
-            setattr(owner, attribute, self._wrap(original, name, kind))
-            self._undo.append((owner, attribute, original))
+        self._observed = phases_observed(self.phase)  # the steps tests/test_memory_plan.py attributes to phases
+        self._observed.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for owner, attribute, original in reversed(self._undo):
-            setattr(owner, attribute, original)
-        self._undo = []
-        return False
+        return self._observed.__exit__(*exc)
 
 
 def streaming_prune(checkpoint: Path, output: Path, device: str, num_samples: int, sequence_length: int,

@@ -38,6 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from magnitude import magnitude_algorithm  # noqa: E402
 from common import (  # noqa: E402
     ROOT,
     dense_forward_seconds,
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
             # taken minutes apart on this shared machine, not one taken at the start of a half-hour run.
             dense_forward_s = dense_forward_seconds(model, variant_calibration, batch_size)
             started = time.perf_counter()
-            result = prune_model(model, config, variant_calibration, progress=False, method=method)
+            algorithm = magnitude_algorithm if method == "magnitude" else None
+            result = prune_model(model, config, variant_calibration, progress=False, layer_algorithm=algorithm)
             prune_s = time.perf_counter() - started
             row = {
                 "variant": name,

@@ -25,11 +25,12 @@ from torch.nn import functional
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import OlicaError
-from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE, OLICA_MODEL_CLASSES, OlicaDimensionsMixin
+from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE, OLICA_MODEL_CLASSES, OlicaDecoderLayer, OlicaDimensionsMixin
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "UnsupportedArchitectureError",
+    "build_decoder_layer",
     "build_olica_model",
     "causal_lm_class_for",
     "convert_to_olica",
@@ -79,6 +80,14 @@ def build_olica_model(olica_config, state_dict: dict[str, torch.Tensor]) -> PreT
         model = causal_lm_class_for(olica_config)(olica_config)
     _load_state_dict_exactly(model, state_dict)
     return model.eval()
+
+
+def build_decoder_layer(olica_config, layer_idx: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An ``OlicaDecoderLayer`` of ``olica_config``'s dimensions holding exactly the tensors of ``state``."""
+    with init_empty_weights():
+        layer = OlicaDecoderLayer(olica_config, layer_idx)
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
 
 
 def convert_to_olica(model: PreTrainedModel) -> PreTrainedModel:

@@ -8,10 +8,11 @@ the recipe and the calibration token count, following what the pipeline really k
 - load: one dense layer on the compute device (streaming, or a model held elsewhere);
 - statistics: the dense pass, its moments and the dense outputs the refits need later;
 - decomposition: the float64 copies of ``prune`` (Q/K SVDs, V/O rotation, FFN scores) and the pruned layer;
-- o_proj refit: the attention pass on the pruned layer, two folds of ``Z^T Z`` / ``Z^T Y`` and their solves;
-- propagation: the pruned layer's pass, with the FFN activations (and, for a branch, the FFN inputs and targets)
-  kept for ``finish_layer``, and the FFN-wide folds;
-- down_proj refit: the cross-validated Cholesky solves of ``finish_layer`` (and a branch's fit);
+- o_proj refit: the attention sub-block's features pass on the pruned layer (its values, kept for the outputs pass),
+  two folds of ``Z^T Z`` / ``Z^T Y`` and their solves;
+- propagation: the attention sub-block's outputs and the MLP sub-block's features pass, the FFN activations (and,
+  for a branch, the FFN inputs and targets) kept for the MLP's fit, and the FFN-wide folds;
+- down_proj refit: the cross-validated Cholesky solves of the MLP's fit (and a branch's fit), then its outputs;
 - saving: each pruned layer stored (moved home, or written to its own shard when streaming);
 - final write: the pruned model assembled and written (streaming: the non-layer tensors, index and config).
 
@@ -28,7 +29,10 @@ class (see ``CPU_THROUGHPUT``), not a measurement; no time is estimated for acce
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +58,80 @@ PHASES = (
     "capture", "load", "statistics", "decomposition", "o_proj refit", "propagation", "down_proj refit", "saving",
     "final write",
 )
+
+
+# Where each phase runs in the code, for measuring the plan against a real run (tests/test_memory_plan.py,
+# bench/gpu.py): (module, attribute path, phase, kind, sub-block). Kind "enter": only entering the context manager is
+# the phase (a layer source's block spans the others); "context": the whole block; None: the call. A sub-block
+# restricts a ``SubBlockPasses`` method to its calls for that sub-block.
+PHASE_STEPS = (
+    ("pruner", "capture_layer_inputs", "capture", None, None),
+    ("sources", "ModelLayerSource.dense_layer", "load", "enter", None),
+    ("sources", "SafetensorsLayerSource.dense_layer", "load", "enter", None),
+    ("olica", "OlicaLayerPruner.observe_dense", "statistics", "context", None),
+    ("olica", "OlicaLayerPruner.prune", "decomposition", None, None),
+    ("pipeline", "SubBlockPasses.features", "o_proj refit", None, "attention"),
+    ("pipeline", "SubBlockPasses.fit", "o_proj refit", None, "attention"),
+    ("pipeline", "SubBlockPasses.outputs", "propagation", None, "attention"),
+    ("pipeline", "SubBlockPasses.features", "propagation", None, "mlp"),
+    ("pipeline", "SubBlockPasses.fit", "down_proj refit", None, "mlp"),
+    ("pipeline", "SubBlockPasses.outputs", "down_proj refit", None, "mlp"),
+    ("sinks", "ModelSink.store", "saving", None, None),
+    ("sinks", "ShardSink.store", "saving", None, None),
+    ("sinks", "ModelSink.finish", "final write", None, None),
+    ("sinks", "ShardSink.finish", "final write", None, None),
+)
+
+
+@contextmanager
+def phases_observed(in_phase: Callable[[str], AbstractContextManager]) -> Iterator[None]:
+    """Within the block, every step of ``PHASE_STEPS`` runs inside ``in_phase(<its phase>)``."""
+    import importlib
+
+    by_target: dict[tuple[str, str], list[tuple[str, str | None, str | None]]] = {}
+    for module, path, phase, kind, block in PHASE_STEPS:
+        by_target.setdefault((module, path), []).append((phase, kind, block))
+    undo = []
+    try:
+        for (module, path), steps in by_target.items():
+            owner = importlib.import_module(f"optimum_olica.{module}")
+            *parents, attribute = path.split(".")
+            for parent in parents:
+                owner = getattr(owner, parent)
+            original = getattr(owner, attribute)
+            setattr(owner, attribute, _in_phase(original, steps, in_phase))
+            undo.append((owner, attribute, original))
+        yield
+    finally:
+        for owner, attribute, original in reversed(undo):
+            setattr(owner, attribute, original)
+
+
+def _in_phase(original, steps, in_phase):
+    """``original`` wrapped so that it runs inside the phase of its step (chosen by the sub-block argument)."""
+    kind = steps[0][1]
+
+    def phase_of(args) -> str:
+        block = next((arg.name for arg in args if hasattr(arg, "takes_layer_kwargs")), None)
+        return next(phase for phase, _, step_block in steps if step_block in (None, block))
+
+    if kind == "enter":
+        @contextmanager
+        def wrapped(*args, **kwargs):
+            with ExitStack() as stack:
+                with in_phase(phase_of(args)):
+                    value = stack.enter_context(original(*args, **kwargs))
+                yield value
+    elif kind == "context":
+        @contextmanager
+        def wrapped(*args, **kwargs):
+            with in_phase(phase_of(args)), original(*args, **kwargs) as value:
+                yield value
+    else:
+        def wrapped(*args, **kwargs):
+            with in_phase(phase_of(args)):
+                return original(*args, **kwargs)
+    return functools.wraps(original)(wrapped)
 
 
 @dataclass(frozen=True)
@@ -282,7 +360,7 @@ def _refit_solve(s: _Shapes, inputs: int, outputs: int, on_cpu: bool) -> list[tu
 
 
 def _calibration_fit(s: _Shapes, on_cpu: bool) -> tuple[int, tuple[int, int]]:
-    """The linear-calibration branch of ``finish_layer``: (its (d x d) moments in host memory, then the larger of one
+    """The linear-calibration branch of the MLP's fit: (its (d x d) moments in host memory, then the larger of one
     batch's residual update (compute device, host) and the fit, which runs on the host where the moments are
     (workspace, solution, its product with the Gram, SVD))."""
     d = s.hidden
@@ -333,8 +411,8 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
     cast = 4 if w == 2 else 0
     dense_ffn = batch * s.ffn * max(3 * w, w + cast + 4) + 2 * _tokens_by_hidden(s, batch)
     attention_pass = batch * (s.heads + 2 * s.kv_heads) * s.head_dim * w + batch * attention_width * w
-    # Kept for finish_layer: the FFN activations, and for a branch's fit also the FFN inputs and targets. The
-    # activations computed on an accelerator wait in host memory (``OlicaLayerPruner._store_activation``).
+    # Kept for the MLP's fit: the FFN activations, and for a branch's fit also the FFN inputs and targets. The
+    # activations computed on an accelerator wait in host memory (``SubBlockPasses._keep``).
     ffn_activations = n * s.pruned_ffn * w if run.refit or run.calibrated else 0
     ffn_batches = (ffn_activations if run.on_cpu else 0) + (n * 2 * s.hidden * w if run.calibrated else 0)
     host_activations = 0 if run.on_cpu else ffn_activations
@@ -362,7 +440,7 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
              layer + pruned + attention_pass + o_update[0], o_folds + o_update[1]),
             *((inputs + layer_targets + n * attention_width * w, layer + pruned + device, o_folds + host)
               for device, host in o_solve),
-        ] if run.refit else [(inputs + layer_targets, layer + pruned, 0)],  # without a refit, refine does nothing
+        ] if run.refit else [(inputs + layer_targets, layer + pruned, 0)],  # without a refit, no attention features are kept
         # The pass consumes the dense layer outputs (and the cached values) as it stores its outputs and the FFN
         # activations: its peak is at the end.
         "propagation": [(
@@ -374,7 +452,8 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
             (2 * inputs + ffn_batches, pruned + device, down_folds + host + host_activations)
             for device, host in down_solve
         ] if run.refit else [(2 * inputs + ffn_batches, pruned, host_activations)],
-        "saving": [(inputs + _tokens_by_hidden(s, n), pruned, 0)],  # the layer's inputs are released after the store
+        # The layer's inputs are released before the store: the next layer's inputs replace them.
+        "saving": [(inputs, pruned, 0)],
     }
     if run.calibrated:
         # The branch is fitted after the refit; the merged refit fold (half of down_folds) is still referenced.
@@ -384,7 +463,7 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
             down_folds // 2 + branch_moments + branch_host + host_activations,
         ))
     if not run.on_cpu:
-        # finish_layer's projections: each batch of activations copied back from the host, and its output.
+        # The MLP outputs pass: each batch of activations copied back from the host, and its output.
         moments["down_proj refit"].append((
             2 * inputs + ffn_batches, pruned + batch * (s.pruned_ffn + s.hidden) * w,
             (down_folds // 2 if run.refit else 0) + host_activations,
@@ -530,4 +609,4 @@ def _weight_dtype(model_config, dtype) -> torch.dtype:
     return torch.float32
 
 
-__all__ = ["CPU_THROUGHPUT", "MemoryPlan", "PHASES", "PhaseMemory", "plan_memory"]
+__all__ = ["CPU_THROUGHPUT", "MemoryPlan", "PHASES", "PHASE_STEPS", "PhaseMemory", "phases_observed", "plan_memory"]

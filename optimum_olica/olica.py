@@ -1,8 +1,10 @@
 """The Olica algorithm for one decoder layer: which statistics to collect, and how to build the pruned layer.
 
 A thin stateful shell over the pure functions of ``olica_math``: hooks feed ``StreamingMoments``; ``prune`` turns
-the moments and the dense weights into the weights of an ``OlicaDecoderLayer``; the linear-calibration fit is
-observed on the pruned layer's own FFN inputs. The pipeline decides where layers and activations live.
+the moments and the dense weights into the decisions of ``LayerDecisions``, from which ``pruned_layer_state`` builds
+the weights of an ``OlicaDecoderLayer``; the refits of ``o_proj`` and ``down_proj`` (and the linear-calibration
+branch) are fitted on the features the pipeline computes on the pruned layer's own inputs. The pipeline decides where
+layers and activations live.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from accelerate import init_empty_weights
-
 from . import olica_math as om
-from .modeling import OlicaDecoderLayer, OlicaLowRankLinear
+from .conversion import build_decoder_layer
+from .modeling import OlicaDecoderLayer
 
 
 @dataclass
@@ -54,6 +56,7 @@ class OlicaLayerPruner:
         skip_layers: layers left dense: their weights are copied bit for bit (no rotation, no refit, no statistics).
     """
 
+    name: ClassVar[str] = "olica"  # the report's and the resume fingerprint's method
     plan_config: object
     calibration_rank: int = 0
     ridge_strength: float = 0.5
@@ -66,9 +69,8 @@ class OlicaLayerPruner:
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
     _dense_layer_outputs: list[torch.Tensor] = field(default_factory=list)
-    _ffn_batches: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    _ffn_refit: list[om.StreamingMoments] | None = None
-    _attention_values: list[torch.Tensor] = field(default_factory=list)  # o_proj inputs of the pruned attention
+    _folds_of_block: dict[str, list[om.StreamingMoments]] = field(default_factory=dict)  # refit sums, per sub-block
+    _branch_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # FFN inputs, targets
     _record: dict = field(default_factory=dict)
 
     # ---- statistics of the dense layer ----------------------------------------------------------------------
@@ -137,131 +139,141 @@ class OlicaLayerPruner:
             return copy_dense_layer(self.plan_config, layer_idx, layer)
         stats, config = self._stats, self.plan_config
         attention, mlp = layer.self_attn, layer.mlp
-        dtype, device = attention.o_proj.weight.dtype, attention.o_proj.weight.device
-        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
         s_attention = stats.attention_input.second_moment
-        state: dict[str, torch.Tensor] = {}
-
         # §1a: activation-weighted low rank for Q and K (head count and head dim unchanged: RoPE-safe).
-        for name, rank in (("q_proj", config.query_ranks[layer_idx]), ("k_proj", config.key_ranks[layer_idx])):
-            projection = getattr(attention, name)
-            if rank is None:
-                state[f"self_attn.{name}.weight"] = projection.weight
-                if projection.bias is not None:
-                    state[f"self_attn.{name}.bias"] = projection.bias
-                continue
-            down, up = om.activation_weighted_low_rank(projection.weight, s_attention, rank)
-            state[f"self_attn.{name}.down.weight"] = down
-            state[f"self_attn.{name}.up.weight"] = up
-            if projection.bias is not None:
-                state[f"self_attn.{name}.up.bias"] = projection.bias
+        query, key = (
+            None if rank is None else om.activation_weighted_low_rank(projection.weight, s_attention, rank)
+            for projection, rank in (
+                (attention.q_proj, config.query_ranks[layer_idx]), (attention.k_proj, config.key_ranks[layer_idx])
+            )
+        )
+        # §2: FFN neuron pruning.
+        ffn_scores = om.ffn_neuron_scores(
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+            stats.mlp_input.second_moment, stats.intermediate.second_moment,
+        )
+        decisions = LayerDecisions(
+            query, key, *self._value_output(attention, layer_idx),
+            ffn_keep=om.keep_top_neurons(ffn_scores, config.intermediate_sizes[layer_idx]),
+        )
+        self._stats = None
+        reference = attention.o_proj.weight
+        return assemble_pruned_layer(
+            config, layer_idx, pruned_layer_state(layer, decisions), device=reference.device, dtype=reference.dtype
+        )
 
-        # §1b: rotate each KV group's value neurons by importance (fast OND), then drop the weakest.
+    def _value_output(self, attention, layer_idx: int):
+        """§1b: each KV group's value neurons rotated by importance (fast OND), the weakest dropped; or the exact
+        decomposition the fast OND approximates. Returns the new (v_proj weight, v_proj bias, o_proj weight)."""
+        stats, config = self._stats, self.plan_config
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
         v_proj, o_proj = attention.v_proj, attention.o_proj
+        s_attention = stats.attention_input.second_moment
         if self.value_decomposition == "exact":
-            # The variant the fast OND approximates: truncated SVD of each group's weighted V/O product.
-            v_weight, v_bias, o_weight = om.exact_value_output_decomposition(
+            return om.exact_value_output_decomposition(
                 v_proj.weight, v_proj.bias, o_proj.weight, s_attention, stats.attention_output.second_moment,
                 heads, kv_heads, head_dim, config.value_head_dims[layer_idx],
             )
-        else:
-            rotations = om.value_output_rotation(
-                o_proj.weight, stats.attention_output.second_moment, heads, kv_heads, head_dim
-            )
-            v_weight, v_bias, o_weight = om.rotate_value_output(
-                v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
-            )
-            value_second_moment = om.rotated_value_second_moment(
-                stats.value_head_gram.double() / max(stats.value_tokens, 1), rotations, heads, kv_heads
-            )
-            value_scores = om.value_neuron_scores(
-                v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
-            )
-            keep_values = om.keep_top_neurons(value_scores, config.value_head_dims[layer_idx])
-            v_weight, v_bias, o_weight = om.prune_value_output(
-                v_weight, v_bias, o_weight, keep_values, heads, kv_heads, head_dim
-            )
-        state["self_attn.v_proj.weight"] = v_weight
-        if v_bias is not None:
-            state["self_attn.v_proj.bias"] = v_bias
-        state["self_attn.o_proj.weight"] = o_weight
-        if o_proj.bias is not None:
-            state["self_attn.o_proj.bias"] = o_proj.bias
-
-        # §2: FFN neuron pruning.
-        ffn_scores = om.ffn_neuron_scores(
-            mlp.gate_proj.weight,
-            mlp.up_proj.weight,
-            mlp.down_proj.weight,
-            stats.mlp_input.second_moment,
-            stats.intermediate.second_moment,
+        rotations = om.value_output_rotation(o_proj.weight, stats.attention_output.second_moment, heads, kv_heads,
+                                             head_dim)
+        v_weight, v_bias, o_weight = om.rotate_value_output(
+            v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
         )
-        keep_ffn = om.keep_top_neurons(ffn_scores, config.intermediate_sizes[layer_idx])
-        gate, up, down, gate_bias, up_bias = om.prune_ffn(
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, keep_ffn,
-            mlp.gate_proj.bias, mlp.up_proj.bias,
+        value_second_moment = om.rotated_value_second_moment(
+            stats.value_head_gram.double() / max(stats.value_tokens, 1), rotations, heads, kv_heads
         )
-        state.update({"mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up, "mlp.down_proj.weight": down})
-        if gate_bias is not None:
-            state.update({"mlp.gate_proj.bias": gate_bias, "mlp.up_proj.bias": up_bias})
-        if mlp.down_proj.bias is not None:
-            state["mlp.down_proj.bias"] = mlp.down_proj.bias
-
-        for name, tensor in layer.state_dict().items():
-            if "norm" in name:
-                state[name] = tensor
-
-        self._stats = None
-        return assemble_pruned_layer(config, layer_idx, state, device=device, dtype=dtype)
+        value_scores = om.value_neuron_scores(
+            v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
+        )
+        keep_values = om.keep_top_neurons(value_scores, config.value_head_dims[layer_idx])
+        return om.prune_value_output(v_weight, v_bias, o_weight, keep_values, heads, kv_heads, head_dim)
 
     def _store(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.storage_device) if self.storage_device is not None else tensor.detach()
 
-    def _store_activation(self, activation: torch.Tensor) -> torch.Tensor:
-        """The pruned FFN's activations (``N x f``, the widest tensor kept between passes) wait for ``finish_layer``
-        in host memory when they are computed on an accelerator, as the refit sums do: ``finish_layer`` copies each
-        batch back once to project it (an exact copy: results unchanged). On a CPU run they stay in place."""
-        if activation.device.type == "cpu":
-            return self._store(activation)
-        # Page-locked from CUDA: both copies run at full bus speed (the CUDA host allocator reuses the blocks).
-        pinned = activation.device.type == "cuda"
-        host = torch.empty(activation.shape, dtype=activation.dtype, device="cpu", pin_memory=pinned)
-        return host.copy_(activation.detach())
+    # ---- the sub-blocks of the pruned layer: refits of o_proj and down_proj, the calibration branch -------------
 
-    # ---- refit of o_proj: the pruned attention, fitted to the dense attention output -----------------------
+    def fits_block(self, block: str, layer_idx: int) -> bool:
+        if layer_idx in self.skip_layers:
+            return False
+        if block == "attention":
+            return self.refit_damping is not None
+        return self.refit_damping is not None or self.calibration_rank > 0
+
+    @contextmanager
+    def observe_block(self, block: str, pruned, layer_idx: int):
+        """Sum the refit statistics of the sub-block's output projection over the features pass.
+
+        The attention's target is the dense attention output on the same layer input. The MLP's is what the FFN must
+        add to the pruned layer's residual stream to reproduce the dense layer's output: the fit then also absorbs
+        what is left of the attention error (measured: better than targeting the dense FFN's output on the same
+        input, 48.2 vs 49.1 on SmolLM2 at 20%, and no dense FFN rerun). Each dense tensor is released once used.
+        """
+        body = pruned.self_attn if block == "attention" else pruned.mlp
+        projection = body.o_proj if block == "attention" else body.down_proj
+        folds = self._folds_of_block[block] = self._folds(
+            projection.in_features, projection.out_features, projection.weight.device
+        )
+        residuals, ffn_inputs = [], []
+
+        def on_features(module, args):
+            if block == "attention":
+                target = self._dense_attention_outputs.pop(0).to(args[0].device)
+            else:
+                target = self._dense_layer_outputs.pop(0).to(args[0].device) - residuals.pop()
+            if projection.bias is not None:
+                target = target - projection.bias  # the refit fits the weight; the bias is added unchanged
+            if self.refit_damping is not None:
+                _update_folds(folds, args[0], target)
+            if block == "mlp" and self.calibration_rank > 0:
+                self._branch_batches.append((self._store(ffn_inputs.pop()), self._store(target)))
+
+        handles = [projection.register_forward_pre_hook(on_features)]
+        if block == "mlp":
+            handles.append(pruned.post_attention_layernorm.register_forward_pre_hook(
+                lambda module, args: residuals.append(args[0])))
+            handles.append(body.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
-    def refine(self, dense, pruned, layer_idx: int, replay) -> None:
-        """Refit ``o_proj`` so the pruned attention (low-rank Q/K, fewer value channels) matches the dense one.
-
-        ``replay(module)`` runs a module over every calibration batch, as a decoder layer is run.
-        """
-        if self.refit_damping is None or layer_idx in self.skip_layers:
-            return
-        o_proj = pruned.self_attn.o_proj
-        folds = self._folds(o_proj.in_features, o_proj.out_features, o_proj.weight.device)
-        self._attention_values = []
-
-        def on_value_output(module, args):
-            # Each target is released once used: the pass ends holding the values, not the targets too.
-            target = self._dense_attention_outputs.pop(0).to(args[0].device)
-            if o_proj.bias is not None:
-                target = target - o_proj.bias  # the refit fits the weight; the bias (the dense one) is added unchanged
-            _update_folds(folds, args[0], target)
-            # Kept for the propagation pass, which then applies only the refitted o_proj instead of rerunning
-            # the attention: the inputs, and so these values, are the same in both passes.
-            self._attention_values.append(self._store(args[0]))
-
-        handle = o_proj.register_forward_pre_hook(on_value_output)
-        try:
-            replay(_AttentionBlock(pruned))
-        finally:
-            handle.remove()
-        self._dense_attention_outputs = []
-        weight, damping = self._refit(folds, o_proj.weight)
-        self._record = {"o_proj_refit_damping": damping}
+    def fit_block(self, block: str, pruned, layer_idx: int, features: list[torch.Tensor]) -> None:
+        """Refit the sub-block's output projection; after the MLP's, fit the calibration branch on what remains."""
+        projection = pruned.self_attn.o_proj if block == "attention" else pruned.mlp.down_proj
+        weight, damping = self._refit(self._folds_of_block.pop(block), projection.weight)
         if weight is not None:
-            o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
+            projection.weight.copy_(weight.to(projection.weight.dtype))
+        self._record[f"{'o_proj' if block == 'attention' else 'down_proj'}_refit_damping"] = damping
+        if block == "mlp" and self.calibration_rank > 0:
+            self._fit_branch(projection, layer_idx, features)
+
+    def _fit_branch(self, down_proj, layer_idx: int, features: list[torch.Tensor]) -> None:
+        """The linear-calibration branch: what the pruned FFN (refitted down_proj included) still misses, as a
+        low-rank map of the FFN input. Summed in host memory, and fitted there: a (d x d) solve, once per layer."""
+        moments = _host_moments(down_proj.out_features, down_proj.out_features, self.statistics_dtype,
+                                down_proj.weight.device)
+        for activation, (ffn_input, target) in zip(features, self._branch_batches):
+            projected = down_proj(activation.to(down_proj.weight.device))
+            projected = projected if down_proj.bias is None else projected - down_proj.bias
+            moments.update(ffn_input, (target.to(projected.device) - projected).to(ffn_input.device))
+        self._branch_batches = []
+        fit = om.fit_linear_calibration(moments, self.calibration_rank, ridge_factor=self.ridge_strength)
+        energy = float(moments.target_sum_squares.sum() / moments.count)
+        self.candidates.append(CalibrationCandidate(layer_idx, fit, energy))
+        self._record.update(
+            calibration_mean_correlation=fit.mean_correlation,
+            calibration_explained_energy=fit.explained_energy,
+            ffn_residual_energy=energy,
+        )
+
+    def finish_layer(self, pruned, layer_idx: int) -> dict:
+        """The layer's report record: what the fits chose (the entry point adds the layer's dimensions)."""
+        record = {"o_proj_refit_damping": None, "down_proj_refit_damping": None, **self._record}
+        self._record, self._dense_attention_outputs, self._dense_layer_outputs = {}, [], []
+        return record
 
     def _folds(self, in_features: int, out_features: int, device: torch.device) -> list[om.StreamingMoments]:
         """Two folds of refit statistics, summed in host memory: the (in x in) Gram matrices of an FFN-wide
@@ -291,100 +303,6 @@ class OlicaLayerPruner:
         gram, cross = merged.raw_sum("gram"), merged.raw_sum("cross")
         return om.refit_output_projection(gram, cross, weight, damping), damping
 
-    # ---- the FFN on the pruned layer's own inputs: down_proj refit and linear calibration -------------------
-
-    @contextmanager
-    def observe_pruned(self, dense, pruned, layer_idx: int):
-        """Observe the propagation pass: the FFN inputs the pruned layer really produces (pruned attention included).
-
-        The target is what the FFN must add to the pruned layer's residual stream to reproduce the dense layer's
-        output on the same layer input; ``down_proj`` is refitted to it and the linear-calibration branch models
-        what remains. ``down_proj`` itself is not run in this pass (its weights are refitted from it):
-        ``finish_layer`` adds its final output to the layer outputs, one projection instead of two.
-        """
-        mlp = pruned.mlp
-        self._ffn_batches = []
-        self._ffn_refit = self._folds(mlp.down_proj.in_features, mlp.hidden_size, mlp.down_proj.weight.device)
-        if (self.refit_damping is None and self.calibration_rank <= 0) or layer_idx in self.skip_layers:
-            yield
-            return
-        down_proj, deferred = mlp.down_proj, _DeferredProjection(mlp.down_proj.out_features)
-        attention = pruned.self_attn
-        if self._attention_values:
-            pruned.self_attn = _CachedAttention(attention.o_proj, self._attention_values)
-        bias = down_proj.bias
-        residuals = []
-
-        def on_residual(module, args):
-            residuals.append(args[0])
-
-        def on_mlp(module, args, output):
-            ffn_input, activation = args[0], deferred.inputs.pop()
-            # What the FFN must add to the pruned layer's residual stream to give the dense layer's output: the fit
-            # then also absorbs what is left of the attention error (measured: better than targeting the dense
-            # FFN's output on the same input, 48.2 vs 49.1 on SmolLM2 at 20%, and no dense FFN rerun).
-            # Each dense output is released once used (the pass's outputs take its place).
-            target = self._dense_layer_outputs.pop(0).to(ffn_input.device) - residuals.pop()
-            if bias is not None:
-                target = target - bias  # the refit fits the weight; the bias is added unchanged
-            if self.refit_damping is not None:
-                _update_folds(self._ffn_refit, activation, target)
-            # The FFN input and the target feed only the calibration branch's fit: without a branch, keep only what
-            # finish_layer projects (N x d_ff instead of N x (2d + d_ff) held across the pass).
-            fits_branch = self.calibration_rank > 0
-            self._ffn_batches.append((
-                self._store(ffn_input) if fits_branch else None,
-                self._store_activation(activation),
-                self._store(target) if fits_branch else None,
-            ))
-
-        handles = [
-            pruned.post_attention_layernorm.register_forward_pre_hook(on_residual),
-            mlp.register_forward_hook(on_mlp),
-        ]
-        mlp.down_proj = deferred
-        try:
-            yield
-        finally:
-            mlp.down_proj = down_proj
-            pruned.self_attn = attention
-            for handle in handles:
-                handle.remove()
-            self._dense_layer_outputs, self._attention_values = [], []
-
-    @torch.no_grad()
-    def finish_layer(self, pruned, layer_idx: int, outputs: list[torch.Tensor]) -> dict:
-        """Refit ``down_proj``, add its output to ``outputs`` (deferred from the pass), fit the calibration branch."""
-        mlp = pruned.mlp
-        down = mlp.down_proj
-        weight, damping = self._refit(self._ffn_refit, down.weight) if self._ffn_batches else (None, None)
-        if weight is not None:
-            down.weight.copy_(weight.to(down.weight.dtype))
-        record = {**planned_dimensions(self.plan_config, layer_idx), **self._record, "down_proj_refit_damping": damping}
-        self._record = {}
-        moments = None
-        if self.calibration_rank > 0 and self._ffn_batches:
-            # Summed in host memory, and the branch is fitted there: a (d x d) solve, once per layer.
-            moments = _host_moments(mlp.hidden_size, mlp.hidden_size, self.statistics_dtype, down.weight.device)
-        for index, (ffn_input, activation, target) in enumerate(self._ffn_batches):
-            projected = down(activation.to(down.weight.device))  # bias included
-            outputs[index] += projected.to(outputs[index].device)
-            if moments is not None:
-                # What the pruned FFN (refitted down_proj included) still misses: the branch's target.
-                projected = projected if down.bias is None else projected - down.bias
-                moments.update(ffn_input, (target.to(projected.device) - projected).to(ffn_input.device))
-        if moments is not None:
-            fit = om.fit_linear_calibration(moments, self.calibration_rank, ridge_factor=self.ridge_strength)
-            energy = float(moments.target_sum_squares.sum() / moments.count)
-            self.candidates.append(CalibrationCandidate(layer_idx, fit, energy))
-            record.update(
-                calibration_mean_correlation=fit.mean_correlation,
-                calibration_explained_energy=fit.explained_energy,
-                ffn_residual_energy=energy,
-            )
-        self._ffn_batches, self._ffn_refit = [], None
-        return record
-
     def choose_calibrated_layers(self, count: int, exclude=()) -> list[CalibrationCandidate]:
         """The ``count`` layers whose branch removes the most residual energy (never the last layer, never a
         layer in ``exclude``, i.e. a skipped layer, which was not pruned)."""
@@ -413,33 +331,61 @@ class OlicaLayerPruner:
         ]
 
 
+@dataclass
+class LayerDecisions:
+    """What pruning decided for one decoder layer, as the new tensors of the parts it changes (float64 or not: the
+    layer is cast when assembled)."""
+
+    query: tuple[torch.Tensor, torch.Tensor] | None  # (down, up) factors of q_proj; None: q_proj kept dense
+    key: tuple[torch.Tensor, torch.Tensor] | None  # the same for k_proj
+    value_weight: torch.Tensor  # v_proj's rows kept (rotated by the OND), (kv_heads * value_head_dim, d)
+    value_bias: torch.Tensor | None
+    output_weight: torch.Tensor  # o_proj's matching columns, (d, heads * value_head_dim)
+    ffn_keep: torch.Tensor  # indices of the FFN neurons kept
+
+
+def pruned_layer_state(layer, decisions: LayerDecisions) -> dict[str, torch.Tensor]:
+    """The state of the pruned ``OlicaDecoderLayer``: ``decisions`` applied to the dense ``layer``; the norms and
+    every bias that pruning does not resize are the dense layer's own tensors."""
+    attention, mlp = layer.self_attn, layer.mlp
+    state = {name: tensor for name, tensor in layer.state_dict().items() if "norm" in name}
+    for name, factors in (("q_proj", decisions.query), ("k_proj", decisions.key)):
+        projection = getattr(attention, name)
+        if factors is None:
+            state[f"self_attn.{name}.weight"] = projection.weight
+        else:
+            state[f"self_attn.{name}.down.weight"], state[f"self_attn.{name}.up.weight"] = factors
+        if projection.bias is not None:
+            state[f"self_attn.{name}{'' if factors is None else '.up'}.bias"] = projection.bias
+    state["self_attn.v_proj.weight"] = decisions.value_weight
+    if decisions.value_bias is not None:
+        state["self_attn.v_proj.bias"] = decisions.value_bias
+    state["self_attn.o_proj.weight"] = decisions.output_weight
+    if attention.o_proj.bias is not None:
+        state["self_attn.o_proj.bias"] = attention.o_proj.bias
+    gate, up, down, gate_bias, up_bias = om.prune_ffn(
+        mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, decisions.ffn_keep,
+        mlp.gate_proj.bias, mlp.up_proj.bias,
+    )
+    state.update({"mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up, "mlp.down_proj.weight": down})
+    if gate_bias is not None:
+        state.update({"mlp.gate_proj.bias": gate_bias, "mlp.up_proj.bias": up_bias})
+    if mlp.down_proj.bias is not None:
+        state["mlp.down_proj.bias"] = mlp.down_proj.bias
+    return state
+
+
 def assemble_pruned_layer(config, layer_idx: int, state: dict[str, torch.Tensor], *, device, dtype):
     """An ``OlicaDecoderLayer`` of ``config``'s dimensions holding ``state`` (cast to ``dtype`` on ``device``)."""
-    with init_empty_weights():
-        layer = OlicaDecoderLayer(config, layer_idx)
-    layer.load_state_dict(
-        {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()},
-        strict=True,
-        assign=True,
+    return build_decoder_layer(
+        config, layer_idx, {name: tensor.to(device=device, dtype=dtype).contiguous() for name, tensor in state.items()}
     )
-    return layer.eval()
 
 
 def copy_dense_layer(config, layer_idx: int, layer) -> OlicaDecoderLayer:
     """An ``OlicaDecoderLayer`` at full dimensions holding ``layer``'s own tensors, unchanged (a skipped layer)."""
     reference = layer.self_attn.o_proj.weight
     return assemble_pruned_layer(config, layer_idx, layer.state_dict(), device=reference.device, dtype=reference.dtype)
-
-
-def planned_dimensions(config, layer_idx: int) -> dict:
-    """The report record of one layer's planned dimensions."""
-    return {
-        "layer": layer_idx,
-        "query_rank": config.query_ranks[layer_idx],
-        "key_rank": config.key_ranks[layer_idx],
-        "value_head_dim": config.value_head_dims[layer_idx],
-        "intermediate_size": config.intermediate_sizes[layer_idx],
-    }
 
 
 # Relative dampings tried by the cross-validated refit (multiples of the mean diagonal of Z^T Z).
@@ -461,66 +407,17 @@ def _update_folds(folds: list[om.StreamingMoments], inputs: torch.Tensor, target
         min(folds, key=lambda fold: fold.count).update(inputs, targets)
 
 
-class _DeferredProjection(torch.nn.Module):
-    """Stands in for ``down_proj`` during the propagation pass: keeps its inputs and contributes nothing yet."""
-
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.out_features = out_features
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, activation: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(activation)
-        return activation.new_zeros(*activation.shape[:-1], self.out_features)
-
-
-class _CachedAttention(torch.nn.Module):
-    """Stands in for the pruned attention during the propagation pass: ``o_proj`` applied to the values the ``o_proj``
-    refit pass computed on the same inputs, batch by batch and in the same order (each is released once used)."""
-
-    def __init__(self, o_proj: torch.nn.Module, values: list[torch.Tensor]):
-        super().__init__()
-        self.o_proj = o_proj
-        self.values = values
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs):
-        values = self.values.pop(0).to(hidden_states.device)
-        return self.o_proj(values), None
-
-
-class _AttentionBlock(torch.nn.Module):
-    """The attention half of a decoder layer (norm + attention), run on the layer's inputs to refit ``o_proj``."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, hidden_states, **kwargs):
-        normed = self.layer.input_layernorm(hidden_states)
-        return self.layer.self_attn(hidden_states=normed, **kwargs)[0]
-
-
-def attach_linear_calibration(layer: OlicaDecoderLayer, fit: om.LinearCalibrationFit) -> None:
-    """Give a pruned layer its calibration branch (``mlp.linear_calibration``)."""
-    reference = layer.mlp.down_proj.weight
-    rank, dim = fit.down.shape
-    with init_empty_weights():
-        branch = OlicaLowRankLinear(dim, dim, rank)
-    branch.load_state_dict(
-        {
-            "down.weight": fit.down.to(device=reference.device, dtype=reference.dtype).contiguous(),
-            "up.weight": fit.up.to(device=reference.device, dtype=reference.dtype).contiguous(),
-        },
-        assign=True,
-    )
-    layer.mlp.linear_calibration = branch
+def calibration_branch_state(fit: om.LinearCalibrationFit) -> dict[str, torch.Tensor]:
+    """The tensors of a layer's linear-calibration branch (``mlp.linear_calibration``), named within the layer."""
+    return {"mlp.linear_calibration.down.weight": fit.down, "mlp.linear_calibration.up.weight": fit.up}
 
 
 __all__ = [
     "CalibrationCandidate",
+    "LayerDecisions",
     "OlicaLayerPruner",
     "assemble_pruned_layer",
-    "attach_linear_calibration",
+    "calibration_branch_state",
     "copy_dense_layer",
-    "planned_dimensions",
+    "pruned_layer_state",
 ]

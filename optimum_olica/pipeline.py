@@ -1,64 +1,68 @@
 """Sequential layer-by-layer calibration: moves data and layers, knows nothing of the pruning math.
 
-For each decoder layer the pipeline (1) materialises the dense layer on the compute device, (2) replays the
-captured layer inputs through it while the algorithm's hooks accumulate statistics, (3) asks the algorithm for the
-pruned layer, (4) lets the algorithm refine the pruned layer (it may replay the inputs through parts of it), (5) replays the
-inputs through the pruned layer (the algorithm observes this pass too, and may amend its outputs) to produce the
-next layer's inputs, (6) releases the dense layer and lets the algorithm finish the pruned one, and (7) hands the
-pruned layer to a sink. Only one dense layer and the calibration activations are resident on the compute device at
-a time.
-
-Where the dense weights come from is a ``LayerSource``: the model's own modules (on any device, including
-accelerate-offloaded ones) or, in streaming mode, the safetensors files read one layer at a time.
+For each decoder layer the pipeline (1) takes the dense layer from a ``LayerSource`` on the compute device, (2)
+replays the captured layer inputs through it while the algorithm's hooks accumulate statistics (the calibration
+pass), (3) asks the algorithm for the pruned layer (the compress step), then (4) runs the pruned layer as its two
+residual sub-blocks, attention then MLP. Each sub-block is ``h + projection(features(h))``: the pipeline computes the
+features (the input of the sub-block's output projection) batch by batch while the algorithm observes them, lets the
+algorithm fit on them (it may refit the projection of the layer it built), and only then computes the sub-block's
+outputs from the kept features: the next sub-block's inputs, and after the MLP the next layer's. (5) The finished
+layer and its report record go to a ``LayerSink``. Only one dense layer and the calibration activations are resident on
+the compute device at a time; the algorithm never writes the pipeline's tensors and never replaces its modules.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from accelerate import init_empty_weights
-from accelerate.utils import align_module_device
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .errors import CheckpointVerificationError, NonFiniteActivationsError
-from .integrity import read_safetensors_header
+from .errors import NonFiniteActivationsError
+from .sources import decoder_layers
 
 
 class LayerAlgorithm(Protocol):
-    """Everything the pipeline and the entry point call on a pruning algorithm (implemented by
-    ``optimum_olica.olica.OlicaLayerPruner`` and the magnitude baseline).
+    """Everything the pipeline and the entry point call on a pruning algorithm (``optimum_olica.olica.
+    OlicaLayerPruner``; the magnitude baseline of the benchmarks, ``bench/magnitude.py``).
 
     Per layer, in this order: ``observe_dense`` (a context manager around the dense layer's calibration pass),
-    ``prune``, ``refine`` (may replay the calibration batches through the pruned layer), ``observe_pruned`` (a context
-    manager around the propagation pass), ``finish_layer`` (returns the layer's report record). After the last layer
-    the entry point asks ``choose_calibrated_layers``; resuming saves and restores ``state_dict``.
+    ``prune`` (returns the pruned layer, a new module the algorithm owns until ``finish_layer`` returns), then for each
+    sub-block (``"attention"``, then ``"mlp"``) that ``fits_block`` claims: ``observe_block`` (a context manager
+    around the pass that computes the sub-block's features on the pruned layer's own inputs) and ``fit_block`` (given
+    those features, read-only; it may refit the sub-block's output projection before the pipeline computes the
+    outputs with it); last ``finish_layer`` (the layer's report record). After the last layer the entry point asks
+    ``choose_calibrated_layers``; a resumable run saves and restores ``state_dict``.
     """
 
     def observe_dense(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
 
     def prune(self, layer: torch.nn.Module, layer_idx: int) -> torch.nn.Module: ...
 
-    def refine(self, dense: torch.nn.Module, pruned: torch.nn.Module, layer_idx: int, replay) -> None: ...
+    def fits_block(self, block: str, layer_idx: int) -> bool: ...
 
-    def observe_pruned(self, dense: torch.nn.Module, pruned: torch.nn.Module, layer_idx: int): ...  # context
+    def observe_block(self, block: str, pruned: torch.nn.Module, layer_idx: int): ...  # context manager
 
-    def finish_layer(self, pruned: torch.nn.Module, layer_idx: int, outputs: list[torch.Tensor]) -> dict: ...
+    def fit_block(self, block: str, pruned: torch.nn.Module, layer_idx: int, features: list) -> None: ...
+
+    def finish_layer(self, pruned: torch.nn.Module, layer_idx: int) -> dict: ...
 
     def choose_calibrated_layers(self, count: int, exclude: tuple[int, ...] = ()) -> list: ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class LayerSink(Protocol):
+    """Where finished layers go (``optimum_olica.sinks``; ``optimum_olica.resume.ResumableSink`` wraps one)."""
+
+    def store(self, layer_idx: int, layer: torch.nn.Module, record: dict) -> None: ...
 
 
 class _StopForward(Exception):
@@ -132,15 +136,6 @@ def _move(value, device: torch.device, moved: dict[int, torch.Tensor] | None = N
     if isinstance(value, dict):
         return {key: _move(item, device, moved) for key, item in value.items()}
     return value
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a causal LM of a supported family (``model.model.layers``)."""
-    base = getattr(model, model.base_model_prefix, model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `{model.base_model_prefix}.layers` decoder stack.")
-    return layers
 
 
 # The KV-cache argument a model hands its decoder layers: `past_key_values` up to transformers 5.23, `cache` from
@@ -246,208 +241,76 @@ def replay(
         output = layer(states.to(device), **_move(kwargs, device))
         if isinstance(output, tuple):
             output = output[0]
-        # A NaN/Inf anywhere reaches the float32 sum: one reduction instead of a boolean tensor the size of the
-        # output; the elementwise test only runs to rule out a sum that overflowed on finite (huge bf16) values.
-        if not torch.isfinite(output.sum(dtype=torch.float32)) and not torch.isfinite(output).all():
-            raise FloatingPointError("non-finite activations")
+        _check_finite(output)
         if keep_outputs:
             outputs.append(output.to(activations.storage_device))
     return outputs if keep_outputs else None
 
 
-class ModelLayerSource:
-    """Dense layers taken from the model itself, wherever accelerate placed them (GPU, CPU or offloaded)."""
+@dataclass(frozen=True)
+class SubBlock:
+    """One residual half of a decoder layer: ``h + <body>.<projection>(features)``, the features being what the body
+    computes from ``<norm>(h)`` up to its output projection.
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.layers = decoder_layers(model)
+    Every decoder layer the pipeline runs (the stock families' and ``OlicaDecoderLayer``, whose calibration branches
+    are attached only after the layer loop) is the attention sub-block followed by the MLP sub-block.
+    """
 
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    @contextmanager
-    def dense_layer(self, layer_idx: int, device: torch.device) -> Iterator[torch.nn.Module]:
-        layer = self.layers[layer_idx]
-        if _has_accelerate_hook(layer) or _device_of(layer) != device:
-            # A hook-free copy on the compute device: offloaded weights are read once, not at every batch.
-            # accelerate hooks the leaf modules, so each one is aligned (its offloaded weights loaded) in turn.
-            with ExitStack() as stack:
-                for module in layer.modules():
-                    stack.enter_context(align_module_device(module, device))
-                state = {name: tensor.to(device) for name, tensor in layer.state_dict().items()}
-            yield _module_from_state(layer, state)
-        else:
-            yield layer
+    name: str
+    norm: str
+    body: str
+    projection: str
+    takes_layer_kwargs: bool  # the attention needs the layer's mask and rotary embeddings; the MLP nothing
+    features_wait_on_host: bool
 
 
-class ModelLayerSink:
-    """Puts each pruned layer back into the model, on the device the dense layer came from (CPU if offloaded)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.layers = decoder_layers(model)
-
-    def store(self, layer_idx: int, pruned: torch.nn.Module) -> None:
-        dense = self.layers[layer_idx]
-        home = torch.device("cpu") if _has_offloaded_weights(dense) else _device_of(dense)
-        if _has_accelerate_hook(dense):
-            from accelerate.hooks import remove_hook_from_module
-
-            remove_hook_from_module(dense, recurse=True)
-        self.layers[layer_idx] = pruned.to(home)
+ATTENTION = SubBlock("attention", "input_layernorm", "self_attn", "o_proj", True, False)
+# The FFN activations (tokens x FFN width) are the widest tensor kept between passes: computed on an accelerator,
+# they wait in host memory and are copied back once each (an exact copy).
+MLP = SubBlock("mlp", "post_attention_layernorm", "mlp", "down_proj", False, True)
+SUB_BLOCKS = (ATTENTION, MLP)
 
 
-class SafetensorsWeights:
-    """Read-only access to a checkpoint's tensors by name, across the shards of a safetensors checkpoint."""
+def block_features(layer: torch.nn.Module, block: SubBlock, hidden_states: torch.Tensor, kwargs: dict):
+    """The input of ``block``'s output projection, computed by the layer's own modules; the forward stops there."""
+    body = getattr(layer, block.body)
+    captured = []
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                self.file_of = {name: self.directory / file for name, file in weight_map.items()}
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                raise CheckpointVerificationError(
-                    f"{index} is not a valid shard index ({type(error).__name__}: {error}). Download or save the "
-                    "checkpoint again."
-                ) from None
-        elif (self.directory / "model.safetensors").exists():
-            single = self.directory / "model.safetensors"
-            self.file_of = {name: single for name in read_safetensors_header(single)}
-        else:
-            raise FileNotFoundError(
-                f"Streaming needs safetensors weights, but {self.directory} has neither model.safetensors nor "
-                "model.safetensors.index.json. Convert the checkpoint with save_pretrained(safe_serialization=True)."
-            )
-        # Headers against file sizes, now: a truncated or corrupted shard fails before any layer is pruned, not
-        # after an hour (the data itself is read layer by layer, and a damaged read there still names the file).
-        for file in sorted(set(self.file_of.values())):
-            if not file.is_file():
-                raise CheckpointVerificationError(
-                    f"{file} is named by the shard index but does not exist. Download or save the checkpoint again."
-                )
-            stored = read_safetensors_header(file)
-            absent = [name for name, owner in self.file_of.items() if owner == file and name not in stored]
-            if absent:
-                raise CheckpointVerificationError(
-                    f"{file} lacks tensors its shard index assigns to it ({absent[:3]}). Download or save the "
-                    "checkpoint again."
-                )
+    def stop(module, args):
+        captured.append(args[0])
+        raise _StopForward
 
-    def names_with_prefix(self, prefix: str) -> list[str]:
-        return [name for name in self.file_of if name.startswith(prefix)]
-
-    def load(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """The named tensors on ``device``; a truncated or corrupted file raises an error naming it."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.file_of[name], []).append(name)
-        tensors = {}
-        for file, file_names in by_file.items():
-            try:
-                with safe_open(file, framework="pt", device=str(device)) as handle:
-                    for name in file_names:
-                        tensors[name] = handle.get_tensor(name)
-            except Exception as error:  # safetensors raises its own error types for damaged files
-                raise CheckpointVerificationError(
-                    f"Could not read {name!r} from {file}: {error}. The file is truncated or corrupted; download or "
-                    "save the checkpoint again."
-                ) from error
-        return tensors
+    handle = getattr(body, block.projection).register_forward_pre_hook(stop)
+    try:
+        normed = getattr(layer, block.norm)(hidden_states)
+        body(hidden_states=normed, **kwargs) if block.takes_layer_kwargs else body(normed)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
 
 
-class SafetensorsLayerSource:
-    """Streaming: each dense layer is read from the safetensors files only while it is processed."""
+def block_output(layer: torch.nn.Module, block: SubBlock, hidden_states: torch.Tensor, features: torch.Tensor):
+    """The sub-block's output from its features: the residual plus the output projection (exactly the layer's own
+    ``residual + body(...)``, which ends in that projection)."""
+    return hidden_states + getattr(getattr(layer, block.body), block.projection)(features)
 
-    def __init__(self, model: torch.nn.Module, weights: SafetensorsWeights):
-        self.layers = decoder_layers(model)
-        self.weights = weights
-        self.prefix = f"{model.base_model_prefix}.layers."
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    @contextmanager
-    def dense_layer(self, layer_idx: int, device: torch.device) -> Iterator[torch.nn.Module]:
-        prefix = f"{self.prefix}{layer_idx}."
-        names = self.weights.names_with_prefix(prefix)
-        state = {name[len(prefix):]: tensor for name, tensor in self.weights.load(names, device).items()}
-        dtype = next(iter(state.values())).dtype
-        layer = _module_from_state(self.layers[layer_idx], state)
-        yield layer.to(dtype)
-        del layer, state
-
-
-class SafetensorsLayerSink:
-    """Streaming: each pruned layer is written to its own safetensors shard and released from memory."""
-
-    def __init__(self, directory: Path, prefix: str):
-        self.directory = Path(directory)
-        self.prefix = prefix
-        self.files: dict[int, str] = {}
-        self.weight_map: dict[str, str] = {}
-
-    def file_name(self, layer_idx: int) -> str:
-        return f"model-layer-{layer_idx:05d}.safetensors"
-
-    def store(self, layer_idx: int, pruned: torch.nn.Module) -> None:
-        self.write(layer_idx, pruned.state_dict())
-
-    def write(self, layer_idx: int, state: dict[str, torch.Tensor]) -> None:
-        name = self.file_name(layer_idx)
-        tensors = {f"{self.prefix}{layer_idx}.{key}": value.detach().cpu().contiguous() for key, value in state.items()}
-        save_file(tensors, self.directory / name, metadata={"format": "pt"})
-        self.files[layer_idx] = name
-        self.weight_map.update({key: name for key in tensors})
-
-    def read(self, layer_idx: int) -> dict[str, torch.Tensor]:
-        prefix = f"{self.prefix}{layer_idx}."
-        with safe_open(self.directory / self.files[layer_idx], framework="pt") as handle:
-            return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys()}
-
-
-def _has_accelerate_hook(module: torch.nn.Module) -> bool:
-    return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
-
-
-def _has_offloaded_weights(module: torch.nn.Module) -> bool:
-    return any(param.device.type == "meta" for param in module.parameters())
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for param in module.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
-
-
-def _module_from_state(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh module of ``template``'s class and constructor arguments holding ``state``."""
-    attention = getattr(template, "self_attn", None)
-    config, layer_idx = attention.config, attention.layer_idx
-    with init_empty_weights():
-        module = type(template)(config, layer_idx)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval()
 
 
 def run_sequential(
     source,
-    sink,
+    sink: LayerSink,
     activations: CalibrationActivations,
     algorithm: LayerAlgorithm,
     device: torch.device,
     *,
     timings: PipelineTimings,
     progress: bool = True,
-    on_layer_done: Callable[[int, dict, torch.nn.Module], None] | None = None,
     first_layer: int = 0,
 ) -> list[dict]:
-    """The layer loop from ``first_layer`` on (earlier layers were restored from a resume checkpoint).
-
-    ``on_layer_done(layer_idx, record, pruned)`` runs once a layer is stored and ``activations`` hold the next
-    layer's inputs: the point where a resume checkpoint is complete. Returns the algorithm's per-layer records.
-    """
+    """The layer loop from ``first_layer`` on (earlier layers were restored from a resume checkpoint); returns the
+    algorithm's per-layer records. Each finished layer is stored once ``activations`` hold the next layer's inputs."""
     records = []
     bar = tqdm(
         range(first_layer, len(source)), desc="Olica pruning", unit="layer", disable=not progress,
@@ -455,52 +318,114 @@ def run_sequential(
     )
     for layer_idx in bar:
         started = time.perf_counter()
-        tick = started
+        passes = SubBlockPasses(activations, algorithm, device, layer_idx, timings)
+        tick = time.perf_counter()
         with source.dense_layer(layer_idx, device) as dense:
             timings.load += time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            with algorithm.observe_dense(dense, layer_idx):
-                _run_checked(dense, activations, device, layer_idx, keep_outputs=False)
-            timings.statistics += time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            pruned = algorithm.prune(dense, layer_idx)
-            timings.decomposition += time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            algorithm.refine(
-                dense,
-                pruned,
-                layer_idx,
-                lambda module: _run_checked(module, activations, device, layer_idx, keep_outputs=False),
-            )
-            timings.refit += time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            with algorithm.observe_pruned(dense, pruned, layer_idx):
-                outputs = _run_checked(pruned, activations, device, layer_idx, keep_outputs=True)
-            timings.propagation += time.perf_counter() - tick
-
-        # The algorithm's finishing work (its largest solves) does not need the dense layer: release it first.
+            pruned = passes.calibrate_and_prune(dense)
+            attention_features = passes.features(ATTENTION, pruned, activations.hidden_states)
+            passes.fit(ATTENTION, pruned, attention_features)
+            hidden = passes.outputs(ATTENTION, pruned, activations.hidden_states, attention_features)
+            mlp_features = passes.features(MLP, pruned, hidden)
+        # The MLP's fit (the largest solves) and its outputs do not need the dense layer: release it first.
         del dense
+        passes.fit(MLP, pruned, mlp_features)
+        hidden = passes.outputs(MLP, pruned, hidden, mlp_features)
+        record = algorithm.finish_layer(pruned, layer_idx)
+        activations.hidden_states = hidden
         tick = time.perf_counter()
-        record = algorithm.finish_layer(pruned, layer_idx, outputs)
-        timings.refit += time.perf_counter() - tick
-        tick = time.perf_counter()
-        sink.store(layer_idx, pruned)
-        activations.hidden_states = outputs
+        timings.per_layer.append(tick - started)  # before the store: a resumable sink saves the timings with the layer
+        sink.store(layer_idx, pruned, record)
         timings.store += time.perf_counter() - tick
-        timings.per_layer.append(time.perf_counter() - started)
+        timings.per_layer[-1] += time.perf_counter() - tick
         records.append(record)
-        if on_layer_done is not None:
-            on_layer_done(layer_idx, record, pruned)
     return records
 
 
-def _run_checked(layer, activations, device, layer_idx: int, keep_outputs: bool):
+@dataclass
+class SubBlockPasses:
+    """The passes of one layer: the dense calibration pass and, per sub-block of the pruned layer, the features pass,
+    the algorithm's fit and the outputs pass (timed into ``timings``)."""
+
+    activations: CalibrationActivations
+    algorithm: LayerAlgorithm
+    device: torch.device
+    layer_idx: int
+    timings: PipelineTimings
+
+    def calibrate_and_prune(self, dense: torch.nn.Module) -> torch.nn.Module:
+        tick = time.perf_counter()
+        with self.algorithm.observe_dense(dense, self.layer_idx), _non_finite_named(self.layer_idx):
+            replay(dense, self.activations, self.device, layer_idx=self.layer_idx, keep_outputs=False)
+        self.timings.statistics += time.perf_counter() - tick
+        tick = time.perf_counter()
+        pruned = self.algorithm.prune(dense, self.layer_idx)
+        self.timings.decomposition += time.perf_counter() - tick
+        return pruned
+
+    def features(self, block: SubBlock, layer, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The sub-block's features for every batch, observed by the algorithm; None when it fits nothing on them
+        (the outputs pass then computes each batch's features itself, and nothing is kept)."""
+        if not self.algorithm.fits_block(block.name, self.layer_idx):
+            return None
+        tick = time.perf_counter()
+        features = []
+        with self.algorithm.observe_block(block.name, layer, self.layer_idx), _non_finite_named(self.layer_idx):
+            for states, kwargs in zip(inputs, self._kwargs(block)):
+                features.append(self._keep(block, block_features(layer, block, states.to(self.device), kwargs)))
+        self.timings.propagation += time.perf_counter() - tick
+        return features
+
+    def fit(self, block: SubBlock, layer, features: list[torch.Tensor] | None) -> None:
+        if features is None:
+            return
+        tick = time.perf_counter()
+        with _non_finite_named(self.layer_idx):
+            self.algorithm.fit_block(block.name, layer, self.layer_idx, features)
+        self.timings.refit += time.perf_counter() - tick
+
+    def outputs(self, block: SubBlock, layer, inputs: list[torch.Tensor], features) -> list[torch.Tensor]:
+        """The sub-block's outputs, on the storage device; each batch's kept features are released once used."""
+        tick = time.perf_counter()
+        outputs = []
+        with _non_finite_named(self.layer_idx):
+            for index, (states, kwargs) in enumerate(zip(inputs, self._kwargs(block))):
+                states = states.to(self.device)
+                if features is None:
+                    batch_features = block_features(layer, block, states, kwargs)
+                else:
+                    batch_features, features[index] = features[index].to(self.device), None
+                output = block_output(layer, block, states, batch_features)
+                _check_finite(output)
+                outputs.append(output.to(self.activations.storage_device))
+        self.timings.propagation += time.perf_counter() - tick
+        return outputs
+
+    def _kwargs(self, block: SubBlock) -> Iterator[dict]:
+        for kwargs in self.activations.kwargs_of_layer(self.layer_idx):
+            yield _move(kwargs, self.device) if block.takes_layer_kwargs else {}
+
+    def _keep(self, block: SubBlock, features: torch.Tensor) -> torch.Tensor:
+        """Where a batch's features wait for the outputs pass: the storage device, or host memory (page-locked from
+        CUDA, so both copies run at full bus speed) for the MLP's on an accelerator."""
+        if not block.features_wait_on_host or features.device.type == "cpu":
+            return features.detach().to(self.activations.storage_device)
+        host = torch.empty(features.shape, dtype=features.dtype, device="cpu", pin_memory=features.device.type == "cuda")
+        return host.copy_(features.detach())
+
+
+def _check_finite(output: torch.Tensor) -> None:
+    # A NaN/Inf anywhere reaches the float32 sum: one reduction instead of a boolean tensor the size of the output;
+    # the elementwise test only runs to rule out a sum that overflowed on finite (huge bf16) values.
+    if not torch.isfinite(output.sum(dtype=torch.float32)) and not torch.isfinite(output).all():
+        raise FloatingPointError("non-finite activations")
+
+
+@contextmanager
+def _non_finite_named(layer_idx: int) -> Iterator[None]:
+    """NaN/Inf met in a pass (in the outputs, or refused by the statistics) become an error naming the layer."""
     try:
-        return replay(layer, activations, device, layer_idx=layer_idx, keep_outputs=keep_outputs)
+        yield
     except (FloatingPointError, ValueError) as error:
         if "non-finite" not in str(error):
             raise
@@ -511,17 +436,20 @@ def _run_checked(layer, activations, device, layer_idx: int, keep_outputs: bool)
         ) from None
 
 
+
 __all__ = [
+    "ATTENTION",
+    "MLP",
+    "SUB_BLOCKS",
     "CalibrationActivations",
     "LayerAlgorithm",
-    "ModelLayerSink",
-    "ModelLayerSource",
-    "SafetensorsLayerSink",
-    "SafetensorsLayerSource",
-    "SafetensorsWeights",
+    "LayerSink",
     "PipelineTimings",
+    "SubBlock",
+    "SubBlockPasses",
+    "block_features",
+    "block_output",
     "capture_layer_inputs",
-    "decoder_layers",
     "replay",
     "run_sequential",
 ]

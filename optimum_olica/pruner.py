@@ -9,12 +9,13 @@ optimum's ``BaseConfig``, which is a transformers model config: a pruning recipe
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,36 +24,27 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .allocation import plan_dimensions
 from .atomic_io import prepare_output_directory, write_directory_atomically
-from .baselines import MagnitudeLayerPruner
 from .checkpoint import save_pruned_model
-from .conversion import build_olica_model, causal_lm_class_for, olica_config_from
+from .configuration import OlicaConfig
+from .conversion import build_decoder_layer, olica_config_from
+from .data import get_calibration_dataset
+from .errors import CalibrationDataError, OlicaError
 from .inspection import format_summary
 from .integrity import verify_saved_checkpoint
-from .configuration import OlicaConfig
-from .errors import CalibrationDataError, OlicaError
-from .data import get_calibration_dataset
-from .self_calibration import generate_calibration_ids, mix_calibration_ids
 from .loading import TokenizerNotFoundError, check_model_location, load_config, load_tokenizer
 from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE
-from .olica import OlicaLayerPruner, attach_linear_calibration
+from .olica import OlicaLayerPruner, calibration_branch_state
+from .pipeline import CalibrationActivations, PipelineTimings, capture_layer_inputs, run_sequential
 from .resume import (
     LayerCheckpoint,
+    ResumableSink,
     fingerprint_safetensors_files,
     fingerprint_state_dict,
-    restore_timings,
     run_manifest,
 )
-from .pipeline import (
-    ModelLayerSink,
-    ModelLayerSource,
-    PipelineTimings,
-    SafetensorsLayerSink,
-    SafetensorsLayerSource,
-    SafetensorsWeights,
-    capture_layer_inputs,
-    decoder_layers,
-    run_sequential,
-)
+from .self_calibration import generate_calibration_ids, mix_calibration_ids
+from .sinks import ModelSink, ShardSink
+from .sources import ModelLayerSource, SafetensorsLayerSource, SafetensorsWeights
 
 
 logger = logging.getLogger(__name__)
@@ -100,39 +92,16 @@ def _input_device(model: torch.nn.Module) -> torch.device:
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
-def _layer_dimensions(layers) -> dict[str, list]:
-    """The Olica config's per-layer lists, read from the pruned modules themselves."""
-    lists = {"query_ranks": [], "key_ranks": [], "value_head_dims": [], "intermediate_sizes": [],
-             "calibration_ranks": []}
-    for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        for key, projection in (("query_ranks", attention.q_proj), ("key_ranks", attention.k_proj)):
-            lists[key].append(getattr(projection, "rank", None))
-        lists["value_head_dims"].append(attention.value_head_dim)
-        lists["intermediate_sizes"].append(mlp.intermediate_size)
-        branch = mlp.linear_calibration
-        lists["calibration_ranks"].append(0 if branch is None else branch.rank)
-    return lists
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    if any(hasattr(module, "_hf_hook") for module in model.modules()):
-        from accelerate.utils.modeling import get_state_dict_offloaded_model
-
-        return get_state_dict_offloaded_model(model)
-    return model.state_dict()
-
-
 def prune_model(
     model: PreTrainedModel,
     config: OlicaConfig,
     calibration_input_ids: torch.Tensor,
     *,
     progress: bool = True,
-    method: str = "olica",
     stream_from: str | os.PathLike | None = None,
     stream_to: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    layer_algorithm: Callable | None = None,
 ) -> PruningResult:
     """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
 
@@ -144,8 +113,6 @@ def prune_model(
         config: the recipe.
         calibration_input_ids: ``(num_samples, sequence_length)`` token ids.
         progress: show a progress bar per layer.
-        method: ``"olica"``, or ``"magnitude"`` for the data-free baseline of the ablation tables (same dimensions,
-            choices from weight norms only).
         stream_from: streaming mode: the local safetensors checkpoint of ``model``, whose weights are read one layer
             at a time (``model`` may then be an empty skeleton on the meta device).
         stream_to: streaming mode: a directory (normally a staging directory) where the pruned checkpoint is written
@@ -154,73 +121,57 @@ def prune_model(
             run interrupted at any point (a kill included) and started again with the same arguments continues after
             the last finished layer and gives bit-identical weights; different arguments, model or data are refused
             with ``ResumeMismatchError``. The directory is kept: delete it once the pruned model is saved.
+        layer_algorithm: for research comparisons, ``(plan_config, config) -> LayerAlgorithm`` replacing Olica's
+            per-layer algorithm (``optimum_olica.pipeline.LayerAlgorithm``; the benchmarks' magnitude baseline,
+            ``bench/magnitude.py``, is one) on the same plan, pipeline, checkpoint writing and report.
     """
-    run = _plan_run(model, config, calibration_input_ids, method)
-    plan_config, timings, storage = run.plan_config, run.timings, run.storage
+    run = _plan_run(model, config, calibration_input_ids, layer_algorithm)
     model.eval()
-    streaming = stream_from is not None
-    if streaming and stream_to is None:
-        raise OlicaError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
-    weights = SafetensorsWeights(stream_from) if streaming else None
-    checkpoint = None if checkpoint_dir is None else LayerCheckpoint(
-        checkpoint_dir, _run_manifest(model, config, calibration_input_ids, method, weights)
-    )
-    # Opened before any work, so a mismatch fails at once.
-    resume_point = None if checkpoint is None else checkpoint.open()
+    weights = _streamed_weights(stream_from, stream_to)
+    checkpoint = None if checkpoint_dir is None else LayerCheckpoint(checkpoint_dir, _run_manifest(run, weights))
+    resume_point = None if checkpoint is None else checkpoint.open()  # before any work: a mismatch fails at once
     source, sink = _source_and_sink(model, weights, stream_to)
-
-    tick = time.perf_counter()
-    activations = capture_layer_inputs(
-        model, calibration_input_ids, batch_size=calibration_batch_size(calibration_input_ids.shape[1]),
-        storage_device=storage, input_device=_input_device(model),
+    activations = _capture(run, weights)
+    first_layer = 0
+    if checkpoint is not None:
+        sink = ResumableSink(sink, checkpoint, activations, run.algorithm, run.timings,
+                             functools.partial(build_decoder_layer, run.plan_config))
+        first_layer = sink.restore(resume_point, len(source))
+    records = run_sequential(
+        source, sink, activations, run.algorithm, run.device,
+        timings=run.timings, progress=progress, first_layer=first_layer,
     )
-    timings.capture = time.perf_counter() - tick
-    if streaming:
-        _release_input_embeddings(model)  # only the capture needed them; the layer loop is the memory peak
-
-    algorithm = _layer_algorithm(run)
-    restored_records, first_layer, on_layer_done = _resume_hooks(
-        checkpoint, resume_point, source, sink, plan_config, activations, algorithm, timings
-    )
-    records = restored_records + run_sequential(
-        source, sink, activations, algorithm, run.device,
-        timings=timings, progress=progress, on_layer_done=on_layer_done, first_layer=first_layer,
-    )
+    if checkpoint is not None:
+        records = sink.records  # the restored layers' and these
     del activations
-
-    chosen = algorithm.choose_calibrated_layers(config.num_calibrated_layers, exclude=tuple(config.skip_layers))
-    if streaming:
-        pruned, final_config = None, _finish_streamed(run, chosen, weights, sink, Path(stream_to))
-        parameters_after = final_config.count_parameters()
-    else:
-        pruned, final_config = _finish_in_memory(run, chosen)
-        parameters_after = pruned.num_parameters()
-    report = _report(run, final_config, parameters_after, chosen, records, streaming)
-    return PruningResult(pruned, report)
+    chosen = run.algorithm.choose_calibrated_layers(config.num_calibrated_layers, exclude=tuple(config.skip_layers))
+    final_config = _final_config(run, chosen)
+    pruned = sink.finish(final_config, {c.layer_idx: calibration_branch_state(c.fit) for c in chosen})
+    parameters_after = final_config.count_parameters() if pruned is None else pruned.num_parameters()
+    return PruningResult(pruned, _report(run, final_config, parameters_after, chosen, records, weights is not None))
 
 
 @dataclass
 class _Run:
-    """What one pruning run settled before its first layer: the inputs, the plan, where it computes."""
+    """What one pruning run settled before its first layer: the inputs, the plan, the algorithm, where it computes."""
 
     model: PreTrainedModel
     config: OlicaConfig
-    method: str
     calibration_input_ids: torch.Tensor
     plan: object  # allocation.PruningPlan
     plan_config: object  # the Olica config at the planned dimensions
     calibration_rank: int
     device: torch.device
     storage: torch.device
+    algorithm: object  # pipeline.LayerAlgorithm
+    method: str  # the algorithm's name, for the report and the resume fingerprints
     timings: PipelineTimings
     started: float
 
 
-def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, method: str) -> _Run:
-    """Check the inputs, plan the dimensions and choose the devices, before any work."""
+def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, layer_algorithm) -> _Run:
+    """Check the inputs, plan the dimensions, choose the devices and make the algorithm, before any work."""
     started = time.perf_counter()
-    if method not in ("olica", "magnitude"):
-        raise OlicaError(f"method={method!r} is not one of 'olica', 'magnitude'.")
     refuse_pruned_model(model.config, further_ratio=config.ratio)
     _check_calibration_input_ids(calibration_input_ids, model.config)
     full_config = olica_config_from(model.config)
@@ -231,8 +182,7 @@ def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, m
             f"skip_layers={list(skip_layers)} names layers {out_of_range} but the model has "
             f"{full_config.num_hidden_layers} layers (0 to {full_config.num_hidden_layers - 1})."
         )
-    # The magnitude baseline has no calibration branch: its budget goes to FFN neurons, at the same total.
-    calibration_rank = config.calibration_rank_for(full_config.hidden_size) if method == "olica" else 0
+    calibration_rank = config.calibration_rank_for(full_config.hidden_size)
     plan = plan_dimensions(
         full_config,
         config.ratio,
@@ -248,106 +198,75 @@ def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, m
     plan_config._attn_implementation = model.config._attn_implementation
     device = _compute_device(model, config.device)
     storage = torch.device("cpu") if config.offload_activations else device
-    return _Run(model, config, method, calibration_input_ids, plan, plan_config, calibration_rank, device, storage,
-                PipelineTimings(), started)
+    if layer_algorithm is None:
+        algorithm = OlicaLayerPruner(
+            plan_config,
+            calibration_rank=calibration_rank,
+            ridge_strength=config.ridge_strength,
+            refit_damping=config.refit_damping,
+            storage_device=storage,
+            statistics_dtype=getattr(torch, config.statistics_dtype),
+            value_decomposition=config.value_decomposition,
+            skip_layers=skip_layers,
+        )
+    else:
+        algorithm = layer_algorithm(plan_config, config)
+    return _Run(model, config, calibration_input_ids, plan, plan_config, calibration_rank, device, storage,
+                algorithm, getattr(algorithm, "name", type(algorithm).__name__), PipelineTimings(), started)
 
 
-def _run_manifest(model, config: OlicaConfig, calibration_input_ids, method: str, weights) -> dict:
+def _run_manifest(run: _Run, weights) -> dict:
     """What identifies a run for resuming, fingerprinted before any layer is replaced."""
     return run_manifest(
-        model_config=model.config,
+        model_config=run.model.config,
         weights_fingerprint=(
             fingerprint_safetensors_files(list(weights.file_of.values())) if weights is not None
-            else fingerprint_state_dict(model.state_dict())
+            else fingerprint_state_dict(run.model.state_dict())
         ),
-        recipe=config.to_dict(),
-        input_ids=calibration_input_ids,
-        method=method,
+        recipe=run.config.to_dict(),
+        input_ids=run.calibration_input_ids,
+        method=run.method,
         streaming=weights is not None,
     )
+
+
+def _streamed_weights(stream_from, stream_to) -> SafetensorsWeights | None:
+    if stream_from is None:
+        return None
+    if stream_to is None:
+        raise OlicaError("Streaming mode writes the pruned layers to disk as it goes: pass stream_to=<directory>.")
+    return SafetensorsWeights(stream_from)
 
 
 def _source_and_sink(model, weights, stream_to):
     """Where layers come from and go to: the model itself, or safetensors files in streaming mode."""
     if weights is None:
-        return ModelLayerSource(model), ModelLayerSink(model)
-    _materialize_input_embeddings(model, weights)
-    return SafetensorsLayerSource(model, weights), SafetensorsLayerSink(
-        Path(stream_to), f"{model.base_model_prefix}.layers."
+        return ModelLayerSource(model), ModelSink(model)
+    return SafetensorsLayerSource(model, weights), ShardSink(stream_to, weights, model)
+
+
+def _capture(run: _Run, weights: SafetensorsWeights | None) -> CalibrationActivations:
+    """The first layer's inputs for every calibration batch (a streamed skeleton's embeddings only for this)."""
+    model, streaming = run.model, weights is not None
+    if streaming:
+        _materialize_input_embeddings(model, weights)
+    tick = time.perf_counter()
+    activations = capture_layer_inputs(
+        model, run.calibration_input_ids, batch_size=calibration_batch_size(run.calibration_input_ids.shape[1]),
+        storage_device=run.storage, input_device=_input_device(model),
     )
+    run.timings.capture = time.perf_counter() - tick
+    if streaming:
+        model.get_input_embeddings().to("meta")  # the layer loop is the memory peak; the files hold the embeddings
+    return activations
 
 
-def _layer_algorithm(run: _Run):
-    config, plan_config, skip_layers = run.config, run.plan_config, tuple(run.config.skip_layers)
-    if run.method == "magnitude":
-        algorithm = MagnitudeLayerPruner(plan_config, skip_layers=skip_layers)
-    else:
-        algorithm = OlicaLayerPruner(
-            plan_config,
-            calibration_rank=run.calibration_rank,
-            ridge_strength=config.ridge_strength,
-            refit_damping=config.refit_damping,
-            storage_device=run.storage,
-            statistics_dtype=getattr(torch, config.statistics_dtype),
-            value_decomposition=config.value_decomposition,
-            skip_layers=skip_layers,
-        )
-    return algorithm
-
-
-def _resume_hooks(checkpoint, resume_point, source, sink, plan_config, activations, algorithm, timings):
-    """(records of the layers a checkpoint already finished, the first layer to prune, the per-layer save hook)."""
-    if checkpoint is None:
-        return [], 0, None
-    restored_records, first_layer = [], 0
-    if resume_point is not None:
-        first_layer = _restore_finished_layers(
-            checkpoint, resume_point, sink, plan_config, activations, algorithm, timings
-        )
-        restored_records = list(resume_point.records)
-        logger.info("Resuming from %s after layer %d.", checkpoint.directory, first_layer - 1)
-    finished_records, num_layers = list(restored_records), len(source)
-
-    def on_layer_done(layer_idx: int, record: dict, pruned: torch.nn.Module) -> None:
-        finished_records.append(record)
-        checkpoint.save_layer(
-            layer_idx,
-            pruned.state_dict(),
-            activations.hidden_states if layer_idx + 1 < num_layers else [],  # the last layer's feed nothing
-            algorithm.state_dict(),
-            finished_records,
-            dataclasses.asdict(timings),
-        )
-
-    return restored_records, first_layer, on_layer_done
-
-
-def _finish_streamed(run: _Run, chosen, weights, sink, directory: Path):
-    """Attach the chosen calibration branches to the written shards and complete the checkpoint; its config."""
-    model, config = run.model, run.config
+def _final_config(run: _Run, chosen):
+    """The pruned model's config: the planned dimensions, the ranks of the calibration branches chosen, the recipe."""
     dimensions = run.plan.per_layer_lists()
     for candidate in chosen:
-        state = sink.read(candidate.layer_idx)
-        state["mlp.linear_calibration.down.weight"] = candidate.fit.down.to(state["mlp.down_proj.weight"].dtype)
-        state["mlp.linear_calibration.up.weight"] = candidate.fit.up.to(state["mlp.down_proj.weight"].dtype)
-        sink.write(candidate.layer_idx, state)
         dimensions["calibration_ranks"][candidate.layer_idx] = candidate.fit.down.shape[0]
-    final_config = olica_config_from(model.config, **dimensions, olica_recipe=config.to_dict())
-    _write_streamed_checkpoint(directory, final_config, weights, sink, model)
-    return final_config
-
-
-def _finish_in_memory(run: _Run, chosen):
-    """Attach the chosen calibration branches and build the pruned model from the replaced layers."""
-    model, config = run.model, run.config
-    layers = decoder_layers(model)
-    for candidate in chosen:
-        attach_linear_calibration(layers[candidate.layer_idx], candidate.fit)
-    final_config = olica_config_from(model.config, **_layer_dimensions(layers), olica_recipe=config.to_dict())
-    final_config._attn_implementation = model.config._attn_implementation
-    pruned = build_olica_model(final_config, _full_state_dict(model))
-    pruned.generation_config = model.generation_config
-    return pruned, final_config
+    return olica_config_from(run.model.config, **dimensions, olica_recipe=run.config.to_dict())
 
 
 def _report(run: _Run, final_config, parameters_after: int, chosen, records, streaming: bool) -> dict:
@@ -385,8 +304,16 @@ def _report(run: _Run, final_config, parameters_after: int, chosen, records, str
             "machine": platform.machine(),
         },
     }
-    for record, dims in zip(report["layers"], _rows(final_config)):
-        record.update(dims)
+    for layer, record in enumerate(report["layers"]):
+        record.update(
+            layer=layer,
+            query_rank=final_config.query_ranks[layer],
+            key_rank=final_config.key_ranks[layer],
+            value_head_dim=final_config.value_head_dims[layer],
+            intermediate_size=final_config.intermediate_sizes[layer],
+            calibration_rank=final_config.calibration_ranks[layer],
+            parameters=final_config.layer_parameter_count(layer),
+        )
     return report
 
 
@@ -461,24 +388,6 @@ def _check_calibration_input_ids(input_ids, model_config) -> None:
         )
 
 
-def _restore_finished_layers(checkpoint, point, sink, plan_config, activations, algorithm, timings) -> int:
-    """Put the layers a checkpoint finished back in place (model or shards), with the activations and the algorithm
-    state that follow them; returns the first layer still to prune."""
-    from accelerate import init_empty_weights
-
-    from .modeling import OlicaDecoderLayer
-
-    for layer_idx in range(point.last_layer + 1):
-        with init_empty_weights():
-            layer = OlicaDecoderLayer(plan_config, layer_idx)
-        layer.load_state_dict(checkpoint.load_layer(layer_idx), strict=True, assign=True)
-        sink.store(layer_idx, layer.eval())
-    activations.hidden_states = [batch.to(activations.storage_device) for batch in point.activations]
-    algorithm.load_state_dict(point.algorithm_state)
-    restore_timings(timings, point.timings)
-    return point.last_layer + 1
-
-
 def _materialize_input_embeddings(model, weights: SafetensorsWeights) -> None:
     """In a meta skeleton, load only what runs before the first decoder layer: the input embeddings."""
     from accelerate.utils import set_module_tensor_to_device
@@ -491,48 +400,6 @@ def _materialize_input_embeddings(model, weights: SafetensorsWeights) -> None:
             set_module_tensor_to_device(model, key, "cpu", value=tensor)
             return
 
-
-def _release_input_embeddings(model) -> None:
-    """Put the input embeddings of a streamed skeleton back on the meta device (the checkpoint is written from the
-    source files, not from the skeleton)."""
-    model.get_input_embeddings().to("meta")
-
-
-def _write_streamed_checkpoint(directory: Path, config, weights: SafetensorsWeights, sink, model) -> None:
-    """Complete a streamed checkpoint: the non-layer tensors, the shard index, the config and the modeling code."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers.dynamic_module_utils import custom_object_save
-
-    layer_prefix = f"{model.base_model_prefix}.layers."
-    rest = [name for name in weights.file_of if not name.startswith(layer_prefix)]
-    if config.tie_word_embeddings:
-        rest = [name for name in rest if name != "lm_head.weight"]
-    tensors = weights.load(rest, torch.device("cpu"))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "model-rest.safetensors",
-              metadata={"format": "pt"})
-    weight_map = {**sink.weight_map, **{name: "model-rest.safetensors" for name in tensors}}
-    total_size = sum((directory / file).stat().st_size for file in set(weight_map.values()))
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    with init_empty_weights():
-        skeleton = causal_lm_class_for(config)(config)
-    custom_object_save(skeleton, directory, config=config)
-    auto_map = dict(getattr(config, "auto_map", None) or {})
-    auto_map["AutoModel"] = f"modeling_olica.{skeleton.base_model_class.__name__}"
-    config.auto_map = auto_map
-    config.architectures = [type(skeleton).__name__]
-    config.save_pretrained(directory)
-    generation_config = weights.directory / "generation_config.json"
-    if generation_config.exists():
-        (directory / "generation_config.json").write_text(generation_config.read_text())
-
-
-def _rows(config) -> list[dict]:
-    return [
-        {"calibration_rank": config.calibration_ranks[layer], "parameters": config.layer_parameter_count(layer)}
-        for layer in range(config.num_hidden_layers)
-    ]
 
 
 class OlicaPruner:

@@ -373,7 +373,55 @@ class LayerCheckpoint:
                 path.unlink()
 
 
-def restore_timings(timings, saved: dict) -> None:
+class ResumableSink:
+    """A layer sink that also commits the run's progress after each stored layer, and can restore it.
+
+    Wraps the run's real sink (model or shards): ``restore`` puts the layers a checkpoint finished back into it, with
+    the activations, algorithm state and timings that follow them; ``store`` stores a layer in the real sink, then
+    saves it with the next layer's inputs (the pipeline stores a layer once ``activations`` hold them).
+    """
+
+    def __init__(self, sink, checkpoint: LayerCheckpoint, activations, algorithm, timings, build_layer):
+        self.sink = sink
+        self.checkpoint = checkpoint
+        self.activations = activations
+        self.algorithm = algorithm
+        self.timings = timings
+        self.build_layer = build_layer  # (layer index, state) -> the pruned layer module
+        self.records: list[dict] = []
+        self.num_layers: int | None = None
+
+    def restore(self, point: ResumePoint | None, num_layers: int) -> int:
+        """Restore what ``point`` (from ``checkpoint.open()``) finished; returns the first layer still to prune."""
+        self.num_layers = num_layers
+        if point is None:
+            return 0
+        for layer_idx in range(point.last_layer + 1):
+            self.sink.store(layer_idx, self.build_layer(layer_idx, self.checkpoint.load_layer(layer_idx)), None)
+        self.activations.hidden_states = [batch.to(self.activations.storage_device) for batch in point.activations]
+        self.algorithm.load_state_dict(point.algorithm_state)
+        _restore_timings(self.timings, point.timings)
+        self.records = list(point.records)
+        return point.last_layer + 1
+
+    def store(self, layer_idx: int, layer: torch.nn.Module, record: dict) -> None:
+        self.sink.store(layer_idx, layer, record)
+        self.records.append(record)
+        last = layer_idx + 1 == self.num_layers
+        self.checkpoint.save_layer(
+            layer_idx,
+            layer.state_dict(),
+            [] if last else self.activations.hidden_states,  # the last layer's outputs feed nothing
+            self.algorithm.state_dict(),
+            self.records,
+            dataclasses.asdict(self.timings),
+        )
+
+    def finish(self, final_config, branches):
+        return self.sink.finish(final_config, branches)
+
+
+def _restore_timings(timings, saved: dict) -> None:
     """Put the saved phase totals back into a ``PipelineTimings``."""
     for field_ in dataclasses.fields(timings):
         if field_.name in saved:
@@ -387,10 +435,10 @@ __all__ = [
     "PROGRESS_NAME",
     "RESUME_FORMAT_VERSION",
     "ResumePoint",
+    "ResumableSink",
     "fingerprint_model_config",
     "fingerprint_safetensors_files",
     "fingerprint_state_dict",
     "fingerprint_token_ids",
-    "restore_timings",
     "run_manifest",
 ]

@@ -23,8 +23,19 @@ from optimum_olica import OlicaConfig, OlicaPruner
 from optimum_olica.allocation import RatioTooHighError, RatioTooLowError, plan_dimensions
 from optimum_olica.conversion import olica_config_from
 from optimum_olica.errors import OlicaError
-from optimum_olica.olica import OlicaLayerPruner, _AttentionBlock, _CachedAttention
-from optimum_olica.pipeline import capture_layer_inputs, decoder_layers, replay
+from optimum_olica.olica import OlicaLayerPruner
+from optimum_olica.pipeline import (
+    ATTENTION,
+    MLP,
+    SUB_BLOCKS,
+    PipelineTimings,
+    SubBlockPasses,
+    block_features,
+    block_output,
+    capture_layer_inputs,
+    replay,
+)
+from optimum_olica.sources import decoder_layers
 from optimum_olica.pruner import prune_model
 
 from conftest import make_tiny_model
@@ -175,6 +186,15 @@ def _damped_least_squares(inputs, targets, prior, damping: float) -> torch.Tenso
     return torch.linalg.lstsq(stacked_inputs, stacked_targets).solution.T
 
 
+def _attention_output(layer, states, kwargs):
+    """The attention half of ``layer`` on its inputs, from the real modules (no residual)."""
+    return layer.self_attn(hidden_states=layer.input_layernorm(states), **kwargs)[0]
+
+
+def _passes(activations, algorithm) -> SubBlockPasses:
+    return SubBlockPasses(activations, algorithm, CPU, 0, PipelineTimings())
+
+
 @pytest.mark.parametrize("family", ["llama_bias", "qwen3"])
 def test_o_proj_refit_is_the_damped_least_squares_solution(family):
     activations, dense, algorithm, pruned, run = _first_layer_pruned(family)
@@ -183,7 +203,11 @@ def test_o_proj_refit_is_the_damped_least_squares_solution(family):
     # The brute-force reference: Y, the dense attention output less o_proj's bias (the bias is kept, not fitted);
     # Z, the o_proj inputs of the pruned attention on the same tokens; W' the damped least-squares fit of Y on Z.
     def attention_pass(layer):
-        return lambda: replay(_AttentionBlock(layer), activations, CPU, layer_idx=0, keep_outputs=False)
+        def run_attention():
+            for states, kwargs in zip(activations.hidden_states, activations.kwargs_of_layer(0)):
+                with torch.no_grad():
+                    _attention_output(layer, states, kwargs)
+        return run_attention
 
     _, dense_output = _inputs_and_outputs(dense, "self_attn", attention_pass(dense))
     values, _ = _inputs_and_outputs(before_refit, "self_attn.o_proj", attention_pass(before_refit))
@@ -191,7 +215,8 @@ def test_o_proj_refit_is_the_damped_least_squares_solution(family):
     target = dense_output - (0 if o_proj.bias is None else o_proj.bias.double())
     expected = _damped_least_squares(values, target, o_proj.weight, 0.1)
 
-    algorithm.refine(dense, pruned, 0, run)
+    passes = _passes(activations, algorithm)
+    passes.fit(ATTENTION, pruned, passes.features(ATTENTION, pruned, activations.hidden_states))
     refitted = pruned.self_attn.o_proj.weight.double()
     assert not torch.allclose(refitted, o_proj.weight.double(), atol=1e-3)  # the refit changed something
     torch.testing.assert_close(refitted, expected, atol=1e-5, rtol=1e-5)
@@ -200,15 +225,19 @@ def test_o_proj_refit_is_the_damped_least_squares_solution(family):
 
 
 @pytest.mark.parametrize("family", ["llama_bias", "qwen2"])
-def test_down_proj_refit_and_deferred_output_match_brute_force(family):
-    """finish_layer's down_proj is the damped least-squares fit of what the FFN must add to the pruned layer's
-    residual stream to give the dense layer's output; the outputs it completes are the finished layer's."""
+def test_down_proj_refit_and_sub_block_outputs_match_brute_force(family):
+    """The MLP's fit refits down_proj to the damped least-squares fit of what the FFN must add to the pruned layer's
+    residual stream to give the dense layer's output; the outputs computed from the kept features are those of the
+    real finished layer."""
     activations, dense, algorithm, pruned, run = _first_layer_pruned(family)
-    algorithm.refine(dense, pruned, 0, run)
+    passes = _passes(activations, algorithm)
+    attention_features = passes.features(ATTENTION, pruned, activations.hidden_states)
+    passes.fit(ATTENTION, pruned, attention_features)
+    hidden = passes.outputs(ATTENTION, pruned, activations.hidden_states, attention_features)
     before_down_refit = copy.deepcopy(pruned)
-    with algorithm.observe_pruned(dense, pruned, 0):
-        outputs = replay(pruned, activations, CPU, layer_idx=0)
-    algorithm.finish_layer(pruned, 0, outputs)
+    mlp_features = passes.features(MLP, pruned, hidden)
+    passes.fit(MLP, pruned, mlp_features)
+    outputs = passes.outputs(MLP, pruned, hidden, mlp_features)
 
     # The reference, from the real modules: h = x + attention(x) of the pruned layer, a = the FFN activation on
     # norm(h), target = dense layer output - h - down_proj's bias.
@@ -217,7 +246,7 @@ def test_down_proj_refit_and_deferred_output_match_brute_force(family):
     residuals, ffn_activations = [], []
     for states, kwargs in zip(activations.hidden_states, activations.kwargs_of_layer(0)):
         with torch.no_grad():
-            h = states + _AttentionBlock(before_down_refit)(states, **kwargs)
+            h = states + _attention_output(before_down_refit, states, kwargs)
             x = before_down_refit.post_attention_layernorm(h)
             residuals.append(h.reshape(-1, h.shape[-1]))
             ffn_activations.append((mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(-1, mlp.intermediate_size))
@@ -229,24 +258,26 @@ def test_down_proj_refit_and_deferred_output_match_brute_force(family):
     refitted = pruned.mlp.down_proj.weight.double()
     assert not torch.allclose(refitted, mlp.down_proj.weight.double(), atol=1e-3)
     torch.testing.assert_close(refitted, expected, atol=1e-5, rtol=1e-5)
-    # The deferred down_proj output, added by finish_layer, completes the outputs of the real finished layer.
+    # The outputs computed from the kept features are the real finished layer's, bit for bit.
     finished = torch.cat(replay(pruned, activations, CPU, layer_idx=0))
-    torch.testing.assert_close(torch.cat(outputs), finished, atol=1e-5, rtol=0)
+    assert torch.equal(torch.cat(outputs), finished)
+    assert all(batch is None for batch in attention_features + mlp_features)  # each kept batch released once used
 
 
-def test_cached_attention_equals_the_real_pruned_attention():
-    activations, dense, algorithm, pruned, run = _first_layer_pruned("llama_bias")
-    algorithm.refine(dense, pruned, 0, run)
-    assert len(algorithm._attention_values) == len(activations.hidden_states)
-
-    cached = _CachedAttention(pruned.self_attn.o_proj, list(algorithm._attention_values))
-    for states, kwargs in zip(activations.hidden_states, activations.kwargs_of_layer(0)):
-        normed = pruned.input_layernorm(states)
-        with torch.no_grad():
-            real = pruned.self_attn(hidden_states=normed, **kwargs)[0]  # refitted o_proj, real attention
-            from_cache = cached(normed, **kwargs)[0]
-        torch.testing.assert_close(from_cache, real, atol=1e-6, rtol=0)
-    assert cached.values == []  # each batch's values used once, in order
+@pytest.mark.parametrize("family", ["llama_bias", "qwen3", "mistral"])
+def test_sub_blocks_compose_to_the_decoder_layer(family):
+    """block_features then block_output, attention then MLP, is the stock decoder layer's own forward, bit for bit
+    (random biases and norms included): the pipeline's sub-block passes change no result."""
+    model = make_tiny_model(family)
+    activations = capture(model, calibration_ids())
+    layer = decoder_layers(model)[1]
+    with torch.no_grad():
+        for states, kwargs in zip(activations.hidden_states, activations.kwargs_of_layer(1)):
+            hidden = states
+            for block in SUB_BLOCKS:
+                block_kwargs = kwargs if block.takes_layer_kwargs else {}
+                hidden = block_output(layer, block, hidden, block_features(layer, block, hidden, block_kwargs))
+            assert torch.equal(hidden, layer(states, **kwargs))
 
 
 # ---- skipped layers stay dense (defect 8) ---------------------------------------------------------------------------

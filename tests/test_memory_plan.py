@@ -8,7 +8,6 @@ registers every tensor an operation takes or returns, plus every tensor alive wh
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import subprocess
@@ -21,8 +20,8 @@ from accelerate import init_empty_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from optimum_olica import OlicaConfig, memory_plan, olica, olica_math, pipeline, pruner
-from optimum_olica.memory_plan import PHASES, plan_memory
+from optimum_olica import OlicaConfig, memory_plan, olica_math, pruner
+from optimum_olica.memory_plan import PHASES, phases_observed, plan_memory
 
 from conftest import make_tiny_model
 
@@ -76,43 +75,6 @@ class LiveStoragePeaks(TorchDispatchMode):
             self.phase = previous
 
 
-def _instrument(monkeypatch, tracker: LiveStoragePeaks) -> None:
-    """Attribute the pipeline's steps to the plan's phases, as `run_sequential` times them."""
-
-    def as_phase(owner, name, phase, context_manager=False):
-        original = getattr(owner, name)
-        if context_manager == "enter":  # only entering is the phase (the layer source's block spans the others)
-            @contextlib.contextmanager
-            def wrapped(*args, **kwargs):
-                with contextlib.ExitStack() as stack:
-                    with tracker.in_phase(phase):
-                        value = stack.enter_context(original(*args, **kwargs))
-                    yield value
-        elif context_manager:
-            @contextlib.contextmanager
-            def wrapped(*args, **kwargs):
-                with tracker.in_phase(phase), original(*args, **kwargs) as value:
-                    yield value
-        else:
-            def wrapped(*args, **kwargs):
-                with tracker.in_phase(phase):
-                    return original(*args, **kwargs)
-        monkeypatch.setattr(owner, name, functools.wraps(original)(wrapped))
-
-    as_phase(pruner, "capture_layer_inputs", "capture")
-    as_phase(pipeline.ModelLayerSource, "dense_layer", "load", context_manager="enter")
-    as_phase(olica.OlicaLayerPruner, "observe_dense", "statistics", context_manager=True)
-    as_phase(olica.OlicaLayerPruner, "prune", "decomposition")
-    as_phase(olica.OlicaLayerPruner, "refine", "o_proj refit")
-    as_phase(olica.OlicaLayerPruner, "observe_pruned", "propagation", context_manager=True)
-    as_phase(olica.OlicaLayerPruner, "finish_layer", "down_proj refit")
-    as_phase(pipeline.ModelLayerSink, "store", "saving")
-    as_phase(pipeline.SafetensorsLayerSource, "dense_layer", "load", context_manager="enter")
-    as_phase(pipeline.SafetensorsLayerSink, "store", "saving")
-    as_phase(pruner, "_write_streamed_checkpoint", "final write")
-    as_phase(pruner, "build_olica_model", "final write")
-
-
 CASES = {
     # family, dtype, recipe, tokens per batch
     "llama-gqa": ("llama_gqa", torch.float32, {}, 4096),
@@ -150,8 +112,7 @@ def test_plan_within_ten_percent_of_allocated_peaks(case, monkeypatch, tmp_path,
         streaming = {"stream_from": tmp_path / "dense", "stream_to": tmp_path / "pruned"}
 
     tracker = LiveStoragePeaks()
-    _instrument(monkeypatch, tracker)
-    with torch.no_grad(), tracker:
+    with torch.no_grad(), tracker, phases_observed(tracker.in_phase):
         tracker.register_all_live()
         pruner.prune_model(model, config, input_ids, progress=False, **streaming)
 

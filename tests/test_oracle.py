@@ -34,14 +34,9 @@ from optimum_olica import OlicaConfig, prune_model
 from optimum_olica.checkpoint import save_pruned_model
 from optimum_olica.conversion import build_olica_model, olica_config_from
 from optimum_olica.olica import OlicaLayerPruner
-from optimum_olica.pipeline import (
-    ModelLayerSink,
-    ModelLayerSource,
-    PipelineTimings,
-    capture_layer_inputs,
-    replay,
-    run_sequential,
-)
+from optimum_olica.pipeline import PipelineTimings, capture_layer_inputs, replay, run_sequential
+from optimum_olica.sinks import ModelSink
+from optimum_olica.sources import ModelLayerSource
 
 from conftest import make_tiny_model, random_olica_model
 from oracle_probe import all_generation_discrepancies, oracle_inputs
@@ -159,7 +154,7 @@ def prune_at_full_dimensions(model, input_ids, *, refit_damping: float):
     activations = capture_layer_inputs(model, input_ids, batch_size=2, storage_device=CPU, input_device=CPU)
     algorithm = OlicaLayerPruner(plan, refit_damping=refit_damping)
     run_sequential(
-        ModelLayerSource(model), ModelLayerSink(model), activations, algorithm, CPU,
+        ModelLayerSource(model), ModelSink(model), activations, algorithm, CPU,
         timings=PipelineTimings(), progress=False,
     )
     return build_olica_model(plan, model.state_dict()).eval()
@@ -229,25 +224,24 @@ def test_replay_reproduces_the_pruned_forward(shape, attn_implementation):
 
 
 def record_propagated_activations(monkeypatch) -> dict[int, torch.Tensor]:
-    """Wraps the pipeline's layer loop to keep, after each layer, the activations it hands to the next one."""
+    """Wraps the pipeline's layer loop to keep, after each layer, the activations it hands to the next one (the
+    pipeline stores a layer in its sink once the activations hold the next layer's inputs)."""
     recorded, real_loop = {}, pruner_module.run_sequential
 
-    def recording_loop(*args, on_layer_done=None, **kwargs):
-        activations = args[2]
+    def recording_loop(source, sink, activations, *args, **kwargs):
+        class RecordingSink:
+            def store(self, layer_idx, layer, record):
+                recorded[layer_idx] = torch.cat([batch.clone() for batch in activations.hidden_states])
+                sink.store(layer_idx, layer, record)
 
-        def on_layer_done_recording(layer_idx, record, pruned):
-            recorded[layer_idx] = torch.cat([batch.clone() for batch in activations.hidden_states])
-            if on_layer_done is not None:
-                on_layer_done(layer_idx, record, pruned)
-
-        return real_loop(*args, on_layer_done=on_layer_done_recording, **kwargs)
+        return real_loop(source, RecordingSink(), activations, *args, **kwargs)
 
     monkeypatch.setattr(pruner_module, "run_sequential", recording_loop)
     return recorded
 
 
-# The default recipe on every shape, and the paths it may not take: a refit forced on (the cached attention and the
-# deferred down_proj, whatever "auto" decides), no refit at all, and a skipped layer.
+# The default recipe on every shape, and the paths it may not take: a refit forced on (both sub-blocks' outputs
+# computed from their kept features, whatever "auto" decides), no refit at all, and a skipped layer.
 BOOKKEEPING_RUNS = {
     **{shape: (shape, OlicaConfig(ratio=0.3)) for shape in ORACLE_SHAPES},
     "llama_biases_forced_refit": ("llama_biases", OlicaConfig(ratio=0.3, refit_damping=0.1)),

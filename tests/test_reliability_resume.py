@@ -26,6 +26,9 @@ from optimum_olica.errors import CheckpointVerificationError, OlicaError, Resume
 from optimum_olica.pruner import OlicaPruner, prune_model
 from optimum_olica.resume import MANIFEST_NAME, PROGRESS_NAME
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from magnitude import MagnitudeLayerPruner  # noqa: E402
+
 from conftest import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -215,7 +218,8 @@ def test_a_recipe_field_added_later_compares_at_its_default(tmp_path, monkeypatc
         ({"ids": lambda: calibration_ids(seed=1)}, "calibration data"),
         ({"model": lambda: make_tiny_model("llama_bias", seed=1)}, "model's weights differ"),
         ({"model": lambda: make_tiny_model("llama_bias", num_hidden_layers=4)}, "model's config differs"),
-        ({"method": lambda: "magnitude"}, "method is 'magnitude'"),
+        # The baseline itself, past its refusal of a recipe with branches: only the algorithm differs.
+        ({"algorithm": lambda: lambda plan_config, config: MagnitudeLayerPruner(plan_config)}, "method is 'magnitude'"),
     ],
     ids=["recipe", "data", "weights", "architecture", "method"],
 )
@@ -226,7 +230,8 @@ def test_resume_with_other_arguments_is_refused(change, expected, tmp_path, monk
     with pytest.raises(ResumeMismatchError, match=expected) as error:
         prune_model(
             change.get("model", lambda: make_tiny_model("llama_bias"))(), change.get("config", lambda: CONFIG)(),
-            change.get("ids", calibration_ids)(), progress=False, method=change.get("method", lambda: "olica")(),
+            change.get("ids", calibration_ids)(), progress=False,
+            layer_algorithm=change.get("algorithm", lambda: None)(),
             checkpoint_dir=checkpoint,
         )
     assert "delete" in str(error.value) and "original" in str(error.value)  # the two ways out

@@ -472,13 +472,27 @@ class OlicaForCausalLM(OlicaPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        self._map_base_model_for_remote_code()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def save_config_and_code(self, save_directory) -> None:
+        """What ``save_pretrained`` writes beside the weights: ``config.json`` and, for ``trust_remote_code``
+        loading, the modeling code (used where the weights are written shard by shard, as streaming pruning does)."""
+        from transformers.dynamic_module_utils import custom_object_save
+
+        self._map_base_model_for_remote_code()
+        if getattr(type(self), "_auto_class", None) is not None:
+            custom_object_save(self, save_directory, config=self.config)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(save_directory)
+
+    def _map_base_model_for_remote_code(self) -> None:
         if getattr(type(self), "_auto_class", None) is not None:
             # transformers writes `auto_map` only for the class being saved; add the base model so that
             # `AutoModel.from_pretrained(..., trust_remote_code=True)` works too.
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map["AutoModel"] = f"modeling_olica.{self.base_model_class.__name__}"
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @can_return_tuple
     def forward(

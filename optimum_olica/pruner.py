@@ -133,6 +133,8 @@ def prune_model(
     stream_from: str | os.PathLike | None = None,
     stream_to: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    offload_activations: bool = False,
 ) -> PruningResult:
     """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
 
@@ -154,8 +156,13 @@ def prune_model(
             run interrupted at any point (a kill included) and started again with the same arguments continues after
             the last finished layer and gives bit-identical weights; different arguments, model or data are refused
             with ``ResumeMismatchError``. The directory is kept: delete it once the pruned model is saved.
+        device: the compute device of the layer-by-layer pass, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default
+            CUDA when available, else the CPU. A setting of the run, not of the recipe: a run resumed on another
+            device continues (on the same kind of device, bit-identically).
+        offload_activations: keep the calibration activations on the CPU between layers (less accelerator memory,
+            the same weights).
     """
-    run = _plan_run(model, config, calibration_input_ids, method)
+    run = _plan_run(model, config, calibration_input_ids, method, device, offload_activations)
     plan_config, timings, storage = run.plan_config, run.timings, run.storage
     model.eval()
     streaming = stream_from is not None
@@ -216,7 +223,9 @@ class _Run:
     started: float
 
 
-def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, method: str) -> _Run:
+def _plan_run(
+    model, config: OlicaConfig, calibration_input_ids: torch.Tensor, method: str, device, offload_activations: bool
+) -> _Run:
     """Check the inputs, plan the dimensions and choose the devices, before any work."""
     started = time.perf_counter()
     if method not in ("olica", "magnitude"):
@@ -246,10 +255,23 @@ def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, m
     )
     plan_config = olica_config_from(model.config, **plan.per_layer_lists())
     plan_config._attn_implementation = model.config._attn_implementation
-    device = _compute_device(model, config.device)
-    storage = torch.device("cpu") if config.offload_activations else device
+    device, storage = _run_devices(model, device, offload_activations)
     return _Run(model, config, method, calibration_input_ids, plan, plan_config, calibration_rank, device, storage,
                 PipelineTimings(), started)
+
+
+def _run_devices(model, device, offload_activations: bool) -> tuple[torch.device, torch.device]:
+    """Where the layers compute and where the activations wait between layers: the run's settings, checked."""
+    if not isinstance(offload_activations, bool):
+        raise OlicaError(f"offload_activations must be True or False, got {offload_activations!r}.")
+    try:
+        compute = _compute_device(model, device)
+    except (RuntimeError, TypeError) as error:
+        raise OlicaError(
+            f"device={device!r} is not a device: give one such as 'cpu', 'cuda' or 'cuda:1', or None for CUDA when "
+            f"available ({error})."
+        ) from None
+    return compute, torch.device("cpu") if offload_activations else compute
 
 
 def _run_manifest(model, config: OlicaConfig, calibration_input_ids, method: str, weights) -> dict:
@@ -672,7 +694,7 @@ class OlicaPruner:
 
     def _self_generated_ids(self, config: OlicaConfig, count: int) -> torch.Tensor:
         """``count`` sequences sampled from the model (`config.self_calibration`); the seconds go to the report."""
-        if config.streaming or self.weights_dir is not None:
+        if self.weights_dir is not None:
             raise OlicaError(
                 f"self_calibration={config.self_calibration} needs the model loaded to generate text, and a streaming "
                 "pruner holds no weights: generate the sequences with a loaded model "
@@ -693,6 +715,8 @@ class OlicaPruner:
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         text_column: str | None = None,
+        device: str | torch.device | None = None,
+        offload_activations: bool = False,
     ) -> PreTrainedModel:
         """Prune the model; returns the pruned model and, with ``save_directory``, writes the checkpoint.
 
@@ -714,6 +738,11 @@ class OlicaPruner:
             text_column: the column holding the text of a tabular source (.json, .jsonl, .parquet, .csv, a
                 ``datasets.Dataset``); default ``"text"``, else the only string column. Recorded in the report beside
                 the source.
+            device: the compute device of the layer-by-layer pass (default: CUDA when available, else the CPU).
+            offload_activations: keep the calibration activations on the CPU between layers.
+
+        Neither ``device`` nor ``offload_activations`` is part of the recipe or changes the weights (on the same kind
+        of device); the device used is in the report. Streaming is chosen by ``from_pretrained(..., streaming=True)``.
         """
         config = config or OlicaConfig()
         if self.pruned_model is not None:
@@ -735,11 +764,15 @@ class OlicaPruner:
             config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
         if text_column is not None:
             config_source = f"{config_source} (text column {text_column!r})"
-        if config.streaming or self.weights_dir is not None:
+        run_settings = {"device": device, "offload_activations": offload_activations}
+        if self.weights_dir is not None:
             return self._prune_streaming(
-                config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir
+                config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir,
+                run_settings,
             )
-        result = prune_model(self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir)
+        result = prune_model(
+            self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir, **run_settings
+        )
         result.report["calibration_data"]["source"] = str(config_source)
         if self.generation_s is not None:
             if config.self_generated_samples() == config.num_samples:
@@ -756,20 +789,16 @@ class OlicaPruner:
         return result.model
 
     def _prune_streaming(
-        self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool, checkpoint_dir
+        self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool, checkpoint_dir,
+        run_settings: dict,
     ):
-        if self.weights_dir is None:
-            raise OlicaError(
-                "config.streaming=True needs the pruner to know the checkpoint files: create it with "
-                "OlicaPruner.from_pretrained(path_or_hub_id, streaming=True)."
-            )
         if save_directory is None:
             raise OlicaError("Streaming writes the pruned checkpoint layer by layer: pass save_directory=.")
 
         def write(staging: Path) -> None:
             result = prune_model(
                 self.model, config, input_ids, progress=progress, stream_from=self.weights_dir, stream_to=staging,
-                checkpoint_dir=checkpoint_dir,
+                checkpoint_dir=checkpoint_dir, **run_settings,
             )
             result.report["calibration_data"]["source"] = source
             self.report, self.config = result.report, config

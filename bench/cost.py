@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     dense_model(input_ids=calibration[:1], use_cache=False)  # warm-up: first-call allocations are not the floor
 
     forward_s = [dense_forward_seconds(dense_model, calibration, batch_size)]
-    config = OlicaConfig(ratio=PRUNE_RATIO, num_samples=num_samples, sequence_length=args.sequence_length,
-                         device="cpu")
+    config = OlicaConfig(ratio=PRUNE_RATIO, num_samples=num_samples, sequence_length=args.sequence_length)
     started = time.perf_counter()
-    result = prune_model(model, config, calibration, progress=False)
+    result = prune_model(model, config, calibration, progress=False, device="cpu")
     prune_s = time.perf_counter() - started
     forward_s += [dense_forward_seconds(dense_model, calibration, batch_size) for _ in range(2)]
     floor_s = statistics.median(forward_s)

@@ -81,9 +81,9 @@ def plan_figures(name: str, shape: LlamaShape, num_samples: int, sequence_length
     """The memory plan of a 20% streaming prune of ``shape`` on "cuda", per phase (config only, nothing measured)."""
     from optimum_olica import OlicaConfig, plan_memory
 
-    recipe = OlicaConfig(ratio=0.2, num_samples=num_samples, sequence_length=sequence_length, streaming=True,
-                         device="cuda", offload_activations=offload)
-    plan = plan_memory(_llama_config(shape), recipe, dtype="bfloat16", device="cuda")
+    recipe = OlicaConfig(ratio=0.2, num_samples=num_samples, sequence_length=sequence_length)
+    plan = plan_memory(_llama_config(shape), recipe, dtype="bfloat16", device="cuda", streaming=True,
+                       offload_activations=offload)
     return {
         "name": name,
         "shape": f"hidden {shape.hidden_size}, {shape.num_hidden_layers} layers, {shape.num_attention_heads}/"
@@ -159,13 +159,13 @@ def streaming_prune(checkpoint: Path, output: Path, device: str, num_samples: in
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         memory_before = torch.cuda.memory_allocated()
-    config = OlicaConfig(ratio=0.2, num_samples=num_samples, sequence_length=sequence_length, device=device,
-                         offload_activations=offload_activations)
+    config = OlicaConfig(ratio=0.2, num_samples=num_samples, sequence_length=sequence_length)
     profile = PhaseProfile(cuda)
     started = time.perf_counter()
     with profile:
         pruner = OlicaPruner.from_pretrained(checkpoint, streaming=True)
-        pruner.prune(config, calibration_dataset=ids, save_directory=output, progress=False)
+        pruner.prune(config, calibration_dataset=ids, save_directory=output, progress=False, device=device,
+                     offload_activations=offload_activations)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -297,9 +297,9 @@ def smollm2_cpu_vs_gpu(num_samples: int, eval_tokens: int) -> dict:
     rows = {}
     for device in ("cpu", "cuda"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-        config = OlicaConfig(ratio=0.2, num_samples=num_samples, sequence_length=128, device=device)
+        config = OlicaConfig(ratio=0.2, num_samples=num_samples, sequence_length=128)
         started = time.perf_counter()
-        pruned = prune_model(model, config, calibration, progress=False).model
+        pruned = prune_model(model, config, calibration, progress=False, device=device).model
         seconds = time.perf_counter() - started
         rows[device] = {"prune_s": seconds, "perplexity": perplexity(pruned.to("cuda"), evaluation)}
         del model, pruned

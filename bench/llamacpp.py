@@ -100,9 +100,8 @@ def pruned_folder(args, dense_path: str, work: Path) -> tuple[Path, str]:
 
     folder = Path(args.save_pruned) if args.save_pruned else work / f"olica-{100 * args.ratio:.0f}"
     OlicaPruner.from_pretrained(dense_path).prune(
-        OlicaConfig(ratio=args.ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                    device="cpu"),
-        save_directory=folder, progress=False,
+        OlicaConfig(ratio=args.ratio, num_samples=args.num_samples, sequence_length=args.sequence_length),
+        save_directory=folder, progress=False, device="cpu",
     )
     return folder, f"pruned here: ratio {args.ratio}, {args.num_samples} x {args.sequence_length} Austen tokens"
 

@@ -71,11 +71,12 @@ def child(args) -> None:
     damping = None if args.refit_damping == "none" else (
         "auto" if args.refit_damping == "auto" else float(args.refit_damping))
     config = OlicaConfig(ratio=PRUNE_RATIO, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                         device="cpu", refit_damping=damping)
+                         refit_damping=damping)
     started = time.perf_counter()
     pruner = OlicaPruner.from_pretrained(args.checkpoint, streaming=args.child == "streaming")
     loaded = time.perf_counter() - started
-    pruner.prune(config, calibration_dataset=ids, save_directory=args.save_directory, overwrite=True, progress=False)
+    pruner.prune(config, calibration_dataset=ids, save_directory=args.save_directory, overwrite=True, progress=False,
+                 device="cpu")
     seconds = time.perf_counter() - started
     Path(args.child_output).write_text(json.dumps({
         "baseline_rss_bytes": baseline,

@@ -214,10 +214,9 @@ def smollm2_models(args, ratios: list[float], parser) -> tuple[dict, str, "objec
         return models, f"pruned folders {args.pruned}", tokenizer
     calibration = get_calibration_dataset(tokenizer, "austen", args.num_samples, args.sequence_length, seed=0)
     for ratio in ratios:
-        config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                             device="cpu")
+        config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length)
         started = time.perf_counter()
-        result = prune_model(load_dense(), config, calibration, progress=False)
+        result = prune_model(load_dense(), config, calibration, progress=False, device="cpu")
         models[f"olica {100 * ratio:.0f}%"] = result.model.eval()
         print(f"pruned to {100 * ratio:.0f}% in {time.perf_counter() - started:.0f} s", flush=True)
     note = f"pruned here with {args.num_samples} x {args.sequence_length} Austen calibration tokens, seed 0"
@@ -238,9 +237,9 @@ def large_models(args, ratios: list[float], shape) -> tuple[dict, str]:
         folder = CACHE_DIR / "speed-run" / f"{checkpoint.name}-olica-{100 * ratio:.0f}"
         started = time.perf_counter()
         pruner = OlicaPruner.from_pretrained(str(checkpoint), streaming=True)
-        config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                             device="cpu")
-        pruner.prune(config, calibration_dataset=ids, save_directory=folder, overwrite=True, progress=False)
+        config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length)
+        pruner.prune(config, calibration_dataset=ids, save_directory=folder, overwrite=True, progress=False,
+                     device="cpu")
         folders.append(folder)
         del pruner
         gc.collect()

@@ -98,9 +98,9 @@ def memory_plan(config, args: argparse.Namespace):
     from optimum_olica import OlicaConfig
     from optimum_olica.memory_plan import plan_memory
 
-    recipe = OlicaConfig(ratio=args.ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                         streaming=True, offload_activations=args.offload_activations)
-    return plan_memory(config, recipe, device="cuda" if args.device.startswith("cuda") else "cpu")
+    recipe = OlicaConfig(ratio=args.ratio, num_samples=args.num_samples, sequence_length=args.sequence_length)
+    return plan_memory(config, recipe, device="cuda" if args.device.startswith("cuda") else "cpu", streaming=True,
+                       offload_activations=args.offload_activations)
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -139,11 +139,10 @@ def run(args: argparse.Namespace) -> None:
         calibration_source=args.calibration,
         num_samples=args.num_samples,
         sequence_length=args.sequence_length,
-        device=args.device,
-        offload_activations=args.offload_activations,
     )
     # Streaming writes the checkpoint layer by layer and returns nothing: the pruned model is read back from disk.
-    pruner.prune(config, save_directory=args.output_dir, overwrite=args.overwrite)
+    pruner.prune(config, save_directory=args.output_dir, overwrite=args.overwrite, device=args.device,
+                 offload_activations=args.offload_activations)
     report = json.loads((args.output_dir / "olica_report.json").read_text(encoding="utf-8"))
     print(f"Parameters: {report['parameters_before']:,} -> {report['parameters_after']:,} "
           f"(removed {report['achieved_ratio']:.2%})")

@@ -169,10 +169,9 @@ def run(args: argparse.Namespace) -> None:
         ratio=args.ratio,
         num_samples=args.num_samples,
         sequence_length=args.sequence_length,
-        device=args.device,
-        offload_activations=args.offload_activations,
     )
-    pruned = pruner.prune(config, save_directory=args.output_dir, overwrite=args.overwrite)
+    pruned = pruner.prune(config, save_directory=args.output_dir, overwrite=args.overwrite, device=args.device,
+                          offload_activations=args.offload_activations)
     report = pruner.report
     print(f"Parameters: {report['parameters_before']:,} -> {pruned.num_parameters():,} "
           f"(removed {report['achieved_ratio']:.2%})")

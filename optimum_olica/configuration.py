@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
 from .errors import OlicaConfigError
@@ -41,9 +42,18 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# Where a run happens, not what it computes: a run resumed on another device or with activations kept elsewhere
-# continues the same computation (resume fingerprints leave these out).
-RUNTIME_FIELDS = ("device", "offload_activations")
+logger = logging.getLogger(__name__)
+
+
+# Settings of the run that earlier versions stored in the recipe, and where they are given now. Where a run happens is
+# not what it computes: a run resumed on another device continues the same computation, and no weight depends on them.
+RUN_SETTINGS = {
+    "device": "prune_model(..., device=...) or OlicaPruner.prune(..., device=...)",
+    "offload_activations": (
+        "prune_model(..., offload_activations=True) or OlicaPruner.prune(..., offload_activations=True)"
+    ),
+    "streaming": "OlicaPruner.from_pretrained(path, streaming=True)",
+}
 
 
 @dataclass
@@ -62,6 +72,10 @@ class OlicaConfig:
     text, a local file or folder, or a Hub dataset name). In-memory sources
     (a list of strings, a `datasets.Dataset`, a tensor of token ids) are not
     stored in the config: pass them to the pruner directly.
+
+    Where the run happens is not part of the recipe: the compute device and
+    ``offload_activations`` are arguments of ``OlicaPruner.prune`` and
+    ``prune_model``, streaming is ``OlicaPruner.from_pretrained(path, streaming=True)``.
 
     Example:
         ```python
@@ -259,34 +273,6 @@ class OlicaConfig:
         },
     )
 
-    # -- Resources ----------------------------------------------------------
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "Compute device for the layer-by-layer pass, e.g. 'cpu', 'cuda', 'cuda:1'. "
-                "None: 'cuda' if available, else 'cpu'."
-            )
-        },
-    )
-    offload_activations: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the calibration activations on the CPU between layers (saves accelerator memory)."
-        },
-    )
-    streaming: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Read one decoder layer at a time from the safetensors checkpoint instead of using "
-                "the loaded model, and write each pruned layer to disk at once (for models larger than "
-                "memory). Needs OlicaPruner.from_pretrained(path, streaming=True) (which sets up the "
-                "checkpoint and loads no weights) and a save_directory."
-            )
-        },
-    )
-
     format_version: int = field(
         default=1,
         metadata={
@@ -297,16 +283,32 @@ class OlicaConfig:
         },
     )
 
+    # -- Not recipe settings (RUN_SETTINGS) -----------------------------------
+    # Init-only parameters, not fields (never saved, compared or turned into CLI flags): they exist so that code written
+    # for earlier versions, OlicaConfig(device="cuda"), is told where the setting went instead of "unexpected keyword".
+    device: InitVar[None] = None
+    offload_activations: InitVar[None] = None
+    streaming: InitVar[None] = None
+
     # ----------------------------------------------------------------------
     # Validation
     # ----------------------------------------------------------------------
-    def __post_init__(self) -> None:
+    def __post_init__(self, device: Any, offload_activations: Any, streaming: Any) -> None:
+        self._refuse_run_settings(device=device, offload_activations=offload_activations, streaming=streaming)
         self._check_format_version(self.format_version)
         self._check_target()
         self._check_calibration_data()
         self._check_linear_calibration()
         self._check_layers_and_numerics()
-        self._check_runtime()
+
+    @staticmethod
+    def _refuse_run_settings(**given: Any) -> None:
+        for name, value in given.items():
+            if value is not None:
+                raise TypeError(
+                    f"`{name}` is a setting of the run, not of the recipe (OlicaConfig): pass it to "
+                    f"{RUN_SETTINGS[name]}."
+                )
 
     def _check_target(self) -> None:
         self.ratio = self._real("ratio", self.ratio, "a number in (0, 1)")
@@ -392,23 +394,6 @@ class OlicaConfig:
             raise OlicaConfigError(
                 f"`value_decomposition` must be one of {list(allowed_decompositions)}, got {self.value_decomposition!r}."
             )
-
-    def _check_runtime(self) -> None:
-        if self.device is not None and not isinstance(self.device, str):
-            # Accept a torch.device without importing torch here; store its string form (JSON-safe).
-            if type(self.device).__module__ == "torch" and type(self.device).__name__ == "device":
-                self.device = str(self.device)
-            else:
-                raise OlicaConfigError(
-                    f"`device` must be None or a device string such as 'cpu' or 'cuda:0', got {self.device!r}."
-                )
-        if self.device is not None and not self.device.strip():
-            raise OlicaConfigError("`device` must be None (auto) or a non-empty device string such as 'cpu', got ''.")
-
-        for name in ("offload_activations", "streaming"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise OlicaConfigError(f"`{name}` must be a bool (True or False), got {value!r}.")
 
     def _check_architecture(self) -> None:
         """A 'stock' recipe keeps every layer expressible in the base family: nothing but a uniform FFN width."""
@@ -498,7 +483,9 @@ class OlicaConfig:
 
         Args:
             config_dict: Field names to values. Keys this release does not know
-                (e.g. from a newer release) are dropped with a warning.
+                (e.g. from a newer release) are dropped with a warning; the run settings
+                that earlier versions saved (``device``, ``offload_activations``,
+                ``streaming``) are dropped silently (logged at INFO).
 
         Raises:
             ValueError: if the dict was written by a newer format version, or a
@@ -509,8 +496,14 @@ class OlicaConfig:
             raise OlicaConfigError(f"An Olica config must be a dict of field values, got {type(config_dict).__name__}.")
         # Check the version first: a newer file's unknown keys are explained by its version.
         cls._check_format_version(config_dict.get("format_version", 1))
+        run_settings = sorted(key for key in config_dict if key in RUN_SETTINGS)
+        if run_settings:
+            logger.info(
+                "Dropping %s from the Olica config: settings of the run, which earlier versions saved with the "
+                "recipe; they did not change the weights.", ", ".join(run_settings)
+            )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(key for key in config_dict if key not in known)
+        unknown = sorted(key for key in config_dict if key not in known and key not in RUN_SETTINGS)
         if unknown:
             warnings.warn(
                 f"Ignoring unknown OlicaConfig keys {unknown}: they may come from a different "

@@ -552,25 +552,27 @@ def _phase_disk(s: _Shapes, run: _Run) -> dict[str, tuple[int, int]]:
 
 def plan_memory(
     model_config, olica_config: OlicaConfig | None = None, *, dtype: torch.dtype | str | None = None,
-    device: str | None = None,
+    device: str | None = None, streaming: bool = False, offload_activations: bool = False,
 ) -> MemoryPlan:
     """The memory, disk and time a pruning run of ``olica_config`` on this model will need, from the config alone.
 
     Args:
         model_config: the transformers config of the model to prune (``AutoConfig.from_pretrained``; no weights).
-        olica_config: the recipe (default ``OlicaConfig()``); its calibration token count, statistics dtype,
-            refit, streaming and ``offload_activations`` settings enter the plan.
+        olica_config: the recipe (default ``OlicaConfig()``); its calibration token count, statistics dtype and
+            refit settings enter the plan.
         dtype: the dtype the weights are loaded in (default: the config's ``dtype``, else float32).
-        device: the compute device type, ``"cuda"`` or ``"cpu"`` (default: the recipe's ``device``, else ``"cuda"``
-            when one is available, else ``"cpu"``), as ``prune_model`` chooses it. A loaded (not streamed) model is
-            assumed to be on the host, each layer copied to the device while it is pruned.
+        device: the compute device type, ``"cuda"`` or ``"cpu"`` (default: ``"cuda"`` when one is available, else
+            ``"cpu"``), as ``prune_model`` chooses it. A loaded (not streamed) model is assumed to be on the host,
+            each layer copied to the device while it is pruned.
+        streaming: a streaming run (``OlicaPruner.from_pretrained(path, streaming=True)``).
+        offload_activations: the run's ``offload_activations`` (activations wait on the host between layers).
     """
     recipe = olica_config or OlicaConfig()
     dtype = _weight_dtype(model_config, dtype)
-    device = torch.device(device or recipe.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     shapes = _shapes(model_config, recipe, dtype)
     run = _Run(
-        shapes, streaming=recipe.streaming, on_cpu=device == "cpu", offload=recipe.offload_activations,
+        shapes, streaming=streaming, on_cpu=device == "cpu", offload=offload_activations,
         refit=recipe.refit_damping is not None, calibrated=shapes.calibration_rank > 0,
     )
     memory, flops, disk = _phase_bytes(run), _phase_flops(shapes, run), _phase_disk(shapes, run)

@@ -101,6 +101,8 @@ def prune_model(
     stream_from: str | os.PathLike | None = None,
     stream_to: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    offload_activations: bool = False,
     layer_algorithm: Callable | None = None,
 ) -> PruningResult:
     """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
@@ -121,11 +123,16 @@ def prune_model(
             run interrupted at any point (a kill included) and started again with the same arguments continues after
             the last finished layer and gives bit-identical weights; different arguments, model or data are refused
             with ``ResumeMismatchError``. The directory is kept: delete it once the pruned model is saved.
+        device: the compute device of the layer-by-layer pass, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``; default
+            CUDA when available, else the CPU. A setting of the run, not of the recipe: a run resumed on another
+            device continues (on the same kind of device, bit-identically).
+        offload_activations: keep the calibration activations on the CPU between layers (less accelerator memory,
+            the same weights).
         layer_algorithm: for research comparisons, ``(plan_config, config) -> LayerAlgorithm`` replacing Olica's
             per-layer algorithm (``optimum_olica.pipeline.LayerAlgorithm``; the benchmarks' magnitude baseline,
             ``bench/magnitude.py``, is one) on the same plan, pipeline, checkpoint writing and report.
     """
-    run = _plan_run(model, config, calibration_input_ids, layer_algorithm)
+    run = _plan_run(model, config, calibration_input_ids, device, offload_activations, layer_algorithm)
     model.eval()
     weights = _streamed_weights(stream_from, stream_to)
     checkpoint = None if checkpoint_dir is None else LayerCheckpoint(checkpoint_dir, _run_manifest(run, weights))
@@ -169,7 +176,9 @@ class _Run:
     started: float
 
 
-def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, layer_algorithm) -> _Run:
+def _plan_run(
+    model, config: OlicaConfig, calibration_input_ids: torch.Tensor, device, offload_activations: bool, layer_algorithm
+) -> _Run:
     """Check the inputs, plan the dimensions, choose the devices and make the algorithm, before any work."""
     started = time.perf_counter()
     refuse_pruned_model(model.config, further_ratio=config.ratio)
@@ -196,8 +205,7 @@ def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, l
     )
     plan_config = olica_config_from(model.config, **plan.per_layer_lists())
     plan_config._attn_implementation = model.config._attn_implementation
-    device = _compute_device(model, config.device)
-    storage = torch.device("cpu") if config.offload_activations else device
+    device, storage = _run_devices(model, device, offload_activations)
     if layer_algorithm is None:
         algorithm = OlicaLayerPruner(
             plan_config,
@@ -213,6 +221,20 @@ def _plan_run(model, config: OlicaConfig, calibration_input_ids: torch.Tensor, l
         algorithm = layer_algorithm(plan_config, config)
     return _Run(model, config, calibration_input_ids, plan, plan_config, calibration_rank, device, storage,
                 algorithm, getattr(algorithm, "name", type(algorithm).__name__), PipelineTimings(), started)
+
+
+def _run_devices(model, device, offload_activations: bool) -> tuple[torch.device, torch.device]:
+    """Where the layers compute and where the activations wait between layers: the run's settings, checked."""
+    if not isinstance(offload_activations, bool):
+        raise OlicaError(f"offload_activations must be True or False, got {offload_activations!r}.")
+    try:
+        compute = _compute_device(model, device)
+    except (RuntimeError, TypeError) as error:
+        raise OlicaError(
+            f"device={device!r} is not a device: give one such as 'cpu', 'cuda' or 'cuda:1', or None for CUDA when "
+            f"available ({error})."
+        ) from None
+    return compute, torch.device("cpu") if offload_activations else compute
 
 
 def _run_manifest(run: _Run, weights) -> dict:
@@ -539,7 +561,7 @@ class OlicaPruner:
 
     def _self_generated_ids(self, config: OlicaConfig, count: int) -> torch.Tensor:
         """``count`` sequences sampled from the model (`config.self_calibration`); the seconds go to the report."""
-        if config.streaming or self.weights_dir is not None:
+        if self.weights_dir is not None:
             raise OlicaError(
                 f"self_calibration={config.self_calibration} needs the model loaded to generate text, and a streaming "
                 "pruner holds no weights: generate the sequences with a loaded model "
@@ -560,6 +582,8 @@ class OlicaPruner:
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         text_column: str | None = None,
+        device: str | torch.device | None = None,
+        offload_activations: bool = False,
     ) -> PreTrainedModel:
         """Prune the model; returns the pruned model and, with ``save_directory``, writes the checkpoint.
 
@@ -581,6 +605,11 @@ class OlicaPruner:
             text_column: the column holding the text of a tabular source (.json, .jsonl, .parquet, .csv, a
                 ``datasets.Dataset``); default ``"text"``, else the only string column. Recorded in the report beside
                 the source.
+            device: the compute device of the layer-by-layer pass (default: CUDA when available, else the CPU).
+            offload_activations: keep the calibration activations on the CPU between layers.
+
+        Neither ``device`` nor ``offload_activations`` is part of the recipe or changes the weights (on the same kind
+        of device); the device used is in the report. Streaming is chosen by ``from_pretrained(..., streaming=True)``.
         """
         config = config or OlicaConfig()
         if self.pruned_model is not None:
@@ -602,11 +631,15 @@ class OlicaPruner:
             config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
         if text_column is not None:
             config_source = f"{config_source} (text column {text_column!r})"
-        if config.streaming or self.weights_dir is not None:
+        run_settings = {"device": device, "offload_activations": offload_activations}
+        if self.weights_dir is not None:
             return self._prune_streaming(
-                config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir
+                config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir,
+                run_settings,
             )
-        result = prune_model(self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir)
+        result = prune_model(
+            self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir, **run_settings
+        )
         result.report["calibration_data"]["source"] = str(config_source)
         if self.generation_s is not None:
             if config.self_generated_samples() == config.num_samples:
@@ -623,20 +656,16 @@ class OlicaPruner:
         return result.model
 
     def _prune_streaming(
-        self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool, checkpoint_dir
+        self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool, checkpoint_dir,
+        run_settings: dict,
     ):
-        if self.weights_dir is None:
-            raise OlicaError(
-                "config.streaming=True needs the pruner to know the checkpoint files: create it with "
-                "OlicaPruner.from_pretrained(path_or_hub_id, streaming=True)."
-            )
         if save_directory is None:
             raise OlicaError("Streaming writes the pruned checkpoint layer by layer: pass save_directory=.")
 
         def write(staging: Path) -> None:
             result = prune_model(
                 self.model, config, input_ids, progress=progress, stream_from=self.weights_dir, stream_to=staging,
-                checkpoint_dir=checkpoint_dir,
+                checkpoint_dir=checkpoint_dir, **run_settings,
             )
             result.report["calibration_data"]["source"] = source
             self.report, self.config = result.report, config

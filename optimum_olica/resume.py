@@ -110,17 +110,16 @@ def fingerprint_token_ids(input_ids: torch.Tensor) -> str:
 def run_manifest(
     *, model_config, weights_fingerprint: str, recipe: dict, input_ids: torch.Tensor, method: str, streaming: bool
 ) -> dict:
-    """What identifies a run: a checkpoint written by a run with any other manifest is not resumed. The recipe's
-    runtime settings (``RUNTIME_FIELDS``: the compute device, where activations wait) are not part of it."""
+    """What identifies a run: a checkpoint written by a run with any other manifest is not resumed. Where the run
+    happens (the compute device, where activations wait) is not part of it: those are not in the recipe."""
     from . import __version__
-    from .configuration import RUNTIME_FIELDS
 
     return {
         "format_version": RESUME_FORMAT_VERSION,
         "package_version": __version__,
         "model_config": fingerprint_model_config(model_config),
         "model_weights": weights_fingerprint,
-        "olica_config": {key: value for key, value in recipe.items() if key not in RUNTIME_FIELDS},
+        "olica_config": dict(recipe),
         "calibration_token_ids": fingerprint_token_ids(input_ids),
         "method": method,
         "mode": "streaming" if streaming else "in-memory",
@@ -148,11 +147,19 @@ def _recipe_defaults() -> dict:
             if field_.default is not dataclasses.MISSING}
 
 
+def _saved_recipe(recipe: dict) -> dict:
+    """A checkpoint's recipe without the run settings earlier versions kept in it (``streaming`` is the manifest's
+    ``mode``; the device and where activations wait never had to match)."""
+    from .configuration import RUN_SETTINGS
+
+    return {key: value for key, value in recipe.items() if key not in RUN_SETTINGS}
+
+
 def _differences(saved: dict, current: dict) -> list[str]:
     differences = []
     for key in current:
         if key == "olica_config":
-            old, new = saved.get(key) or {}, current[key]
+            old, new = _saved_recipe(saved.get(key) or {}), current[key]
             # A field added after the checkpoint was written ran at its default, which keeps the old behaviour.
             defaults = _recipe_defaults()
             old = {**{name: value for name, value in defaults.items() if name in new}, **old}

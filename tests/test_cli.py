@@ -60,9 +60,9 @@ def test_prune_writes_a_checkpoint_with_the_recipe_the_flags_describe(pruned_dir
     recipe = json.loads((pruned_dir / "olica_config.json").read_text())
     assert recipe == OlicaConfig(
         ratio=0.2, skip_layers=[2], num_samples=8, sequence_length=32, num_calibrated_layers=1, refit_damping=0.1,
-        device="cpu",
     ).to_dict()
     report = json.loads((pruned_dir / "olica_report.json").read_text())
+    assert report["device"] == "cpu" and report["streaming"] is False  # --device is the run's, not the recipe's
     assert report["calibration_data"]["source"] == "austen"
     assert report["calibration_data"]["num_tokens"] == 8 * 32
     assert abs(report["achieved_ratio"] - 0.2) < 0.05
@@ -81,7 +81,7 @@ def test_pruned_output_reloads_with_auto_model(pruned_dir):
 
 
 def test_streaming_flag_prunes_from_the_files(base_model_dir, pruned_dir, tmp_path):
-    """--streaming is both an OlicaConfig field and from_pretrained(streaming=True): same result as in memory."""
+    """--streaming is from_pretrained(streaming=True), not a recipe field: the same result as in memory."""
     from safetensors.torch import load_file
 
     output = tmp_path / "streamed"
@@ -89,6 +89,9 @@ def test_streaming_flag_prunes_from_the_files(base_model_dir, pruned_dir, tmp_pa
                    *FAST_RECIPE) == 0
     report = json.loads((output / "olica_report.json").read_text())
     assert report["streaming"] is True
+    assert json.loads((output / "olica_config.json").read_text()) == json.loads(
+        (pruned_dir / "olica_config.json").read_text()
+    )
     assert run_cli("inspect", output) == 0
     assert report["parameters_after"] == json.loads((pruned_dir / "olica_report.json").read_text())["parameters_after"]
     streamed = {}
@@ -236,7 +239,8 @@ def test_every_config_field_has_a_flag_and_no_flag_means_the_default():
         (["--dataset", "corpus.txt", "--num-samples", "4"], {"calibration_source": "corpus.txt", "num_samples": 4}),
         (["--self-calibration", "0.5"], {"self_calibration": 0.5}),
         (["--qk-ratio", "0.3", "--streaming", "--statistics-dtype", "float32"],
-         {"qk_ratio": 0.3, "streaming": True, "statistics_dtype": "float32"}),
+         {"qk_ratio": 0.3, "statistics_dtype": "float32"}),
+        (["--device", "cuda:1", "--offload-activations"], {}),  # settings of the run, not of the recipe
     ],
 )
 def test_config_flags_parse_to_config_values(flags, expected):
@@ -245,6 +249,20 @@ def test_config_flags_parse_to_config_values(flags, expected):
     parser = argparse.ArgumentParser()
     OlicaPruneCommand.parse_args(parser)
     assert recipe_from_args(parser.parse_args(["model", "out", *flags])) == OlicaConfig(**expected)
+
+
+def test_dry_run_plans_the_run_the_flags_describe(base_model_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from optimum_olica.memory_plan import plan_memory
+
+    flags = ["--dry-run", "--streaming", "--offload-activations", "--device", "cuda:1"]
+    assert run_cli("prune", base_model_dir, tmp_path / "out", *flags) == 0
+    model_config = AutoConfig.from_pretrained(base_model_dir)
+    expected = plan_memory(model_config, OlicaConfig(), device="cuda", streaming=True, offload_activations=True)
+    assert capsys.readouterr().out.strip() == str(expected).strip()
+    assert str(expected) != str(plan_memory(model_config, OlicaConfig(), device="cuda"))  # the flags matter
+    assert not (tmp_path / "out").exists()
 
 
 def _one_line_error(captured) -> str:

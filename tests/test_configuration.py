@@ -25,9 +25,6 @@ def _custom_config() -> OlicaConfig:
         ridge_strength=1.5,
         skip_layers=[29, 0, 3],
         statistics_dtype="float32",
-        device="cuda:1",
-        offload_activations=True,
-        streaming=True,
     )
 
 
@@ -40,7 +37,6 @@ def test_defaults():
     assert (config.calibration_rank_ratio, config.num_calibrated_layers, config.ridge_strength) == (0.03, 0, 0.5)
     assert config.skip_layers == []
     assert config.statistics_dtype == "float64"
-    assert config.device is None and config.offload_activations is False and config.streaming is False
     assert config.format_version == OlicaConfig.FORMAT_VERSION == 1
     assert CONFIG_NAME == "olica_config.json"
 
@@ -61,10 +57,6 @@ def test_skip_layers_stored_sorted_and_not_shared():
 def test_ints_given_for_floats_are_stored_as_float():
     config = OlicaConfig(qk_ratio=0, calibration_rank_ratio=1, ridge_strength=2)
     assert isinstance(config.qk_ratio, float) and isinstance(config.ridge_strength, float)
-
-
-def test_device_accepts_torch_device():
-    assert OlicaConfig(device=torch.device("cpu")).device == "cpu"
 
 
 def test_dict_round_trip_is_json_safe():
@@ -139,6 +131,74 @@ def test_known_keys_do_not_warn():
         OlicaConfig.from_dict(_custom_config().to_dict())
 
 
+# olica_config.json as the versions that kept the run's settings in the recipe wrote it (OlicaConfig(ratio=0.25,
+# num_calibrated_layers=1, skip_layers=[2], device="cuda:1", offload_activations=True, streaming=True).to_json_string()
+# at commit 0dc17c7).
+RECIPE_WITH_RUN_SETTINGS = """{
+  "architecture": "olica",
+  "calibration_rank_ratio": 0.03,
+  "calibration_source": "austen",
+  "device": "cuda:1",
+  "dimension_multiple": 8,
+  "ffn_ratio": null,
+  "format_version": 1,
+  "num_calibrated_layers": 1,
+  "num_samples": 128,
+  "offload_activations": true,
+  "qk_ratio": null,
+  "ratio": 0.25,
+  "refit_damping": "auto",
+  "ridge_strength": 0.5,
+  "seed": 0,
+  "self_calibration": 0.0,
+  "sequence_length": 128,
+  "skip_layers": [
+    2
+  ],
+  "statistics_dtype": "float64",
+  "streaming": true,
+  "value_decomposition": "fast",
+  "vo_ratio": null
+}
+"""
+
+
+def test_recipe_saved_with_run_settings_still_loads(tmp_path, caplog):
+    """The run settings in a file of an earlier version are dropped, without a warning: they never changed weights."""
+    (tmp_path / CONFIG_NAME).write_text(RECIPE_WITH_RUN_SETTINGS)
+    expected = OlicaConfig(ratio=0.25, num_calibrated_layers=1, skip_layers=[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("INFO", logger="optimum_olica.configuration"):
+            assert OlicaConfig.from_pretrained(tmp_path) == expected
+        assert OlicaConfig.from_json_file(tmp_path / CONFIG_NAME) == expected
+        assert OlicaConfig.from_dict(json.loads(RECIPE_WITH_RUN_SETTINGS)) == expected
+    assert "device, offload_activations, streaming" in caplog.text
+    # Saved again, the recipe holds no run setting.
+    assert not {"device", "offload_activations", "streaming"} & set(json.loads(expected.to_json_string()))
+
+
+@pytest.mark.parametrize(
+    "setting, where",
+    [
+        ({"device": "cpu"}, r"prune_model\(\.\.\., device=\.\.\.\) or OlicaPruner\.prune\(\.\.\., device="),
+        ({"device": torch.device("cpu")}, r"prune_model\(\.\.\., device="),
+        ({"offload_activations": True}, r"OlicaPruner\.prune\(\.\.\., offload_activations=True\)"),
+        ({"offload_activations": False}, r"prune_model\(\.\.\., offload_activations=True\)"),
+        ({"streaming": True}, r"OlicaPruner\.from_pretrained\(path, streaming=True\)"),
+    ],
+    ids=["device", "torch-device", "offload", "offload-false", "streaming"],
+)
+def test_run_settings_are_refused_saying_where_they_went(setting, where):
+    name = next(iter(setting))
+    message = rf"`{name}` is a setting of the run, not of the recipe \(OlicaConfig\): pass it to .*{where}"
+    with pytest.raises(TypeError, match=message):
+        OlicaConfig(ratio=0.3, **setting)
+    with pytest.raises(TypeError, match=message):
+        dataclasses.replace(OlicaConfig(), **setting)
+    assert name not in {config_field.name for config_field in dataclasses.fields(OlicaConfig)}
+
+
 def test_missing_keys_take_defaults():
     assert OlicaConfig.from_dict({"ratio": 0.4}) == OlicaConfig(ratio=0.4)
 
@@ -183,9 +243,6 @@ def test_newer_format_version_refused(tmp_path):
         ({"skip_layers": [1.0]}, "skip_layers"),
         ({"skip_layers": 3}, "skip_layers"),
         ({"statistics_dtype": "float16"}, "statistics_dtype"),
-        ({"device": 0}, "device"),
-        ({"offload_activations": "yes"}, "offload_activations"),
-        ({"streaming": 1}, "streaming"),
         ({"format_version": 0}, "format_version"),
     ],
 )

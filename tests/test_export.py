@@ -237,8 +237,8 @@ def pruned_dir(tmp_path_factory) -> Path:
     calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     directory = tmp_path_factory.mktemp("pruned") / "tiny-olica"
     OlicaPruner(model, tokenizer).prune(
-        OlicaConfig(ratio=0.2, refit_damping=0.1, device="cpu"), calibration_dataset=calibration,
-        save_directory=directory, progress=False,
+        OlicaConfig(ratio=0.2, refit_damping=0.1), calibration_dataset=calibration,
+        save_directory=directory, progress=False, device="cpu",
     )
     return directory
 
@@ -396,8 +396,8 @@ def test_stock_recipe_saves_the_base_family_at_its_pruned_size(tmp_path):
     dense_parameters = base.num_parameters()
     calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     pruned = OlicaPruner(base, tokenizer).prune(
-        OlicaConfig(ratio=0.2, architecture="stock", refit_damping=0.1, device="cpu"),
-        calibration_dataset=calibration, save_directory=tmp_path / "stock", progress=False,
+        OlicaConfig(ratio=0.2, architecture="stock", refit_damping=0.1),
+        calibration_dataset=calibration, save_directory=tmp_path / "stock", progress=False, device="cpu",
     )
     config = json.loads((tmp_path / "stock" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["intermediate_size"] < full_ffn

@@ -141,8 +141,8 @@ def pruned(tmp_path_factory):
     pruner = OlicaPruner(model, tokenizer)
     calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     directory = tmp_path_factory.mktemp("hub") / "tiny-olica"
-    config = OlicaConfig(ratio=0.25, num_calibrated_layers=1, refit_damping=0.1, device="cpu")
-    pruner.prune(config, calibration_dataset=calibration, save_directory=directory, progress=False)
+    config = OlicaConfig(ratio=0.25, num_calibrated_layers=1, refit_damping=0.1)
+    pruner.prune(config, calibration_dataset=calibration, save_directory=directory, progress=False, device="cpu")
     return pruner, directory
 
 
@@ -193,8 +193,8 @@ def test_card_of_a_stock_recipe_describes_what_was_pruned_and_loads_without_the_
     model = make_tiny_model("llama_gqa", vocab_size=len(tokenizer))
     calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     OlicaPruner(model, tokenizer).prune(
-        OlicaConfig(ratio=0.2, architecture="stock", device="cpu"), calibration_dataset=calibration,
-        save_directory=tmp_path / "stock", progress=False,
+        OlicaConfig(ratio=0.2, architecture="stock"), calibration_dataset=calibration,
+        save_directory=tmp_path / "stock", progress=False, device="cpu",
     )
     text = build_model_card(tmp_path / "stock", repo_id=REPO_ID).text
     assert "The stock recipe (`architecture=\"stock\"`) prunes only" in text

@@ -127,6 +127,39 @@ def test_pruning_is_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
+def test_where_the_run_happens_does_not_change_the_weights(tmp_path):
+    """device and offload_activations are arguments of the run: bit-identical weights, a recipe without them."""
+    config = OlicaConfig(ratio=0.25)
+    default = prune_tiny("llama_bias", config)
+    placed = prune_model(
+        make_tiny_model("llama_bias"), config, calibration_ids(), progress=False, device="cpu",
+        offload_activations=True,
+    )
+    expected, actual = default.model.state_dict(), placed.model.state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert placed.report["device"] == "cpu"
+    pruner = OlicaPruner(make_tiny_model("llama_bias"), tokenizer=None)
+    pruner.prune(config, calibration_ids(), tmp_path / "pruned", progress=False, device=torch.device("cpu"),
+                 offload_activations=True)
+    recipe = json.loads((tmp_path / "pruned" / CONFIG_NAME).read_text())
+    assert recipe == config.to_dict() and not {"device", "offload_activations", "streaming"} & set(recipe)
+    through_the_pruner = pruner.pruned_model.state_dict()
+    assert all(torch.equal(expected[name], through_the_pruner[name]) for name in expected)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"device": "banana"}, r"device='banana' is not a device: give one such as 'cpu'"),
+     ({"offload_activations": "yes"}, r"offload_activations must be True or False, got 'yes'")],
+    ids=["device", "offload_activations"],
+)
+def test_bad_run_settings_are_refused_before_any_work(setting, message):
+    with pytest.raises(optimum_olica.OlicaError, match=message):
+        prune_model(make_tiny_model("llama"), OlicaConfig(ratio=0.2), calibration_ids(), progress=False, **setting)
+
+
 # ---- OlicaPruner: save and reload -----------------------------------------------------------------------------------
 
 

@@ -149,11 +149,14 @@ def test_sigkilled_runs_resume_to_a_bit_identical_checkpoint(mode, base_checkpoi
 # ---- in-process: mismatches, damage, foreign directories --------------------------------------------------------
 
 
-def interrupted_run(checkpoint: Path, monkeypatch, after_layer: int = 1, config: OlicaConfig = CONFIG) -> None:
+def interrupted_run(
+    checkpoint: Path, monkeypatch, after_layer: int = 1, config: OlicaConfig = CONFIG, **run_settings
+) -> None:
     """A run with a checkpoint directory stopped by an exception right after ``after_layer`` was committed."""
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, f"layer_checkpointed:{after_layer}:raise")
     with pytest.raises(InjectedFault):
-        prune_model(make_tiny_model("llama_bias"), config, calibration_ids(), progress=False, checkpoint_dir=checkpoint)
+        prune_model(make_tiny_model("llama_bias"), config, calibration_ids(), progress=False, checkpoint_dir=checkpoint,
+                    **run_settings)
     monkeypatch.delenv(ENVIRONMENT_VARIABLE)
     assert last_finished_layer(checkpoint) == after_layer
 
@@ -176,18 +179,34 @@ def test_in_process_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
 def test_resume_on_another_device_setting_continues_the_run(tmp_path, monkeypatch):
     # Where the run happens is not what it computes: a run started with device="cpu" and resumed with the default
     # device and activations offloaded continues, to the checkpoint an uninterrupted run gives.
-    import dataclasses
-
     reference = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False)
-    interrupted_run(tmp_path / "resume", monkeypatch, config=dataclasses.replace(CONFIG, device="cpu"))
+    interrupted_run(tmp_path / "resume", monkeypatch, device="cpu")
     resumed = prune_model(
-        make_tiny_model("llama_bias"), dataclasses.replace(CONFIG, offload_activations=True), calibration_ids(),
-        progress=False, checkpoint_dir=tmp_path / "resume",
+        make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False, checkpoint_dir=tmp_path / "resume",
+        offload_activations=True,
     )
     assert resumed.report["layers"] == reference.report["layers"]
     expected, actual = reference.model.state_dict(), resumed.model.state_dict()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_a_checkpoint_whose_recipe_holds_run_settings_continues(tmp_path, monkeypatch):
+    # Earlier versions kept `streaming` in the recipe the manifest fingerprints (the device and offload_activations
+    # left out); such a checkpoint continues, on any device setting: the manifest's mode already says how it ran.
+    checkpoint = tmp_path / "resume"
+    interrupted_run(checkpoint, monkeypatch, device="cpu", offload_activations=True)
+    manifest_path = checkpoint / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    assert not {"device", "offload_activations", "streaming"} & set(manifest["olica_config"])
+    manifest["olica_config"]["streaming"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    resumed = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False,
+                          checkpoint_dir=checkpoint)
+    reference = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False)
+    assert resumed.report["layers"] == reference.report["layers"]
+    expected, actual = reference.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
 def test_a_recipe_field_added_later_compares_at_its_default(tmp_path, monkeypatch):

@@ -61,10 +61,3 @@ def test_streaming_reports_a_truncated_shard_and_leaves_no_output(tmp_path):
         pruner.prune(CONFIG, calibration_ids(), save_directory=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
-
-
-def test_config_streaming_without_a_checkpoint_is_refused():
-    pruner = OlicaPruner(make_tiny_model("llama_gqa"))
-    config = OlicaConfig(ratio=0.2, streaming=True)
-    with pytest.raises(ValueError, match="streaming=True"):
-        pruner.prune(config, calibration_ids(), save_directory="unused", progress=False)

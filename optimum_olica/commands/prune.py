@@ -111,6 +111,30 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the run happens: arguments of the run (OlicaPruner.from_pretrained / prune), not saved with the recipe."""
+    run = parser.add_argument_group("Run (not saved with the recipe)")
+    run.add_argument(
+        "--device",
+        default=None,
+        help="Compute device of the layer-by-layer pass, e.g. 'cpu', 'cuda', 'cuda:1' (default: 'cuda' if available, "
+        "else 'cpu'). OlicaPruner.prune(device=...).",
+    )
+    run.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="Keep the calibration activations on the CPU between layers (less accelerator memory, the same "
+        "weights). OlicaPruner.prune(offload_activations=True).",
+    )
+    run.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Read one decoder layer at a time from MODEL's safetensors files instead of loading the model, and "
+        "write each pruned layer to OUTPUT at once (for models larger than memory). "
+        "OlicaPruner.from_pretrained(MODEL, streaming=True).",
+    )
+
+
 @contextlib.contextmanager
 def _text_column_as_flag():
     """Says ``--text-column NAME`` where the Python API's message says ``text_column=NAME``."""
@@ -150,7 +174,10 @@ def _memory_plan(args: argparse.Namespace, config: OlicaConfig):
 
     model_config = _model_config(args.model, model_loading_kwargs(args), config.ratio, required=True)
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    return plan_memory(model_config, config, dtype=dtype)
+    return plan_memory(
+        model_config, config, dtype=dtype, device=args.device, streaming=args.streaming,
+        offload_activations=args.offload_activations,
+    )
 
 
 def recipe_from_args(args: argparse.Namespace) -> OlicaConfig:
@@ -171,6 +198,7 @@ class OlicaPruneCommand(OlicaSubcommand):
             "output", metavar="OUTPUT", help="Folder to write the pruned checkpoint to (written atomically)."
         )
         _add_config_arguments(parser)
+        _add_run_arguments(parser)
         add_model_loading_arguments(parser)
         output = parser.add_argument_group("Output")
         output.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists and is not empty.")
@@ -232,10 +260,10 @@ class OlicaPruneCommand(OlicaSubcommand):
         tokenizer = load_tokenizer_first(args, loading, "the calibration text")
         with _text_column_as_flag():
             load_calibration_texts(config.calibration_source, text_column=args.text_column)
-            pruner = OlicaPruner.from_pretrained(args.model, tokenizer, streaming=config.streaming, **loading)
+            pruner = OlicaPruner.from_pretrained(args.model, tokenizer, streaming=args.streaming, **loading)
             pruner.prune(
                 config, save_directory=args.output, overwrite=args.overwrite, checkpoint_dir=args.checkpoint_dir,
-                text_column=args.text_column,
+                text_column=args.text_column, device=args.device, offload_activations=args.offload_activations,
             )
         print(f"Pruned checkpoint written to {pruner.saved_directory}")
         if args.push_to_hub:

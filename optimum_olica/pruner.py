@@ -103,6 +103,7 @@ def prune_model(
     checkpoint_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     offload_activations: bool = False,
+    calibration_info: dict | None = None,
     layer_algorithm: Callable | None = None,
 ) -> PruningResult:
     """Prune ``model`` with Olica; returns the pruned model (an Olica architecture) and the report.
@@ -128,6 +129,9 @@ def prune_model(
             device continues (on the same kind of device, bit-identically).
         offload_activations: keep the calibration activations on the CPU between layers (less accelerator memory,
             the same weights).
+        calibration_info: recorded in the report's ``calibration_data`` beside the token counts: what the ids were
+            made from (``source``; default the recipe's ``calibration_source``) and, for self-generated sequences,
+            ``self_generated_samples`` and ``generation_s``.
         layer_algorithm: for research comparisons, ``(plan_config, config) -> LayerAlgorithm`` replacing Olica's
             per-layer algorithm (``optimum_olica.pipeline.LayerAlgorithm``; the benchmarks' magnitude baseline,
             ``bench/magnitude.py``, is one) on the same plan, pipeline, checkpoint writing and report.
@@ -155,7 +159,8 @@ def prune_model(
     final_config = _final_config(run, chosen)
     pruned = sink.finish(final_config, {c.layer_idx: calibration_branch_state(c.fit) for c in chosen})
     parameters_after = final_config.count_parameters() if pruned is None else pruned.num_parameters()
-    return PruningResult(pruned, _report(run, final_config, parameters_after, chosen, records, weights is not None))
+    report = _report(run, final_config, parameters_after, chosen, records, weights is not None, calibration_info or {})
+    return PruningResult(pruned, report)
 
 
 @dataclass
@@ -291,7 +296,8 @@ def _final_config(run: _Run, chosen):
     return olica_config_from(run.model.config, **dimensions, olica_recipe=run.config.to_dict())
 
 
-def _report(run: _Run, final_config, parameters_after: int, chosen, records, streaming: bool) -> dict:
+def _report(run: _Run, final_config, parameters_after: int, chosen, records, streaming: bool, calibration_info: dict
+            ) -> dict:
     """``olica_report.json``: what was pruned, how, from what data, in how long."""
     model, config, plan = run.model, run.config, run.plan
     num_samples, sequence_length = run.calibration_input_ids.shape
@@ -314,6 +320,7 @@ def _report(run: _Run, final_config, parameters_after: int, chosen, records, str
             "sequence_length": int(sequence_length),
             "num_tokens": int(num_samples * sequence_length),
             "seed": config.seed,
+            **calibration_info,
         },
         "layers": records,
         "timings": run.timings.to_dict(),
@@ -625,28 +632,13 @@ class OlicaPruner:
                         "when the pruned model is saved: choose a checkpoint_dir outside save_directory."
                     )
         input_ids = self.calibration_input_ids(config, calibration_dataset, text_column=text_column)
-        if not isinstance(calibration_dataset, (type(None), str)):
-            config_source = type(calibration_dataset).__name__
-        else:
-            config_source = config.calibration_source if calibration_dataset is None else calibration_dataset
-        if text_column is not None:
-            config_source = f"{config_source} (text column {text_column!r})"
-        run_settings = {"device": device, "offload_activations": offload_activations}
+        run_settings = {
+            "device": device, "offload_activations": offload_activations, "checkpoint_dir": checkpoint_dir,
+            "calibration_info": self._calibration_info(config, calibration_dataset, text_column),
+        }
         if self.weights_dir is not None:
-            return self._prune_streaming(
-                config, input_ids, str(config_source), save_directory, overwrite, progress, checkpoint_dir,
-                run_settings,
-            )
-        result = prune_model(
-            self.model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir, **run_settings
-        )
-        result.report["calibration_data"]["source"] = str(config_source)
-        if self.generation_s is not None:
-            if config.self_generated_samples() == config.num_samples:
-                result.report["calibration_data"]["source"] = "self-generated"
-            result.report["calibration_data"].update(
-                self_generated_samples=config.self_generated_samples(), generation_s=self.generation_s
-            )
+            return self._prune_streaming(config, input_ids, save_directory, overwrite, progress, run_settings)
+        result = prune_model(self.model, config, input_ids, progress=progress, **run_settings)
         self.pruned_model, self.report, self.config = result.model, result.report, config
         if progress:
             print(format_summary(result.report))
@@ -655,19 +647,31 @@ class OlicaPruner:
             _remove_resume_files(checkpoint_dir)
         return result.model
 
-    def _prune_streaming(
-        self, config, input_ids, source: str, save_directory, overwrite: bool, progress: bool, checkpoint_dir,
-        run_settings: dict,
-    ):
+    def _calibration_info(self, config: OlicaConfig, calibration_dataset, text_column: str | None) -> dict:
+        """What the calibration ids were made from, for the report's ``calibration_data``."""
+        if not isinstance(calibration_dataset, (type(None), str)):
+            source = type(calibration_dataset).__name__
+        else:
+            source = config.calibration_source if calibration_dataset is None else calibration_dataset
+        if text_column is not None:
+            source = f"{source} (text column {text_column!r})"
+        info = {"source": str(source)}
+        if self.generation_s is not None:
+            generated = config.self_generated_samples()
+            info.update(self_generated_samples=generated, generation_s=self.generation_s)
+            if generated == config.num_samples:
+                info["source"] = "self-generated"
+        return info
+
+    def _prune_streaming(self, config, input_ids, save_directory, overwrite: bool, progress: bool, run_settings: dict):
         if save_directory is None:
             raise OlicaError("Streaming writes the pruned checkpoint layer by layer: pass save_directory=.")
 
         def write(staging: Path) -> None:
             result = prune_model(
                 self.model, config, input_ids, progress=progress, stream_from=self.weights_dir, stream_to=staging,
-                checkpoint_dir=checkpoint_dir, **run_settings,
+                **run_settings,
             )
-            result.report["calibration_data"]["source"] = source
             self.report, self.config = result.report, config
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
@@ -678,7 +682,7 @@ class OlicaPruner:
             save_directory, write, overwrite=overwrite,
             verify=lambda staging: verify_saved_checkpoint(staging, self.report["parameters_after"]),
         )
-        _remove_resume_files(checkpoint_dir)
+        _remove_resume_files(run_settings["checkpoint_dir"])
         if progress:
             print(format_summary(self.report))
         return None

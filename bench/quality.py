@@ -83,11 +83,12 @@ VARIANTS = {
     "olica_multiple_1": ("olica", {"dimension_multiple": 1},
                          "Olica with dimension_multiple=1: the exact widths of the allocation"),
     "olica_multiple_32": ("olica", {"dimension_multiple": 32},
-                          "Olica with dimension_multiple=32: Q/K ranks, value head widths and the FFN width in "
-                          "multiples of 32 (q8_0 and q4_0 blocks)"),
+                          "Olica with dimension_multiple=32: Q/K ranks and value head widths in multiples of 32 "
+                          "(q8_0 and q4_0 blocks), the FFN too where a multiple lands within half a point of the "
+                          "target"),
     "olica_multiple_64": ("olica", {"dimension_multiple": 64},
-                          "Olica with dimension_multiple=64: every pruned width a multiple of 64 (value heads of "
-                          "SmolLM2 stay whole)"),
+                          "Olica with dimension_multiple=64: Q/K ranks in multiples of 64, SmolLM2's value heads "
+                          "whole, the FFN a multiple of 64 where one lands within half a point of the target"),
     # Issue 15: calibration that reaches beyond the user's domain (bench/calibration_screen.py screened these).
     "olica_self_calibrated": ("olica", {"self_calibration": 0.5},
                               "Olica with self_calibration=0.5: the first 64 benchmark windows alternating with 64 "

@@ -758,9 +758,10 @@ def main(argv: list[str] | None = None) -> Path:
                   _load(MULTIPLES_RESULTS, False) if not quick else None, quick, "Widths in multiples of 8, 32, 64",
                   "`dimension_multiple` rounds the Q/K ranks, the value head widths (or keeps whole heads) and the FFN "
                   "width; the FFN is solved after the attention, so every row removes its target within half a "
-                  "point. `olica` is the default (multiples of 8); 32 and 64 give the blocks of group-wise quantized "
-                  "formats (see [Deployment](deployment.md#quantization-after-pruning)). Same protocol as the table "
-                  "above; SmolLM2's `head_dim` is 64, its FFN 1,536 wide.",
+                  "point (where no multiple of the FFN width does, the FFN keeps its exact width). `olica` is the "
+                  "default (multiples of 8); 32 and 64 give the blocks of group-wise quantized formats (see "
+                  "[Deployment](deployment.md#quantization-after-pruning)). Same protocol as the table above; "
+                  "SmolLM2's `head_dim` is 64, its FFN 1,536 wide.",
                   "--variants olica,olica_multiple_1,olica_multiple_32,olica_multiple_64 --ratios 0.2,0.33 "
                   f"--results {MULTIPLES_RESULTS}", widths=True),
               screening_section(screen, quick), gpu_section(gpu, quick),

@@ -24,6 +24,8 @@ measured in the same process right before each prune.
     python bench/quality.py --variants olica_self_calibrated,olica --ratios 0.2,0.33 --results quality_domains --resume
                                             # issue 15: half the benchmark windows replaced by self-generated text
                                             # (screened first with bench/calibration_screen.py)
+    python bench/quality.py --variants olica,olica_multiple_1,olica_multiple_32,olica_multiple_64 --ratios 0.2,0.33 \
+        --results quality_multiples         # issue 14: the quality cost of dimension_multiple (1, 8, 32, 64)
 """
 
 from __future__ import annotations
@@ -78,6 +80,16 @@ VARIANTS = {
                     "the stock recipe (architecture='stock'): FFN neurons only, one width in every layer, with the "
                     "refits; saved as the base family itself"),
     "magnitude": ("magnitude", {}, "uniform magnitude-based structured pruning of the same modules, same dims"),
+    # Issue 14: widths for group-wise quantized kernels (the default olica rounds to multiples of 8).
+    "olica_multiple_1": ("olica", {"dimension_multiple": 1},
+                         "Olica with dimension_multiple=1: the exact widths of the allocation"),
+    "olica_multiple_32": ("olica", {"dimension_multiple": 32},
+                          "Olica with dimension_multiple=32: Q/K ranks and value head widths in multiples of 32 "
+                          "(q8_0 and q4_0 blocks), the FFN too where a multiple lands within half a point of the "
+                          "target"),
+    "olica_multiple_64": ("olica", {"dimension_multiple": 64},
+                          "Olica with dimension_multiple=64: Q/K ranks in multiples of 64, SmolLM2's value heads "
+                          "whole, the FFN a multiple of 64 where one lands within half a point of the target"),
     # Issue 15: calibration that reaches beyond the user's domain (bench/calibration_screen.py screened these).
     "olica_self_calibrated": ("olica", {"self_calibration": 0.5},
                               "Olica with self_calibration=0.5: the first 64 benchmark windows alternating with 64 "
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "generation_s": generation_s,
                 "timings": {k: v for k, v in result.report["timings"].items() if k != "per_layer_s"},
                 "calibrated_layers": result.report["calibrated_layers"],
+                "widths": _widths(result.model.config),
                 "commit": commit,
             }
             rows.append(row)
@@ -191,6 +204,19 @@ def main(argv: list[str] | None = None) -> dict:
             del model, result
 
     return save(rows, complete=True)
+
+
+def _widths(config) -> dict:
+    """The first layer's pruned widths (every pruned layer has the same), for an Olica or a stock config."""
+    ranks = getattr(config, "query_ranks", None)
+    return {
+        "query_rank": ranks[0] if ranks else None,
+        "key_rank": config.key_ranks[0] if ranks else None,
+        "value_head_dim": (config.value_head_dims[0] if hasattr(config, "value_head_dims")
+                           else getattr(config, "head_dim", None)),
+        "intermediate_size": (config.intermediate_sizes[0] if hasattr(config, "intermediate_sizes")
+                              else config.intermediate_size),
+    }
 
 
 def _with_self_generated(model, tokenizer, calibration: torch.Tensor, config: OlicaConfig) -> tuple[torch.Tensor, float]:

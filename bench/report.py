@@ -29,6 +29,8 @@ PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagatio
 DOMAINS_RESULTS = "quality_domains"
 # bench/quality.py --variants olica,olica_stock --results quality_deployment: the stock recipe beside Olica.
 DEPLOYMENT_RESULTS = "quality_deployment"
+# bench/quality.py --variants olica,olica_multiple_1,... --results quality_multiples: dimension_multiple's cost.
+MULTIPLES_RESULTS = "quality_multiples"
 # bench/calibration_screen.py: the calibration and refit variants of issue 15 on a cheaper protocol.
 SCREEN_RESULTS = "calibration_screen"
 VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
@@ -415,8 +417,10 @@ def _out_of_domain_cells(row: dict, dense: dict) -> list[str]:
 
 
 def domains_section(domains, quick: bool, title: str = "Quality across domains", intro: str = "",
-                    command: str = f"--variants olica --ratios 0.2 --results {DOMAINS_RESULTS}") -> str:
-    """The rows measured on every text (bench/quality.py --results quality_domains), each as a ratio to dense."""
+                    command: str = f"--variants olica --ratios 0.2 --results {DOMAINS_RESULTS}",
+                    widths: bool = False) -> str:
+    """The rows measured on every text (bench/quality.py --results quality_domains), each as a ratio to dense;
+    with ``widths``, the pruned value head and FFN widths of each row too."""
     lines = [f"## {title}", ""] + ([intro, ""] if intro else [])
     if not domains:
         flag = " --quick" if quick else ""
@@ -430,21 +434,27 @@ def domains_section(domains, quick: bool, title: str = "Quality across domains",
         "The calibration text is Austen, so Pride and Prejudice is in its domain; the legal and code texts are not. "
         "Each perplexity is a ratio to the dense model's on the same tokens (the dense row gives its perplexity).",
         "",
-        "| variant | target | parameters | Pride and Prejudice | "
+        "| variant | target | parameters | " + ("value head | FFN | " if widths else "") + "Pride and Prejudice | "
         + " | ".join(OUT_OF_DOMAIN_SOURCES) + " |",
-        "| --- | --- | --- | --- |" + " --- |" * len(OUT_OF_DOMAIN_SOURCES),
+        "| --- | --- | --- | --- |" + " --- |" * (len(OUT_OF_DOMAIN_SOURCES) + (2 if widths else 0)),
     ]
     dense = next(row for row in domains["rows"] if row["variant"] == "dense")
-    lines.append(f"| dense | - | {dense['parameters']:,} | ppl {_format_perplexity(dense['perplexity'])} | "
-                 f"{' | '.join(_out_of_domain_cells(dense, dense))} |")
+    lines.append(f"| dense | - | {dense['parameters']:,} | {'full | full | ' if widths else ''}"
+                 f"ppl {_format_perplexity(dense['perplexity'])} | {' | '.join(_out_of_domain_cells(dense, dense))} |")
     for row in sorted((row for row in domains["rows"] if row is not dense), key=lambda row: row["ratio"]):
         lines.append(f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['parameters']:,} | "
-                     f"{row['perplexity'] / dense['perplexity']:.2f}x | "
+                     f"{_width_cells(row) if widths else ''}{row['perplexity'] / dense['perplexity']:.2f}x | "
                      f"{' | '.join(_out_of_domain_cells(row, dense))} |")
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {description}" + _generation_note(domains["rows"], name)
               for name, description in domains.get("variants", {}).items()]
     return "\n".join(lines + [""])
+
+
+def _width_cells(row: dict) -> str:
+    """The value head and FFN width cells of a row (bench/quality.py records them as ``widths``)."""
+    measured = row.get("widths") or {}
+    return " | ".join(str(measured.get(key, "not recorded")) for key in ("value_head_dim", "intermediate_size")) + " | "
 
 
 def _generation_note(rows: list[dict], name: str) -> str:
@@ -744,6 +754,16 @@ def main(argv: list[str] | None = None) -> Path:
                   "own checkpoint is smaller than its stock export (see [Deployment](deployment.md)). Same protocol "
                   "as the table above.",
                   f"--variants olica,olica_stock --ratios 0.2,0.33 --results {DEPLOYMENT_RESULTS}"),
+              domains_section(
+                  _load(MULTIPLES_RESULTS, False) if not quick else None, quick, "Widths in multiples of 8, 32, 64",
+                  "`dimension_multiple` rounds the Q/K ranks, the value head widths (or keeps whole heads) and the FFN "
+                  "width; the FFN is solved after the attention, so every row removes its target within half a "
+                  "point (where no multiple of the FFN width does, the FFN keeps its exact width). `olica` is the "
+                  "default (multiples of 8); 32 and 64 give the blocks of group-wise quantized formats (see "
+                  "[Deployment](deployment.md#quantization-after-pruning)). Same protocol as the table above; "
+                  "SmolLM2's `head_dim` is 64, its FFN 1,536 wide.",
+                  "--variants olica,olica_multiple_1,olica_multiple_32,olica_multiple_64 --ratios 0.2,0.33 "
+                  f"--results {MULTIPLES_RESULTS}", widths=True),
               screening_section(screen, quick), gpu_section(gpu, quick),
               closing_note(cost, memory, speed, speed_large, quality, gpu, domains, screen)]
     doc.parent.mkdir(parents=True, exist_ok=True)

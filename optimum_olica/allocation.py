@@ -109,6 +109,19 @@ def aligned_width(exact: float, multiple: int, full: int) -> int:
     return min(candidates, key=lambda width: (abs(width - exact), width))
 
 
+def value_width(head_dim: int, vo_ratio: float, multiple: int = 1) -> int:
+    """Per-head value width for ``vo_ratio``, aligned like the other widths (``aligned_width``).
+
+    The exact width keeps ``head_dim - floor(vo_ratio * head_dim)`` channels; with ``multiple`` > 1 it becomes the
+    nearest multiple of ``multiple`` or ``head_dim`` itself, so the ``v_proj`` rows and ``o_proj`` columns of every
+    head come in the blocks group-wise quantized kernels read (32, 64, 128).
+    """
+    exact = head_dim - math.floor(vo_ratio * head_dim)
+    if exact < 1:
+        raise RatioTooHighError(f"vo_ratio={vo_ratio} would remove every value channel (head_dim={head_dim}).")
+    return aligned_width(exact, multiple, head_dim)
+
+
 def plan_dimensions(
     config,
     target: float,
@@ -133,10 +146,12 @@ def plan_dimensions(
         calibration_rank: rank of each linear-calibration branch.
         num_calibrated_layers: how many layers will receive a branch (their parameters count against the budget).
         skip_layers: layers left dense.
-        dimension_multiple: Q/K ranks and FFN widths are rounded to multiples of it: matmuls whose widths are not
-            multiples of 8 run markedly slower (prefill on CPU: up to 1.35x for an FFN projection; tensor cores need
-            them on GPUs). When rounding the FFN width would miss the target by more than 0.5 points (models with
-            very few parameters per FFN neuron), the FFN keeps its exact width.
+        dimension_multiple: Q/K ranks, value head widths and FFN widths are rounded to multiples of it (a value
+            head may also keep its full ``head_dim``): matmuls whose widths are not multiples of 8 run markedly
+            slower (prefill on CPU: up to 1.35x for an FFN projection; tensor cores need them on GPUs), and
+            group-wise quantized formats take whole blocks of 32 to 256. The FFN width is solved after the attention
+            widths are rounded, so it absorbs their rounding. When rounding the FFN width would miss the target by
+            more than 0.5 points (models with very few parameters per FFN neuron), the FFN keeps its exact width.
 
     Raises:
         RatioTooHighError: if the FFN would need to drop below one neuron per layer.
@@ -161,9 +176,7 @@ def plan_dimensions(
     vo = default_vo if vo_ratio is None else vo_ratio
     q_rank = factored_rank(h * d_h, d, qk, dimension_multiple)
     k_rank = factored_rank(g * d_h, d, qk, dimension_multiple)
-    value_head_dim = d_h - math.floor(vo * d_h)
-    if value_head_dim < 1:
-        raise RatioTooHighError(f"vo_ratio={vo} would remove every value channel (head_dim={d_h}).")
+    value_head_dim = value_width(d_h, vo, dimension_multiple)
     # choose_calibrated_layers never gives the last pruned layer a branch: budget only the branches attached.
     calibrated = min(num_calibrated_layers, len(pruned_layers) - 1) if calibration_rank > 0 else 0
 
@@ -193,14 +206,15 @@ def plan_dimensions(
     # Parameters are affine in the FFN width: solve for it, then round to an integer (aligned) width.
     whole_ffn, single_neuron = plan_with(d_ff), plan_with(1)
     reach = _Reach(target, qk, vo, qk_ratio is not None, vo_ratio is not None,
-                   whole_ffn.achieved_ratio, single_neuron.achieved_ratio)
+                   whole_ffn.achieved_ratio, single_neuron.achieved_ratio,
+                   _value_rounding(d_h, vo, dimension_multiple))
     per_neuron = (whole_ffn.parameters_after - single_neuron.parameters_after) / (d_ff - 1)
     exact = 1 + (before * (1 - target) - single_neuron.parameters_after) / per_neuron
     if round(exact) < 1:
-        hardest = _highest_with_hardest_attention(
-            config, calibrated * 2 * d * calibration_rank, skip_layers, dimension_multiple
-        )
-        raise RatioTooHighError(reach.too_high_message(round(exact), hardest))
+        branches = calibrated * 2 * d * calibration_rank
+        hardest = _highest_with_hardest_attention(config, branches, skip_layers, dimension_multiple)
+        unrounded = _highest_with_hardest_attention(config, branches, skip_layers, 1)
+        raise RatioTooHighError(reach.too_high_message(round(exact), hardest, unrounded, dimension_multiple))
     plan = plan_with(aligned_width(exact, dimension_multiple, d_ff))
     if abs(plan.achieved_ratio - target) > TARGET_TOLERANCE:
         plan = plan_with(aligned_width(exact, 1, d_ff))
@@ -219,6 +233,14 @@ def plan_dimensions(
     return plan
 
 
+def _value_rounding(head_dim: int, vo_ratio: float, multiple: int) -> str:
+    """For error messages: how ``dimension_multiple`` moved the value width, or "" when it did not."""
+    exact, rounded = value_width(head_dim, vo_ratio), value_width(head_dim, vo_ratio, multiple)
+    if exact == rounded:
+        return ""
+    return f"dimension_multiple={multiple} rounds each value head to {rounded} of {head_dim} channels, not {exact}"
+
+
 # The hardest Q/K and V/O ratios the reference split uses: past them a projection keeps next to nothing.
 HARDEST_ATTENTION = 0.99
 
@@ -226,7 +248,7 @@ HARDEST_ATTENTION = 0.99
 def _highest_with_hardest_attention(config, branch_parameters: int, skip_layers, multiple: int) -> float:
     """The fraction of parameters removed with Q/K and V/O at `HARDEST_ATTENTION` and one FFN neuron per layer."""
     d_h = config.attention_head_dim
-    value_head_dim = d_h - math.floor(HARDEST_ATTENTION * d_h)
+    value_head_dim = value_width(d_h, HARDEST_ATTENTION, multiple)
     layers = [
         LayerDimensions(None, None, d_h, config.intermediate_size, 0) if layer in skip_layers else LayerDimensions(
             factored_rank(config.num_attention_heads * d_h, config.hidden_size, HARDEST_ATTENTION, multiple),
@@ -250,11 +272,13 @@ class _Reach:
     vo_pinned: bool
     lowest: float  # the fraction removed with the FFN kept whole
     highest: float  # the fraction removed with one FFN neuron per layer
+    value_rounding: str = ""  # how dimension_multiple moved the value width (`_value_rounding`)
 
     def _ratios(self) -> str:
         pinned = [name for name, flag in (("qk_ratio", self.qk_pinned), ("vo_ratio", self.vo_pinned)) if flag]
-        origin = f" ({' and '.join(pinned)} as given)" if pinned else " (the reference split of ratio)"
-        return f"qk_ratio={self.qk:.3g} and vo_ratio={self.vo:.3g}{origin}"
+        notes = [f"{' and '.join(pinned)} as given" if pinned else "the reference split of ratio"]
+        notes += [self.value_rounding] if self.value_rounding else []
+        return f"qk_ratio={self.qk:.3g} and vo_ratio={self.vo:.3g} ({'; '.join(notes)})"
 
     def _range(self) -> str:
         return f"these attention ratios allow ratio from {self.lowest:.1%} to {self.highest:.1%}"
@@ -268,11 +292,12 @@ class _Reach:
         return (
             f"ratio={self.target} cannot be reached: {self._ratios()} alone remove {self.lowest:.1%} of the "
             f"parameters with the FFN kept whole; {self._range()}. To prune {self.target:.1%}, {change}; or raise "
-            f"ratio to at least {self.lowest:.1%}."
+            f"ratio to at least {self.lowest:.1%}{'; or lower dimension_multiple' if self.value_rounding else ''}."
         )
 
-    def too_high_message(self, neurons: int, hardest: float) -> str:
-        """``hardest``: the fraction removed with qk_ratio and vo_ratio at their limit and one FFN neuron per layer."""
+    def too_high_message(self, neurons: int, hardest: float, unrounded: float | None = None, multiple: int = 1) -> str:
+        """``hardest``: the fraction removed with qk_ratio and vo_ratio at their limit and one FFN neuron per layer;
+        ``unrounded``: the same with exact widths, when ``dimension_multiple`` (``multiple``) > 1 rounds them."""
         advice = f"Lower the ratio to at most {self.highest:.1%}"
         # Only the parts below the limit can be pruned harder, and only worth advising when that reaches the target.
         softer = [name for name, value in (("qk_ratio", self.qk), ("vo_ratio", self.vo)) if value < HARDEST_ATTENTION]
@@ -285,6 +310,12 @@ class _Reach:
             advice += (
                 f" (pruning attention harder is not enough: {' and '.join(softer)} at {HARDEST_ATTENTION} would allow "
                 f"at most {hardest:.1%}; embeddings and norms are never pruned)"
+            )
+        if multiple > 1 and unrounded is not None and hardest < self.target <= unrounded:
+            # The rounding of the attention widths, not the model, is what stops the target.
+            advice += (
+                f", or lower dimension_multiple={multiple} (with exact widths, qk_ratio and vo_ratio at "
+                f"{HARDEST_ATTENTION} allow up to {unrounded:.1%})"
             )
         return (
             f"ratio={self.target} is too high for this model: with {self._ratios()} the FFN would keep {neurons} "
@@ -303,4 +334,5 @@ __all__ = [
     "per_layer_lists",
     "plan_dimensions",
     "reference_split",
+    "value_width",
 ]

@@ -242,9 +242,12 @@ class OlicaConfig:
         default=8,
         metadata={
             "help": (
-                "Q/K ranks and FFN widths are rounded to multiples of this (>= 1; 1 keeps exact widths). "
-                "Matmuls with widths that are not multiples of 8 run markedly slower on CPUs and GPUs; the "
-                "FFN keeps its exact width when rounding would miss `ratio` by more than 0.5 points."
+                "Q/K ranks, value head widths and FFN widths are rounded to multiples of this (>= 1; 1 keeps "
+                "exact widths; a value head may also keep its full head_dim). Matmuls with widths that are not "
+                "multiples of 8 run markedly slower on CPUs and GPUs, and group-wise quantized formats (GGUF "
+                "q8_0/q4_k_m, 4-bit kernels) want multiples of 32 to 256. The FFN width is solved after the "
+                "attention widths are rounded, and keeps its exact width when rounding would miss `ratio` by more "
+                "than 0.5 points."
             )
         },
     )

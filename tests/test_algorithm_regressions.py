@@ -153,10 +153,13 @@ def _first_layer_pruned(family: str):
     activations = capture(model, calibration_ids())
     dense = decoder_layers(model)[0]
     run = lambda module: replay(module, activations, CPU, layer_idx=0, keep_outputs=False)  # noqa: E731
-    algorithm = _pruner_for(model, OlicaConfig(ratio=0.3, refit_damping=0.1))
+    # Exact widths: at the default multiple of 8 the 16-wide value heads would stay whole at 30%.
+    algorithm = _pruner_for(model, OlicaConfig(ratio=0.3, refit_damping=0.1, dimension_multiple=1))
     with algorithm.observe_dense(dense, 0):
         run(dense)
-    return activations, dense, algorithm, algorithm.prune(dense, 0), run
+    pruned = algorithm.prune(dense, 0)
+    assert pruned.self_attn.value_head_dim < pruned.self_attn.head_dim, "narrow value heads expected"
+    return activations, dense, algorithm, pruned, run
 
 
 def _inputs_and_outputs(module, submodule_name: str, run) -> tuple[torch.Tensor, torch.Tensor]:

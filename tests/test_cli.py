@@ -437,19 +437,26 @@ def _last_line_error(captured) -> str:
 
 
 def test_too_high_a_ratio_advises_only_what_can_reach_it(base_model_dir, tmp_path, capsys):
+    # Exact widths: at the default multiple of 8, head_dim 16 allows value heads of 8 or 16 only, and vo_ratio 0.35
+    # and 0.99 both give 8 (the default case is the last one below).
+    exact = [*FAST_RECIPE, "--dimension-multiple", "1"]
     # The reference split already puts qk_ratio at 0.99: only vo_ratio can go higher, and no cut of attention
     # reaches 99% (the embeddings are never pruned).
-    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "0.99", *FAST_RECIPE) == 1
+    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "0.99", *exact) == 1
     line = _last_line_error(capsys.readouterr())  # after the "Loading weights" bar: the plan needs the model
     assert "qk_ratio=0.99" in line and "Lower the ratio to at most" in line
     assert "pruning attention harder is not enough: vo_ratio at 0.99 would allow at most" in line
     assert "raise qk_ratio" not in line and "prune attention harder:" not in line
     # 70%: within what a harder V/O cut allows, so that is advised, and it works.
-    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "0.7", *FAST_RECIPE) == 1
+    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "0.7", *exact) == 1
     line = _last_line_error(capsys.readouterr())
     assert "or prune attention harder: raise vo_ratio (up to 0.99" in line and "qk_ratio (up to" not in line
-    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "0.7", "--vo-ratio", "0.99",
-                   *FAST_RECIPE) == 0
+    assert run_cli("prune", base_model_dir, tmp_path / "out", "--ratio", "0.7", "--vo-ratio", "0.99", *exact) == 0
+    # At the default multiple a harder V/O cut changes nothing (8 channels either way): the rounding is named.
+    assert run_cli("prune", base_model_dir, tmp_path / "default", "--ratio", "0.7", *FAST_RECIPE) == 1
+    line = _last_line_error(capsys.readouterr())
+    assert "8 of 16 channels, not 11" in line and "or lower dimension_multiple=8" in line
+    assert "prune attention harder:" not in line
 
 
 # -- Through the real optimum-cli executable ----------------------------------------------------------------------

@@ -236,10 +236,13 @@ def pruned_dir(tmp_path_factory) -> Path:
     model.generation_config.repetition_penalty = 1.3
     calibration = torch.randint(3, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
     directory = tmp_path_factory.mktemp("pruned") / "tiny-olica"
+    # Exact widths: at the default multiple of 8, head_dim 16 keeps whole value heads at 20%.
     OlicaPruner(model, tokenizer).prune(
-        OlicaConfig(ratio=0.2, refit_damping=0.1), calibration_dataset=calibration,
+        OlicaConfig(ratio=0.2, refit_damping=0.1, dimension_multiple=1), calibration_dataset=calibration,
         save_directory=directory, progress=False, device="cpu",
     )
+    config = json.loads((directory / "config.json").read_text())
+    assert min(config["value_head_dims"]) < config["head_dim"], "the fixture must have narrow value heads"
     return directory
 
 

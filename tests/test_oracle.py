@@ -241,12 +241,16 @@ def record_propagated_activations(monkeypatch) -> dict[int, torch.Tensor]:
 
 
 # The default recipe on every shape, and the paths it may not take: a refit forced on (both sub-blocks' outputs
-# computed from their kept features, whatever "auto" decides), no refit at all, and a skipped layer.
+# computed from their kept features, whatever "auto" decides), no refit at all, and a skipped layer. Exact widths
+# (dimension_multiple=1), so that every part is pruned: at the default multiple of 8, value heads 12 or 16 wide stay
+# whole at 30%; one run keeps the default multiple.
+EXACT = {"dimension_multiple": 1}
 BOOKKEEPING_RUNS = {
-    **{shape: (shape, OlicaConfig(ratio=0.3)) for shape in ORACLE_SHAPES},
-    "llama_biases_forced_refit": ("llama_biases", OlicaConfig(ratio=0.3, refit_damping=0.1)),
-    "qwen3_7_heads_mqa_no_refit": ("qwen3_7_heads_mqa", OlicaConfig(ratio=0.3, refit_damping=None)),
-    "llama_mqa_tied_skip_1": ("llama_mqa_tied", OlicaConfig(ratio=0.3, refit_damping=0.1, skip_layers=[1])),
+    **{shape: (shape, OlicaConfig(ratio=0.3, **EXACT)) for shape in ORACLE_SHAPES},
+    "llama_biases_forced_refit": ("llama_biases", OlicaConfig(ratio=0.3, refit_damping=0.1, **EXACT)),
+    "qwen3_7_heads_mqa_no_refit": ("qwen3_7_heads_mqa", OlicaConfig(ratio=0.3, refit_damping=None, **EXACT)),
+    "llama_mqa_tied_skip_1": ("llama_mqa_tied", OlicaConfig(ratio=0.3, refit_damping=0.1, skip_layers=[1], **EXACT)),
+    "llama_biases_default_multiple": ("llama_biases", OlicaConfig(ratio=0.3)),
 }
 
 
@@ -258,6 +262,8 @@ def test_saved_checkpoint_reproduces_the_propagated_activations(run, tmp_path, m
     result = prune_model(make_stock_model(shape), recipe, input_ids, progress=False)
     checkpoint = save_pruned_model(result.model, tmp_path / "pruned")
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if recipe.dimension_multiple == 1:
+        assert min(reloaded.config.value_head_dims) < reloaded.config.attention_head_dim, "narrow values expected"
     with torch.no_grad():
         hidden_states = reloaded(input_ids=input_ids, output_hidden_states=True).hidden_states
     num_layers = reloaded.config.num_hidden_layers

@@ -42,23 +42,32 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids).logits
 
 
+# Exact widths: the tiny models' value heads are 16 wide, which the default multiple of 8 keeps whole below a ratio
+# of 0.5; with dimension_multiple=1 every part is pruned, narrow value heads included.
+EXACT = {"dimension_multiple": 1}
+
+
 def prune_tiny(family: str = "llama_gqa", config: OlicaConfig | None = None, **model_overrides):
     return prune_model(
-        make_tiny_model(family, **model_overrides), config or OlicaConfig(), calibration_ids(), progress=False
+        make_tiny_model(family, **model_overrides), config or OlicaConfig(**EXACT), calibration_ids(), progress=False
     )
 
 
 # ---- target, shapes, parameter counts, generation -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("multiple", [1, 8])
 @pytest.mark.parametrize("ratio", [0.2, 0.33])
-def test_prune_model_hits_the_target(tiny_family, ratio):
+def test_prune_model_hits_the_target(tiny_family, ratio, multiple):
     dense = make_tiny_model(tiny_family)
     parameters_before = dense.num_parameters()
     key_value_heads = dense.config.num_key_value_heads
 
-    result = prune_model(dense, OlicaConfig(ratio=ratio), calibration_ids(), progress=False)
+    result = prune_model(dense, OlicaConfig(ratio=ratio, dimension_multiple=multiple), calibration_ids(),
+                         progress=False)
     pruned, report = result.model, result.report
+    # Narrow value heads counted by every count below (exact widths), and whole ones at the default multiple.
+    assert (min(pruned.config.value_head_dims) < pruned.config.attention_head_dim) == (multiple == 1)
 
     assert report["parameters_before"] == parameters_before
     assert report["target_ratio"] == ratio
@@ -101,7 +110,7 @@ def test_pruned_model_generates_on_a_left_padded_batch(tiny_family):
 
 def test_pruned_model_keeps_bfloat16():
     dense = make_tiny_model("qwen2").to(torch.bfloat16)
-    result = prune_model(dense, OlicaConfig(ratio=0.2), calibration_ids(), progress=False)
+    result = prune_model(dense, OlicaConfig(ratio=0.2, **EXACT), calibration_ids(), progress=False)
     pruned = result.model
     assert pruned.dtype == torch.bfloat16
     assert {param.dtype for param in pruned.parameters()} == {torch.bfloat16}
@@ -113,15 +122,16 @@ def test_pruned_model_keeps_bfloat16():
 
 def test_pruned_model_keeps_float16():
     pruned = prune_model(
-        make_tiny_model("llama_gqa").to(torch.float16), OlicaConfig(ratio=0.2), calibration_ids(), progress=False
+        make_tiny_model("llama_gqa").to(torch.float16), OlicaConfig(ratio=0.2, **EXACT), calibration_ids(),
+        progress=False,
     ).model
     assert {param.dtype for param in pruned.parameters()} == {torch.float16}
     assert torch.isfinite(logits_of(pruned, probe_ids())).all()
 
 
 def test_pruning_is_deterministic():
-    first = prune_tiny("llama_bias", OlicaConfig(ratio=0.25)).model.state_dict()
-    second = prune_tiny("llama_bias", OlicaConfig(ratio=0.25)).model.state_dict()
+    first = prune_tiny("llama_bias", OlicaConfig(ratio=0.25, **EXACT)).model.state_dict()
+    second = prune_tiny("llama_bias", OlicaConfig(ratio=0.25, **EXACT)).model.state_dict()
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
@@ -164,7 +174,7 @@ def test_bad_run_settings_are_refused_before_any_work(setting, message):
 
 
 def test_saved_checkpoint_reloads_with_identical_logits(tiny_family, tmp_path):
-    config = OlicaConfig(ratio=0.2)
+    config = OlicaConfig(ratio=0.2, **EXACT)
     pruner = OlicaPruner(make_tiny_model(tiny_family), tokenizer=None)
     pruned = pruner.prune(config, calibration_dataset=calibration_ids(), progress=False)
     target = pruner.save_pretrained(tmp_path / "pruned")
@@ -271,7 +281,7 @@ def _offload_to_cpu(checkpoint: Path, tmp_path: Path):
 def test_offloaded_model_prunes_like_a_normal_one(offload, tmp_path):
     checkpoint = tmp_path / "dense"
     make_tiny_model("llama_gqa").save_pretrained(checkpoint)  # tied embeddings: the hardest case for offload
-    config = OlicaConfig(ratio=0.2)
+    config = OlicaConfig(ratio=0.2, **EXACT)
 
     normal = prune_model(AutoModelForCausalLM.from_pretrained(checkpoint), config, calibration_ids(), progress=False)
     offloaded = prune_model(offload(checkpoint, tmp_path), config, calibration_ids(), progress=False)

@@ -44,10 +44,15 @@ RECIPES = {
 }
 
 
+# Exact widths: at the default multiple of 8 the tiny models' 16-wide value heads stay whole, and the value pruning
+# path would go unhashed.
+EXACT_WIDTHS = {"dimension_multiple": 1}
+
+
 def checkpoint_hash(family: str, fields: dict, kwargs: dict) -> str:
     model = make_tiny_model(family, vocab_size=384)
     calibration = torch.randint(3, 384, (8, 32), generator=torch.Generator().manual_seed(0))
-    result = prune_model(model, OlicaConfig(**fields), calibration, progress=False, device="cpu", **kwargs)
+    result = prune_model(model, OlicaConfig(**EXACT_WIDTHS, **fields), calibration, progress=False, device="cpu", **kwargs)
     digest = hashlib.sha256()
     for name, tensor in sorted(result.model.state_dict().items()):
         digest.update(name.encode())
@@ -65,7 +70,7 @@ def streamed_hash() -> str:
         make_tiny_model("llama_gqa", vocab_size=384).save_pretrained(Path(directory) / "dense")
         calibration = torch.randint(3, 384, (8, 32), generator=torch.Generator().manual_seed(0))
         pruner = OlicaPruner.from_pretrained(Path(directory) / "dense", streaming=True)
-        pruner.prune(OlicaConfig(ratio=0.2), calibration_dataset=calibration,
+        pruner.prune(OlicaConfig(ratio=0.2, **EXACT_WIDTHS), calibration_dataset=calibration,
                      save_directory=Path(directory) / "pruned", progress=False, device="cpu")
         digest = hashlib.sha256()
         for path in sorted((Path(directory) / "pruned").glob("*.safetensors")):

@@ -179,18 +179,8 @@ def plan_dimensions(
     value_head_dim = value_width(d_h, vo, dimension_multiple)
     # choose_calibrated_layers never gives the last pruned layer a branch: budget only the branches attached.
     calibrated = min(num_calibrated_layers, len(pruned_layers) - 1) if calibration_rank > 0 else 0
-
-    def plan_with(intermediate_size: int) -> PruningPlan:
-        layers = []
-        for layer in range(n_layers):
-            if layer in skip_layers:
-                layers.append(LayerDimensions(None, None, d_h, d_ff, 0))
-            else:
-                layers.append(LayerDimensions(q_rank, k_rank, value_head_dim, intermediate_size, 0))
-        candidate = config.from_base_config(config, **per_layer_lists(layers))
-        # Branches are attached to `calibrated` layers chosen later from the data; their cost is known now.
-        after = candidate.count_parameters() + calibrated * 2 * d * calibration_rank
-        return PruningPlan(tuple(layers), PartRatios(qk, vo, 1 - intermediate_size / d_ff), before, after)
+    branches = calibrated * 2 * d * calibration_rank
+    plan_with = _plans_by_ffn_width(config, skip_layers, (q_rank, k_rank, value_head_dim), (qk, vo), branches)
 
     if ffn_ratio is not None:
         plan = plan_with(aligned_width(d_ff - math.floor(ffn_ratio * d_ff), dimension_multiple, d_ff))
@@ -203,7 +193,6 @@ def plan_dimensions(
             )
         return plan
 
-    # Parameters are affine in the FFN width: solve for it, then round to an integer (aligned) width.
     whole_ffn, single_neuron = plan_with(d_ff), plan_with(1)
     reach = _Reach(target, qk, vo, qk_ratio is not None, vo_ratio is not None,
                    whole_ffn.achieved_ratio, single_neuron.achieved_ratio,
@@ -211,24 +200,50 @@ def plan_dimensions(
     per_neuron = (whole_ffn.parameters_after - single_neuron.parameters_after) / (d_ff - 1)
     exact = 1 + (before * (1 - target) - single_neuron.parameters_after) / per_neuron
     if round(exact) < 1:
-        branches = calibrated * 2 * d * calibration_rank
         hardest = _highest_with_hardest_attention(config, branches, skip_layers, dimension_multiple)
         unrounded = _highest_with_hardest_attention(config, branches, skip_layers, 1)
         raise RatioTooHighError(reach.too_high_message(round(exact), hardest, unrounded, dimension_multiple))
-    plan = plan_with(aligned_width(exact, dimension_multiple, d_ff))
+    return _plan_at_solved_ffn_width(plan_with, exact, per_neuron, target, dimension_multiple, d_ff, reach)
+
+
+def _plans_by_ffn_width(config, skip_layers, attention: tuple, ratios: tuple, branch_parameters: int):
+    """``plan_with(intermediate_size)``: the plan with the attention dimensions ``(q_rank, k_rank, value_head_dim)``
+    fixed and that FFN width in every pruned layer (skipped layers keep their dimensions)."""
+    d_h, d_ff = config.attention_head_dim, config.intermediate_size
+    before = config.count_parameters()
+
+    def plan_with(intermediate_size: int) -> PruningPlan:
+        layers = tuple(
+            LayerDimensions(None, None, d_h, d_ff, 0) if layer in skip_layers
+            else LayerDimensions(*attention, intermediate_size, 0)
+            for layer in range(config.num_hidden_layers)
+        )
+        candidate = config.from_base_config(config, **per_layer_lists(layers))
+        # Branches are attached to layers chosen later from the data; their cost is known now.
+        after = candidate.count_parameters() + branch_parameters
+        return PruningPlan(layers, PartRatios(*ratios, 1 - intermediate_size / d_ff), before, after)
+
+    return plan_with
+
+
+def _plan_at_solved_ffn_width(plan_with, exact: float, per_neuron: float, target: float, multiple: int, full: int,
+                              reach):
+    """Parameters are affine in the FFN width: ``exact`` hits the target; round it to an aligned width, else to an
+    integer one, and refuse a plan still more than 0.5 points off."""
+    plan = plan_with(aligned_width(exact, multiple, full))
     if abs(plan.achieved_ratio - target) > TARGET_TOLERANCE:
-        plan = plan_with(aligned_width(exact, 1, d_ff))
+        plan = plan_with(aligned_width(exact, 1, full))
     if plan.achieved_ratio - target > TARGET_TOLERANCE:
         raise RatioTooLowError(reach.too_low_message())
     if abs(plan.achieved_ratio - target) > TARGET_TOLERANCE:
         # Tiny models only: one FFN neuron per layer is worth more than a point of the whole model.
-        neighbours = sorted(plan_with(min(d_ff, max(1, width))).achieved_ratio
+        neighbours = sorted(plan_with(min(full, max(1, width))).achieved_ratio
                             for width in (math.floor(exact), math.ceil(exact)))
         raise RatioUnreachableError(
             f"ratio={target} cannot be met within 0.5 points on this model: one FFN neuron in every pruned layer is "
-            f"{per_neuron / before:.2%} of the parameters, and the nearest plans remove {neighbours[0]:.2%} and "
-            f"{neighbours[-1]:.2%}. Pass ratio={neighbours[-1]:.4f} or ratio={neighbours[0]:.4f}, or pin qk_ratio/"
-            "vo_ratio to change the attention's share."
+            f"{per_neuron / plan.parameters_before:.2%} of the parameters, and the nearest plans remove "
+            f"{neighbours[0]:.2%} and {neighbours[-1]:.2%}. Pass ratio={neighbours[-1]:.4f} or "
+            f"ratio={neighbours[0]:.4f}, or pin qk_ratio/vo_ratio to change the attention's share."
         )
     return plan
 

@@ -39,6 +39,7 @@ __all__ = [
     "olica_config_from",
     "stock_state_dict",
     "to_stock_model",
+    "zero_pad_ffn",
     "zero_pad_heads",
 ]
 
@@ -162,6 +163,24 @@ def zero_pad_heads(tensor: torch.Tensor, dim: int, num_heads: int, head_width: i
     per_head = tensor.movedim(dim, -1).unflatten(-1, (num_heads, head_width))
     padded = functional.pad(per_head, (0, padded_width - head_width))
     return padded.flatten(-2).movedim(-1, dim)
+
+
+def zero_pad_ffn(state_dict: Mapping[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """A stock ``state_dict`` whose FFNs have ``width`` neurons: zero rows appended to every ``gate_proj`` and
+    ``up_proj`` (weights and biases), zero columns to every ``down_proj``. Exact: a zero neuron's activation is
+    ``act(0) * 0 = 0``, and its ``down_proj`` column is zero anyway."""
+    padded = dict(state_dict)
+    for name, tensor in state_dict.items():
+        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias")):
+            dim = 0
+        elif name.endswith("mlp.down_proj.weight"):
+            dim = 1
+        else:
+            continue
+        if tensor.shape[dim] > width:
+            raise ValueError(f"Cannot pad {name} of {tensor.shape[dim]} FFN neurons to {width}.")
+        padded[name] = functional.pad(tensor.movedim(dim, -1), (0, width - tensor.shape[dim])).movedim(-1, dim)
+    return padded
 
 
 def _densify(tensors: dict[str, torch.Tensor], projection: str) -> None:

@@ -22,6 +22,7 @@ converter stores them); q4_k_m is made from the f16 file by llama.cpp's own quan
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import logging
@@ -418,6 +419,9 @@ class GGUFExport:
         file_size: bytes on disk.
         olica_parameters: parameters of the Olica model it came from (``None`` for a stock model).
         tokenizer_pre: the llama.cpp pre-tokenizer written.
+        ffn_width: FFN neurons per layer of the model exported.
+        stored_ffn_width: FFN neurons per layer in the file: for q8_0 and q4_k_m, ``ffn_width`` zero-padded to whole
+            quantization blocks (exact; otherwise ``down_proj`` would stay f16).
     """
 
     path: Path
@@ -427,6 +431,8 @@ class GGUFExport:
     file_size: int
     olica_parameters: int | None
     tokenizer_pre: str
+    ffn_width: int
+    stored_ffn_width: int
 
     def summary(self) -> str:
         """The lines ``optimum-cli olica export --format gguf`` prints."""
@@ -436,6 +442,9 @@ class GGUFExport:
         lines += [
             (f"GGUF export   {self.parameters:,} parameters, {self.quantize}, {self.file_size / 2**20:,.1f} MiB "
              f"(llama.cpp architecture {self.architecture!r}, pre-tokenizer {self.tokenizer_pre!r})"),
+            *([f"FFN zero-padded from {self.ffn_width} to {self.stored_ffn_width} neurons per layer, so that "
+               f"{self.quantize} quantizes down_proj in whole blocks (the outputs are unchanged)"]
+              if self.stored_ffn_width != self.ffn_width else []),
             f"Written to {self.path}: run it with llama.cpp (llama-cli -m {self.path.name}) or llama-cpp-python.",
         ]
         return "\n".join(lines)
@@ -481,6 +490,26 @@ def _load(checkpoint_or_model, tokenizer):
     return model, tokenizer, Path(str(name)).name, architecture
 
 
+# Values per block of the block formats: q8_0's blocks, and the blocks llama.cpp's k-quants fall back to (q5_0,
+# q8_0) for rows that are not whole 256-value super-blocks; a row that is not whole 32-value blocks stays f16.
+QUANTIZATION_BLOCK = 32
+
+
+def _with_whole_quantization_blocks(state_dict, config, quantize: str):
+    """For the block formats, the FFN zero-padded to a multiple of ``QUANTIZATION_BLOCK`` neurons (exact,
+    `zero_pad_ffn`): ``down_proj``'s rows then quantize instead of staying f16, a smaller file. Returns the state
+    dict and the config it has."""
+    from .conversion import zero_pad_ffn
+
+    width = config.intermediate_size
+    if quantize in ("f32", "f16") or width % QUANTIZATION_BLOCK == 0:
+        return state_dict, config
+    padded_width = -(-width // QUANTIZATION_BLOCK) * QUANTIZATION_BLOCK
+    padded_config = copy.deepcopy(config)
+    padded_config.intermediate_size = padded_width
+    return zero_pad_ffn(state_dict, padded_width), padded_config
+
+
 def export_to_gguf(
     checkpoint_or_model,
     output_file: str | os.PathLike,
@@ -493,7 +522,9 @@ def export_to_gguf(
     """Write an Olica-pruned (or stock) Llama, Mistral, Qwen2 or Qwen3 model as one GGUF file for llama.cpp.
 
     The weights are the exact stock export's (dense Q/K, value heads zero-padded to ``head_dim``), renamed and, for
-    llama.cpp's ``llama`` architecture, with query/key rows in its rotary order; the tokenizer is included.
+    llama.cpp's ``llama`` architecture, with query/key rows in its rotary order; the tokenizer is included. For
+    ``q8_0`` and ``q4_k_m`` an FFN width that is not a multiple of 32 is zero-padded to one (exact), so that
+    ``down_proj`` quantizes instead of staying f16.
 
     Args:
         checkpoint_or_model: a local checkpoint folder (Olica or stock) or a causal LM.
@@ -523,16 +554,18 @@ def export_to_gguf(
     pre = resolve_pretokenizer(tokenizer, tokenizer_pre)
     is_olica = isinstance(model.config, OlicaDimensionsMixin)
     stock = to_stock_model(model) if is_olica else model
-    tensors = gguf_tensors(stock.state_dict(), stock.config, architecture)
+    state_dict, config = _with_whole_quantization_blocks(stock.state_dict(), stock.config, quantize)
+    tensors = gguf_tensors(state_dict, config, architecture)
     with tempfile.TemporaryDirectory(prefix=f".{path.stem}.tmp-", dir=path.parent) as staging:
         written = Path(staging) / path.name
         if quantize == "q4_k_m":
             unquantized = Path(staging) / "f16.gguf"
-            write_gguf(unquantized, architecture, stock.config, tensors, tokenizer, pre, "f16", name)
+            write_gguf(unquantized, architecture, config, tensors, tokenizer, pre, "f16", name)
             quantize_with_llama_cpp(unquantized, written, quantize)
         else:
-            write_gguf(written, architecture, stock.config, tensors, tokenizer, pre, quantize, name)
+            write_gguf(written, architecture, config, tensors, tokenizer, pre, quantize, name)
         os.replace(written, path)
     parameters = sum(tensor.numel() for tensor in tensors.values())
     return GGUFExport(path, architecture, quantize, parameters, path.stat().st_size,
-                      model.num_parameters() if is_olica else None, pre)
+                      model.num_parameters() if is_olica else None, pre,
+                      stock.config.intermediate_size, config.intermediate_size)

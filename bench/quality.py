@@ -94,6 +94,10 @@ VARIANTS = {
     "olica_self_calibrated": ("olica", {"self_calibration": 0.5},
                               "Olica with self_calibration=0.5: the first 64 benchmark windows alternating with 64 "
                               "sequences the model samples itself (temperature 1, from BOS, seed 0); same token budget"),
+    # Issue 15: the split between value channels and Q/K/FFN (the multiples' measurements kept value heads whole).
+    "olica_whole_values": ("olica", {"vo_ratio": 0.0},
+                           "Olica with value heads kept whole (vo_ratio=0): Q/K keep the reference split, the FFN is "
+                           "pruned harder to meet the same total"),
     "olica_self_generated": ("olica", {"self_calibration": 1.0},
                              "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
 }

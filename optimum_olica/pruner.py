@@ -326,6 +326,7 @@ def _report(run: _Run, final_config, parameters_after: int, chosen, records, str
         "timings": run.timings.to_dict(),
         "runtime_s": time.perf_counter() - run.started,
         "device": str(run.device),
+        "offload_activations": run.storage != run.device,
         "streaming": streaming,
         "environment": {
             "python": platform.python_version(),

@@ -63,6 +63,8 @@ def test_prune_writes_a_checkpoint_with_the_recipe_the_flags_describe(pruned_dir
     ).to_dict()
     report = json.loads((pruned_dir / "olica_report.json").read_text())
     assert report["device"] == "cpu" and report["streaming"] is False  # --device is the run's, not the recipe's
+    # Whether the activations waited off the compute device: on a CPU run there is nowhere to offload them to.
+    assert report["offload_activations"] is False
     assert report["calibration_data"]["source"] == "austen"
     assert report["calibration_data"]["num_tokens"] == 8 * 32
     assert abs(report["achieved_ratio"] - 0.2) < 0.05

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
+    chosen_variants,
     command_line,
     dense_forward_seconds,
     git_commit,
@@ -80,10 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = args.variants.split(",")
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = chosen_variants(parser, args.variants, VARIANTS)
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

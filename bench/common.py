@@ -97,6 +97,15 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return shlex.join(["python", f"bench/{script}", *arguments])
 
 
+def chosen_variants(parser, text: str, known) -> list[str]:
+    """The comma-separated variant names of ``text``; an unknown one is a usage error naming the choices."""
+    variants = text.split(",")
+    unknown = [name for name in variants if name not in known]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(known)}")
+    return variants
+
+
 def write_results(path: Path, results: dict, script: str, argv: list[str] | None, quick: bool) -> dict:
     """Add the run record (environment, command, date) and write ``results`` as JSON, atomically."""
     record = {

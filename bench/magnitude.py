@@ -42,13 +42,13 @@ class MagnitudeLayerPruner:
     def observe_dense(self, layer, layer_idx: int):
         return nullcontext()
 
-    def fits_block(self, block: str, layer_idx: int) -> bool:
+    def fits_block(self, block, layer_idx: int) -> bool:
         return False  # nothing is refitted
 
-    def observe_block(self, block: str, pruned, layer_idx: int):
+    def observe_block(self, block, pruned, layer_idx: int):
         return nullcontext()
 
-    def fit_block(self, block: str, pruned, layer_idx: int, features) -> None:
+    def fit_block(self, block, pruned, layer_idx: int, features) -> None:
         return None
 
     def finish_layer(self, pruned, layer_idx: int) -> dict:

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from magnitude import magnitude_algorithm  # noqa: E402
 from common import (  # noqa: E402
     ROOT,
+    chosen_variants,
     dense_forward_seconds,
     git_commit,
     regenerate_report,
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.variants = args.variants or "olica,magnitude"
     args.variants = args.variants or DEFAULT_VARIANTS
     ratios = [float(r) for r in args.ratios.split(",")]
-    variants = args.variants.split(",")
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = chosen_variants(parser, args.variants, VARIANTS)
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

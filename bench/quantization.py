@@ -18,17 +18,13 @@ import torch
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import results_path, write_results  # noqa: E402
+from common import checkpoint_bytes, results_path, write_results  # noqa: E402
 
 import optimum_olica  # noqa: E402,F401  (registers the pruned architecture)
 from optimum_olica.evaluation import evaluation_token_ids, perplexity  # noqa: E402
 from optimum_olica.loading import load_tokenizer  # noqa: E402
 
 WINDOW = 128
-
-
-def weights_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
 def measure(checkpoint: Path, eval_tokens: int) -> list[dict]:
@@ -39,12 +35,12 @@ def measure(checkpoint: Path, eval_tokens: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        rows.append({"format": "float32", "file_bytes": weights_bytes(checkpoint),
+        rows.append({"format": "float32", "file_bytes": checkpoint_bytes(checkpoint),
                      "perplexity": perplexity(model, token_ids, sequence_length=WINDOW)})
         quanto_folder = Path(work) / "quanto"
         QuantizedModelForCausalLM.quantize(model, weights=qint8, exclude="lm_head").save_pretrained(quanto_folder)
         reloaded = QuantizedModelForCausalLM.from_pretrained(quanto_folder)
-        rows.append({"format": "optimum-quanto int8 weights (exclude lm_head)", "file_bytes": weights_bytes(quanto_folder),
+        rows.append({"format": "optimum-quanto int8 weights (exclude lm_head)", "file_bytes": checkpoint_bytes(quanto_folder),
                      "perplexity": perplexity(reloaded, token_ids, sequence_length=WINDOW)})
         torchao_folder = Path(work) / "torchao"
         quantized = AutoModelForCausalLM.from_pretrained(
@@ -52,7 +48,7 @@ def measure(checkpoint: Path, eval_tokens: int) -> list[dict]:
         ).eval()
         quantized.save_pretrained(torchao_folder)
         reloaded = AutoModelForCausalLM.from_pretrained(torchao_folder).eval()
-        rows.append({"format": "torchao int8 weight-only", "file_bytes": weights_bytes(torchao_folder),
+        rows.append({"format": "torchao int8 weight-only", "file_bytes": checkpoint_bytes(torchao_folder),
                      "perplexity": perplexity(reloaded, token_ids, sequence_length=WINDOW)})
     for row in rows:
         row["perplexity_ratio"] = row["perplexity"] / rows[0]["perplexity"]

@@ -83,10 +83,13 @@ def build_olica_model(olica_config, state_dict: dict[str, torch.Tensor]) -> PreT
     return model.eval()
 
 
-def build_decoder_layer(olica_config, layer_idx: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """An ``OlicaDecoderLayer`` of ``olica_config``'s dimensions holding exactly the tensors of ``state``."""
+def build_decoder_layer(
+    config, layer_idx: int, state: dict[str, torch.Tensor], layer_class: type = OlicaDecoderLayer
+) -> torch.nn.Module:
+    """A decoder layer of ``layer_class`` (an ``OlicaDecoderLayer`` of ``config``'s dimensions by default, or a stock
+    family's layer built from its model config) holding exactly the tensors of ``state``."""
     with init_empty_weights():
-        layer = OlicaDecoderLayer(olica_config, layer_idx)
+        layer = layer_class(config, layer_idx)
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
 

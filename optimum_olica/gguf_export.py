@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 # transformers model_type of the stock family -> llama.cpp architecture.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_k_m")
+# Values per block of the block formats: q8_0's blocks, and the blocks llama.cpp's k-quants fall back to (q5_0,
+# q8_0) for rows that are not whole 256-value super-blocks; a row that is not whole 32-value blocks stays f16.
+QUANTIZATION_BLOCK = 32
 LLAMACPP_INSTALL = "pip install 'optimum-olica[llamacpp]'"
 GGUF_INSTALL = "pip install 'optimum-olica[gguf]'"
 
@@ -139,7 +142,7 @@ def storage_type(shape: tuple[int, ...], quantize: str):
 
     if quantize == "f32" or len(shape) == 1:
         return GGMLQuantizationType.F32
-    if quantize == "q8_0" and shape[-1] % 32 == 0:
+    if quantize == "q8_0" and shape[-1] % QUANTIZATION_BLOCK == 0:
         return GGMLQuantizationType.Q8_0
     return GGMLQuantizationType.F16
 
@@ -488,11 +491,6 @@ def _load(checkpoint_or_model, tokenizer):
     model = checkpoint_or_model if is_model else AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     name = folder.name if folder is not None else getattr(config, "name_or_path", "") or type(model).__name__
     return model, tokenizer, Path(str(name)).name, architecture
-
-
-# Values per block of the block formats: q8_0's blocks, and the blocks llama.cpp's k-quants fall back to (q5_0,
-# q8_0) for rows that are not whole 256-value super-blocks; a row that is not whole 32-value blocks stays f16.
-QUANTIZATION_BLOCK = 32
 
 
 def _with_whole_quantization_blocks(state_dict, config, quantize: str):

@@ -42,6 +42,7 @@ from .allocation import plan_dimensions
 from .conversion import olica_config_from
 from .configuration import OlicaConfig
 from .olica import REFIT_DAMPING_CANDIDATES
+from .pipeline import SubBlock
 from .olica_math import _COPY_CHUNK_ELEMENTS, _SCORE_BLOCK_ELEMENTS
 
 # choose_refit_damping's sketch of the output channels.
@@ -112,7 +113,7 @@ def _in_phase(original, steps, in_phase):
     kind = steps[0][1]
 
     def phase_of(args) -> str:
-        block = next((arg.name for arg in args if hasattr(arg, "takes_layer_kwargs")), None)
+        block = next((arg.name for arg in args if isinstance(arg, SubBlock)), None)
         return next(phase for phase, _, step_block in steps if step_block in (None, block))
 
     if kind == "enter":

@@ -193,15 +193,15 @@ class OlicaLayerPruner:
 
     # ---- the sub-blocks of the pruned layer: refits of o_proj and down_proj, the calibration branch -------------
 
-    def fits_block(self, block: str, layer_idx: int) -> bool:
+    def fits_block(self, block, layer_idx: int) -> bool:
         if layer_idx in self.skip_layers:
             return False
-        if block == "attention":
+        if block.name == "attention":
             return self.refit_damping is not None
         return self.refit_damping is not None or self.calibration_rank > 0
 
     @contextmanager
-    def observe_block(self, block: str, pruned, layer_idx: int):
+    def observe_block(self, block, pruned, layer_idx: int):
         """Sum the refit statistics of the sub-block's output projection over the features pass.
 
         The attention's target is the dense attention output on the same layer input. The MLP's is what the FFN must
@@ -209,15 +209,14 @@ class OlicaLayerPruner:
         what is left of the attention error (measured: better than targeting the dense FFN's output on the same
         input, 48.2 vs 49.1 on SmolLM2 at 20%, and no dense FFN rerun). Each dense tensor is released once used.
         """
-        body = pruned.self_attn if block == "attention" else pruned.mlp
-        projection = body.o_proj if block == "attention" else body.down_proj
-        folds = self._folds_of_block[block] = self._folds(
+        projection = block.output_projection(pruned)
+        folds = self._folds_of_block[block.name] = self._folds(
             projection.in_features, projection.out_features, projection.weight.device
         )
         residuals, ffn_inputs = [], []
 
         def on_features(module, args):
-            if block == "attention":
+            if block.name == "attention":
                 target = self._dense_attention_outputs.pop(0).to(args[0].device)
             else:
                 target = self._dense_layer_outputs.pop(0).to(args[0].device) - residuals.pop()
@@ -225,14 +224,14 @@ class OlicaLayerPruner:
                 target = target - projection.bias  # the refit fits the weight; the bias is added unchanged
             if self.refit_damping is not None:
                 _update_folds(folds, args[0], target)
-            if block == "mlp" and self.calibration_rank > 0:
+            if block.name == "mlp" and self.calibration_rank > 0:
                 self._branch_batches.append((self._store(ffn_inputs.pop()), self._store(target)))
 
         handles = [projection.register_forward_pre_hook(on_features)]
-        if block == "mlp":
+        if block.name == "mlp":
             handles.append(pruned.post_attention_layernorm.register_forward_pre_hook(
                 lambda module, args: residuals.append(args[0])))
-            handles.append(body.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))
+            handles.append(pruned.mlp.register_forward_pre_hook(lambda module, args: ffn_inputs.append(args[0])))
         try:
             yield
         finally:
@@ -240,14 +239,14 @@ class OlicaLayerPruner:
                 handle.remove()
 
     @torch.no_grad()
-    def fit_block(self, block: str, pruned, layer_idx: int, features: list[torch.Tensor]) -> None:
+    def fit_block(self, block, pruned, layer_idx: int, features: list[torch.Tensor]) -> None:
         """Refit the sub-block's output projection; after the MLP's, fit the calibration branch on what remains."""
-        projection = pruned.self_attn.o_proj if block == "attention" else pruned.mlp.down_proj
-        weight, damping = self._refit(self._folds_of_block.pop(block), projection.weight)
+        projection = block.output_projection(pruned)
+        weight, damping = self._refit(self._folds_of_block.pop(block.name), projection.weight)
         if weight is not None:
             projection.weight.copy_(weight.to(projection.weight.dtype))
-        self._record[f"{'o_proj' if block == 'attention' else 'down_proj'}_refit_damping"] = damping
-        if block == "mlp" and self.calibration_rank > 0:
+        self._record[f"{block.projection}_refit_damping"] = damping
+        if block.name == "mlp" and self.calibration_rank > 0:
             self._fit_branch(projection, layer_idx, features)
 
     def _fit_branch(self, down_proj, layer_idx: int, features: list[torch.Tensor]) -> None:

@@ -33,7 +33,7 @@ class LayerAlgorithm(Protocol):
 
     Per layer, in this order: ``observe_dense`` (a context manager around the dense layer's calibration pass),
     ``prune`` (returns the pruned layer, a new module the algorithm owns until ``finish_layer`` returns), then for each
-    sub-block (``"attention"``, then ``"mlp"``) that ``fits_block`` claims: ``observe_block`` (a context manager
+    sub-block (the ``SubBlock`` ``ATTENTION``, then ``MLP``) that ``fits_block`` claims: ``observe_block`` (a context manager
     around the pass that computes the sub-block's features on the pruned layer's own inputs) and ``fit_block`` (given
     those features, read-only; it may refit the sub-block's output projection before the pipeline computes the
     outputs with it); last ``finish_layer`` (the layer's report record). After the last layer the entry point asks
@@ -44,11 +44,11 @@ class LayerAlgorithm(Protocol):
 
     def prune(self, layer: torch.nn.Module, layer_idx: int) -> torch.nn.Module: ...
 
-    def fits_block(self, block: str, layer_idx: int) -> bool: ...
+    def fits_block(self, block: SubBlock, layer_idx: int) -> bool: ...
 
-    def observe_block(self, block: str, pruned: torch.nn.Module, layer_idx: int): ...  # context manager
+    def observe_block(self, block: SubBlock, pruned: torch.nn.Module, layer_idx: int): ...  # context manager
 
-    def fit_block(self, block: str, pruned: torch.nn.Module, layer_idx: int, features: list) -> None: ...
+    def fit_block(self, block: SubBlock, pruned: torch.nn.Module, layer_idx: int, features: list) -> None: ...
 
     def finish_layer(self, pruned: torch.nn.Module, layer_idx: int) -> dict: ...
 
@@ -263,6 +263,10 @@ class SubBlock:
     takes_layer_kwargs: bool  # the attention needs the layer's mask and rotary embeddings; the MLP nothing
     features_wait_on_host: bool
 
+    def output_projection(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The sub-block's last linear map in ``layer``, whose input is the sub-block's features."""
+        return getattr(getattr(layer, self.body), self.projection)
+
 
 ATTENTION = SubBlock("attention", "input_layernorm", "self_attn", "o_proj", True, False)
 # The FFN activations (tokens x FFN width) are the widest tensor kept between passes: computed on an accelerator,
@@ -273,16 +277,15 @@ SUB_BLOCKS = (ATTENTION, MLP)
 
 def block_features(layer: torch.nn.Module, block: SubBlock, hidden_states: torch.Tensor, kwargs: dict):
     """The input of ``block``'s output projection, computed by the layer's own modules; the forward stops there."""
-    body = getattr(layer, block.body)
     captured = []
 
     def stop(module, args):
         captured.append(args[0])
         raise _StopForward
 
-    handle = getattr(body, block.projection).register_forward_pre_hook(stop)
+    handle = block.output_projection(layer).register_forward_pre_hook(stop)
     try:
-        normed = getattr(layer, block.norm)(hidden_states)
+        body, normed = getattr(layer, block.body), getattr(layer, block.norm)(hidden_states)
         body(hidden_states=normed, **kwargs) if block.takes_layer_kwargs else body(normed)
     except _StopForward:
         pass
@@ -294,7 +297,7 @@ def block_features(layer: torch.nn.Module, block: SubBlock, hidden_states: torch
 def block_output(layer: torch.nn.Module, block: SubBlock, hidden_states: torch.Tensor, features: torch.Tensor):
     """The sub-block's output from its features: the residual plus the output projection (exactly the layer's own
     ``residual + body(...)``, which ends in that projection)."""
-    return hidden_states + getattr(getattr(layer, block.body), block.projection)(features)
+    return hidden_states + block.output_projection(layer)(features)
 
 
 
@@ -366,13 +369,14 @@ class SubBlockPasses:
     def features(self, block: SubBlock, layer, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The sub-block's features for every batch, observed by the algorithm; None when it fits nothing on them
         (the outputs pass then computes each batch's features itself, and nothing is kept)."""
-        if not self.algorithm.fits_block(block.name, self.layer_idx):
+        if not self.algorithm.fits_block(block, self.layer_idx):
             return None
         tick = time.perf_counter()
         features = []
-        with self.algorithm.observe_block(block.name, layer, self.layer_idx), _non_finite_named(self.layer_idx):
-            for states, kwargs in zip(inputs, self._kwargs(block)):
-                features.append(self._keep(block, block_features(layer, block, states.to(self.device), kwargs)))
+        with self.algorithm.observe_block(block, layer, self.layer_idx), _non_finite_named(self.layer_idx):
+            for states, kwargs in zip(inputs, self.activations.kwargs_of_layer(self.layer_idx)):
+                batch_features = block_features(layer, block, states.to(self.device), self._moved(block, kwargs))
+                features.append(self._keep(block, batch_features))
         self.timings.propagation += time.perf_counter() - tick
         return features
 
@@ -381,7 +385,7 @@ class SubBlockPasses:
             return
         tick = time.perf_counter()
         with _non_finite_named(self.layer_idx):
-            self.algorithm.fit_block(block.name, layer, self.layer_idx, features)
+            self.algorithm.fit_block(block, layer, self.layer_idx, features)
         self.timings.refit += time.perf_counter() - tick
 
     def outputs(self, block: SubBlock, layer, inputs: list[torch.Tensor], features) -> list[torch.Tensor]:
@@ -389,11 +393,11 @@ class SubBlockPasses:
         tick = time.perf_counter()
         outputs = []
         with _non_finite_named(self.layer_idx):
-            for index, (states, kwargs) in enumerate(zip(inputs, self._kwargs(block))):
+            for index, (states, kwargs) in enumerate(zip(inputs, self.activations.kwargs_of_layer(self.layer_idx))):
                 states = states.to(self.device)
                 if features is None:
-                    batch_features = block_features(layer, block, states, kwargs)
-                else:
+                    batch_features = block_features(layer, block, states, self._moved(block, kwargs))
+                else:  # the kept features need no layer arguments: nothing is moved to the device for them
                     batch_features, features[index] = features[index].to(self.device), None
                 output = block_output(layer, block, states, batch_features)
                 _check_finite(output)
@@ -401,9 +405,9 @@ class SubBlockPasses:
         self.timings.propagation += time.perf_counter() - tick
         return outputs
 
-    def _kwargs(self, block: SubBlock) -> Iterator[dict]:
-        for kwargs in self.activations.kwargs_of_layer(self.layer_idx):
-            yield _move(kwargs, self.device) if block.takes_layer_kwargs else {}
+    def _moved(self, block: SubBlock, kwargs: dict) -> dict:
+        """The layer's keyword arguments on the compute device, for a sub-block that takes them."""
+        return _move(kwargs, self.device) if block.takes_layer_kwargs else {}
 
     def _keep(self, block: SubBlock, features: torch.Tensor) -> torch.Tensor:
         """Where a batch's features wait for the outputs pass: the storage device, or host memory (page-locked from

@@ -146,8 +146,8 @@ def prune_model(
     first_layer = 0
     if checkpoint is not None:
         sink = ResumableSink(sink, checkpoint, activations, run.algorithm, run.timings,
-                             functools.partial(build_decoder_layer, run.plan_config))
-        first_layer = sink.restore(resume_point, len(source))
+                             functools.partial(build_decoder_layer, run.plan_config), len(source))
+        first_layer = sink.restore(resume_point)
     records = run_sequential(
         source, sink, activations, run.algorithm, run.device,
         timings=run.timings, progress=progress, first_layer=first_layer,

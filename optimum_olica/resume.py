@@ -388,19 +388,19 @@ class ResumableSink:
     saves it with the next layer's inputs (the pipeline stores a layer once ``activations`` hold them).
     """
 
-    def __init__(self, sink, checkpoint: LayerCheckpoint, activations, algorithm, timings, build_layer):
+    def __init__(self, sink, checkpoint: LayerCheckpoint, activations, algorithm, timings, build_layer,
+                 num_layers: int):
         self.sink = sink
         self.checkpoint = checkpoint
         self.activations = activations
         self.algorithm = algorithm
         self.timings = timings
         self.build_layer = build_layer  # (layer index, state) -> the pruned layer module
-        self.records: list[dict] = []
-        self.num_layers: int | None = None
-
-    def restore(self, point: ResumePoint | None, num_layers: int) -> int:
-        """Restore what ``point`` (from ``checkpoint.open()``) finished; returns the first layer still to prune."""
         self.num_layers = num_layers
+        self.records: list[dict] = []
+
+    def restore(self, point: ResumePoint | None) -> int:
+        """Restore what ``point`` (from ``checkpoint.open()``) finished; returns the first layer still to prune."""
         if point is None:
             return 0
         for layer_idx in range(point.last_layer + 1):

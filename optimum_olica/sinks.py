@@ -115,7 +115,7 @@ class ShardSink:
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+    if has_accelerate_hook(model):
         from accelerate.utils.modeling import get_state_dict_offloaded_model
 
         return get_state_dict_offloaded_model(model)

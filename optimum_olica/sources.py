@@ -12,10 +12,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import align_module_device
 from safetensors import safe_open
 
+from .conversion import build_decoder_layer
 from .errors import CheckpointVerificationError
 from .integrity import read_safetensors_header
 
@@ -49,7 +49,7 @@ class ModelLayerSource:
                 for module in layer.modules():
                     stack.enter_context(align_module_device(module, device))
                 state = {name: tensor.to(device) for name, tensor in layer.state_dict().items()}
-            yield _layer_from_state(layer, self.model.config, layer_idx, state)
+            yield build_decoder_layer(self.model.config, layer_idx, state, type(layer))
         else:
             yield layer
 
@@ -135,7 +135,7 @@ class SafetensorsLayerSource:
         names = self.weights.names_with_prefix(prefix)
         state = {name[len(prefix):]: tensor for name, tensor in self.weights.load(names, device).items()}
         dtype = next(iter(state.values())).dtype
-        layer = _layer_from_state(self.layers[layer_idx], self.model.config, layer_idx, state)
+        layer = build_decoder_layer(self.model.config, layer_idx, state, type(self.layers[layer_idx]))
         yield layer.to(dtype)
         del layer, state
 
@@ -153,14 +153,6 @@ def device_of(module: torch.nn.Module) -> torch.device:
         if param.device.type != "meta":
             return param.device
     return torch.device("cpu")
-
-
-def _layer_from_state(template: torch.nn.Module, model_config, layer_idx: int, state: dict[str, torch.Tensor]):
-    """A fresh decoder layer of ``template``'s class (built as the model builds it) holding ``state``."""
-    with init_empty_weights():
-        layer = type(template)(model_config, layer_idx)
-    layer.load_state_dict(state, strict=True, assign=True)
-    return layer.eval()
 
 
 __all__ = [

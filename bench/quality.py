@@ -65,8 +65,8 @@ EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 # weights (the o_proj/down_proj refit, no extra parameters); the paper applies it as a parallel low-rank branch on
 # the FFN input. The ablation removes it (olica_no_lc), and measures the paper's branch alone and on top of the refit.
 VARIANTS = {
-    "olica": ("olica", {}, "Olica as shipped: OND + low-rank Q/K + FFN scores + linear calibration by the "
-                          "o_proj/down_proj refit"),
+    "olica": ("olica", {}, "Olica as shipped: OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
+                          "pass, layer_allocation='adaptive') + linear calibration by the o_proj/down_proj refit"),
     "olica_no_lc": ("olica", {"refit_damping": None, "num_calibrated_layers": 0},
                     "the same without linear calibration (no refit, no branch)"),
     "olica_branch_only": ("olica", {"refit_damping": None, "num_calibrated_layers": 6},
@@ -101,6 +101,10 @@ VARIANTS = {
                            "pruned harder to meet the same total"),
     "olica_self_generated": ("olica", {"self_calibration": 1.0},
                              "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
+    # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
+    "olica_uniform": ("olica", {"layer_allocation": "uniform"},
+                      "Olica with every layer at the same FFN width (layer_allocation='uniform', the default before "
+                      "the adaptive allocation)"),
 }
 DEFAULT_VARIANTS = "olica,olica_no_lc,olica_exact,magnitude"
 

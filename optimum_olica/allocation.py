@@ -5,6 +5,7 @@ Pure arithmetic on config sizes: no tensors, no model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -206,6 +207,40 @@ def plan_dimensions(
     return _plan_at_solved_ffn_width(plan_with, exact, per_neuron, target, dimension_multiple, d_ff, reach)
 
 
+def aligned_widths_with_total(counts: list[int], multiple: int, full: int) -> list[int]:
+    """Per-layer widths near ``counts``, in multiples of ``multiple`` (or ``full``), that sum exactly to ``sum(counts)``.
+
+    Each count is rounded down to a multiple (at least one multiple, at most ``full``); the widths furthest below
+    their counts then gain a multiple in turn (or reach ``full``) until the sum is met. Only the last step may add less
+    than a multiple, in one layer, when ``sum(counts)`` is not a sum of multiples: the total is the budget, the
+    alignment comes second.
+    """
+    if any(not 1 <= count <= full for count in counts):
+        raise ValueError(f"every count must be in [1, {full}], got {counts}.")
+    total = sum(counts)
+    widths = [min(full, max(min(multiple, full), multiple * (count // multiple))) for count in counts]
+    while sum(widths) > total:  # only when counts below one multiple were raised to one
+        layer = max((i for i in range(len(widths)) if widths[i] > 1), key=lambda i: (widths[i] - counts[i], -i))
+        widths[layer] -= min(multiple, sum(widths) - total, widths[layer] - 1)
+    while sum(widths) < total:
+        layer = max((i for i in range(len(widths)) if widths[i] < full), key=lambda i: (counts[i] - widths[i], -i))
+        widths[layer] += min(multiple, full - widths[layer], total - sum(widths))
+    return widths
+
+
+def plan_with_ffn_widths(config, plan: PruningPlan, widths: list[int]) -> PruningPlan:
+    """``plan`` with the FFN widths ``widths`` (one per layer) in place of its own; the count is computed again.
+
+    The part ratios are kept: widths redistributed over the same pruned layers remove the same share of the FFN.
+    """
+    if len(widths) != len(plan.layers):
+        raise ValueError(f"{len(widths)} FFN widths for a plan of {len(plan.layers)} layers.")
+    layers = tuple(dataclasses.replace(layer, intermediate_size=width) for layer, width in zip(plan.layers, widths))
+    branches = plan.parameters_after - config.from_base_config(config, **per_layer_lists(plan.layers)).count_parameters()
+    after = config.from_base_config(config, **per_layer_lists(layers)).count_parameters() + branches
+    return PruningPlan(layers, plan.ratios, plan.parameters_before, after)
+
+
 def _plans_by_ffn_width(config, skip_layers, attention: tuple, ratios: tuple, branch_parameters: int):
     """``plan_with(intermediate_size)``: the plan with the attention dimensions ``(q_rank, k_rank, value_head_dim)``
     fixed and that FFN width in every pruned layer (skipped layers keep their dimensions)."""
@@ -345,9 +380,11 @@ __all__ = [
     "RatioTooHighError",
     "RatioTooLowError",
     "aligned_width",
+    "aligned_widths_with_total",
     "factored_rank",
     "per_layer_lists",
     "plan_dimensions",
+    "plan_with_ffn_widths",
     "reference_split",
     "value_width",
 ]

@@ -30,6 +30,7 @@ CONFIG_NAME = "olica_config.json"
 
 StatisticsDtype = Literal["float64", "float32"]
 Architecture = Literal["olica", "stock"]
+LayerAllocation = Literal["adaptive", "uniform"]
 ValueDecomposition = Literal["fast", "exact"]
 
 
@@ -140,6 +141,20 @@ class OlicaConfig:
                 "in every layer, plus the o_proj/down_proj refits) and is saved as that family (e.g. "
                 "LlamaForCausalLM), which vLLM, TGI, SGLang and llama.cpp serve at its pruned size. 'stock' "
                 "sets qk_ratio and vo_ratio to 0 and refuses calibration branches and skip_layers."
+            )
+        },
+    )
+
+    layer_allocation: LayerAllocation = field(
+        default="adaptive",
+        metadata={
+            "help": (
+                "How the FFN neurons kept are shared between layers: 'adaptive' (default) gives each layer the "
+                "width its neuron scores earn on the dense model (one dense pass over a quarter of the calibration "
+                "batches; the scores are compared across layers on a log scale standardized per layer), 'uniform' "
+                "gives every layer the same width. Both keep the same number of neurons in all, so the same "
+                "parameter count. architecture='stock' always uses 'uniform' (one width is what the base family "
+                "holds); an 'adaptive' model exports to stock and to llama.cpp only with its FFN zero-padded."
             )
         },
     )
@@ -403,8 +418,14 @@ class OlicaConfig:
         allowed = get_args(Architecture)
         if self.architecture not in allowed:
             raise OlicaConfigError(f"`architecture` must be one of {list(allowed)}, got {self.architecture!r}.")
+        allowed_allocations = get_args(LayerAllocation)
+        if self.layer_allocation not in allowed_allocations:
+            raise OlicaConfigError(
+                f"`layer_allocation` must be one of {list(allowed_allocations)}, got {self.layer_allocation!r}."
+            )
         if self.architecture != "stock":
             return
+        self.layer_allocation = "uniform"  # the base family holds one FFN width
         pinned = [f"{name}={getattr(self, name)}" for name in ("qk_ratio", "vo_ratio") if getattr(self, name)]
         conflicts = pinned + [
             f"{name}={getattr(self, name)}" for name in ("num_calibrated_layers", "skip_layers") if getattr(self, name)

@@ -7,8 +7,9 @@ tensors, no files.
   ``x -> up(down(x))``, is the dense matrix ``up.weight @ down.weight`` (the bias is ``up``'s); a value head ``d_v``
   wide is a ``head_dim``-wide head whose extra channels are zero: zero rows in ``v_proj`` (and zero bias entries),
   zero columns in ``o_proj``. Those channels carry exactly zero through the attention product and ``o_proj`` ignores
-  them, so every output is the same sum. Both cost parameters; per-layer FFN widths and linear-calibration branches
-  have no stock form at all and are refused by ``config.to_base_config()``, naming the layers.
+  them, so every output is the same sum. FFN widths that differ between layers become the widest, the others
+  zero-padded (`zero_pad_ffn`). All three cost parameters; linear-calibration branches have no stock form at all and
+  are refused by ``config.to_base_config()``, naming the layers.
 
 Saving (`checkpoint.save_pruned_model`) and exporting (`export.export_to_stock`, `gguf_export.export_to_gguf`) are
 the I/O around these.
@@ -104,13 +105,13 @@ def convert_to_olica(model: PreTrainedModel) -> PreTrainedModel:
 def to_stock_model(model: PreTrainedModel) -> PreTrainedModel:
     """The stock architecture (e.g. ``LlamaForCausalLM``) computing the same function as an Olica model.
 
-    Factored Q/K are multiplied back into dense weights and narrow value heads zero-padded to ``head_dim``
-    (`stock_state_dict`), so the stock model has more parameters than the Olica one when either
-    is used; every other tensor is shared, not copied. The generation config is carried over.
+    Factored Q/K are multiplied back into dense weights, narrow value heads zero-padded to ``head_dim`` and narrower
+    FFNs to the widest layer's (`stock_state_dict`), so the stock model has more parameters than the Olica one when
+    any is used; every other tensor is shared, not copied. The generation config is carried over.
 
     Raises:
-        ValueError: naming the layers, if the model has FFN widths that differ between layers or a linear-calibration
-            branch, which no stock config can express.
+        ValueError: naming the layers, if the model has a linear-calibration branch, which no stock config can
+            express.
     """
     stock_config = model.config.to_base_config()
     stock_config._attn_implementation = model.config._attn_implementation
@@ -200,7 +201,8 @@ def stock_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> dict[str
     """The stock architecture's weights for an Olica causal LM's ``state_dict``.
 
     Factored ``q_proj``/``k_proj`` become dense; narrow value heads are zero-padded to ``head_dim`` in ``v_proj`` and
-    ``o_proj``. Every other tensor is passed through as the same object (no copy); the input is not modified.
+    ``o_proj``; an FFN narrower than the widest layer's is zero-padded to it (`zero_pad_ffn`). Every other tensor is
+    passed through as the same object (no copy); the input is not modified.
 
     Args:
         state_dict: the Olica model's tensors (``model.layers.<i>.self_attn.q_proj.down.weight``, ...).
@@ -222,4 +224,9 @@ def stock_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> dict[str
                 stock[name] = zero_pad_heads(stock[name], 0, config.num_key_value_heads, value_head_dim, head_dim)
         name = f"{attention}.o_proj.weight"  # o_proj's bias is per output feature: unchanged
         stock[name] = zero_pad_heads(stock[name], 1, config.num_attention_heads, value_head_dim, head_dim)
+    widest = max(config.intermediate_sizes)
+    for layer, width in enumerate(config.intermediate_sizes):
+        if width < widest:
+            prefix = f"model.layers.{layer}.mlp."
+            stock.update(zero_pad_ffn({name: t for name, t in stock.items() if name.startswith(prefix)}, widest))
     return stock

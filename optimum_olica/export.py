@@ -2,10 +2,10 @@
 
 Serving engines (vLLM, TGI, SGLang, llama.cpp's converter) read one head size and one FFN width per model, and plain
 transformers loads only the stock families without custom code. Factored Q/K and narrow value heads have an exact
-stock form (`optimum_olica.conversion.to_stock_model`: dense Q/K, value heads zero-padded to ``head_dim``), which
-costs parameters: the export is larger than the Olica checkpoint (`StockExport` reports both counts). Per-layer FFN
-widths and linear-calibration branches have no stock counterpart: they are refused, naming the layers
-(``config.to_base_config()``), never approximated. `export_to_stock` is the I/O around the conversion: read a
+stock form (`optimum_olica.conversion.to_stock_model`: dense Q/K, value heads zero-padded to ``head_dim``), and so
+have per-layer FFN widths (every FFN zero-padded to the widest): each costs parameters, so the export is larger than
+the Olica checkpoint (`StockExport` reports both counts). Linear-calibration branches have no stock counterpart: they
+are refused, naming the layers (``config.to_base_config()``), never approximated. `export_to_stock` is the I/O around the conversion: read a
 checkpoint folder, refuse early, write the stock checkpoint with its tokenizer and provenance.
 """
 
@@ -122,8 +122,8 @@ def export_to_stock(
         max_shard_size: passed to ``save_pretrained``.
 
     Raises:
-        ValueError: the model has FFN widths that differ between layers or a linear-calibration branch (the message
-            names the layers and the alternatives), or it is not an Olica model.
+        ValueError: the model has a linear-calibration branch (the message names the layers and the alternatives),
+            or it is not an Olica model. FFN widths that differ between layers are zero-padded to the widest.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False, or is the checkpoint folder itself.
     """
     # Imported here: reading this module (the CLI's --help) must not import torch and transformers.

@@ -1,8 +1,9 @@
 """Export of an Olica-pruned (or stock) causal LM to one GGUF file that llama.cpp runs, tokenizer included.
 
 The weights go through the exact stock conversion first (`optimum_olica.conversion.stock_state_dict`, via
-``conversion.to_stock_model``): factored Q/K become dense, narrow value heads are zero-padded to ``head_dim``, so the
-GGUF has the one head size and the one FFN width llama.cpp's ``llama``/``qwen2``/``qwen3`` graphs read. Two layout
+``conversion.to_stock_model``): factored Q/K become dense, narrow value heads are zero-padded to ``head_dim`` and
+narrower FFNs to the widest layer's width, so the GGUF has the one head size and the one FFN width llama.cpp's
+``llama``/``qwen2``/``qwen3`` graphs read. Two layout
 changes remain, both pure functions here:
 
 - names: ``model.layers.<i>.self_attn.q_proj.weight`` -> ``blk.<i>.attn_q.weight``, ... (`gguf_tensor_name`);
@@ -467,8 +468,7 @@ def _output_file(output_file: str | os.PathLike, overwrite: bool) -> Path:
 
 def _load(checkpoint_or_model, tokenizer):
     """``(model, tokenizer, name, llama.cpp architecture)``, refusing from config.json alone what cannot be exported, before any weight is
-    loaded: a calibration branch or per-layer FFN widths (``to_base_config``, naming the layers), another family,
-    scaled RoPE."""
+    loaded: a calibration branch (``to_base_config``, naming the layers), another family, scaled RoPE."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
     from .export import _checkpoint_folder
@@ -519,7 +519,8 @@ def export_to_gguf(
 ) -> GGUFExport:
     """Write an Olica-pruned (or stock) Llama, Mistral, Qwen2 or Qwen3 model as one GGUF file for llama.cpp.
 
-    The weights are the exact stock export's (dense Q/K, value heads zero-padded to ``head_dim``), renamed and, for
+    The weights are the exact stock export's (dense Q/K, value heads zero-padded to ``head_dim``, FFNs to the widest
+    layer's), renamed and, for
     llama.cpp's ``llama`` architecture, with query/key rows in its rotary order; the tokenizer is included. For
     ``q8_0`` and ``q4_k_m`` an FFN width that is not a multiple of 32 is zero-padded to one (exact), so that
     ``down_proj`` quantizes instead of staying f16.
@@ -534,7 +535,7 @@ def export_to_gguf(
         overwrite: replace an existing ``output_file``.
 
     Raises:
-        ValueError: per-layer FFN widths or a calibration branch (naming the layers), another family, scaled RoPE,
+        ValueError: a calibration branch (naming the layers), another family, scaled RoPE,
             a tokenizer that is not byte-level BPE or whose pre-tokenizer is not recognised, an unknown quantization.
         ImportError: ``gguf`` missing, or ``llama-cpp-python`` missing for ``q4_k_m`` (the message names the extra).
         FileExistsError: ``output_file`` exists and ``overwrite`` is False.

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 from . import olica_math as om
+from .allocation import aligned_widths_with_total
 from .conversion import build_decoder_layer
 from .modeling import OlicaDecoderLayer
 
@@ -331,6 +332,48 @@ class OlicaLayerPruner:
 
 
 @dataclass
+class FfnNeuronScores:
+    """The FFN neuron scores (method §2) of each dense layer, observed on the dense model's own forward: what
+    ``layer_allocation="adaptive"`` compares across layers to choose their widths. Skipped layers are not scored."""
+
+    statistics_dtype: torch.dtype = torch.float64
+    skip_layers: tuple[int, ...] = ()
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_ff,) float64, on the host
+
+    @contextmanager
+    def observe(self, layer, layer_idx: int):
+        if layer_idx in self.skip_layers:
+            yield
+            return
+        mlp = layer.mlp
+        device = next(layer.parameters()).device
+        inputs = om.StreamingMoments(mlp.gate_proj.in_features, device=device, dtype=self.statistics_dtype)
+        intermediate = om.StreamingMoments(mlp.down_proj.in_features, device=device, dtype=self.statistics_dtype)
+        handles = [
+            mlp.gate_proj.register_forward_pre_hook(lambda module, args: inputs.update(args[0])),
+            mlp.down_proj.register_forward_pre_hook(lambda module, args: intermediate.update(args[0])),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.scores[layer_idx] = om.ffn_neuron_scores(
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+            inputs.second_moment, intermediate.second_moment,
+        ).detach().cpu()
+
+    def widths(self, keep_total: int, multiple: int) -> dict[int, int]:
+        """Per-layer FFN widths keeping ``keep_total`` neurons over the scored layers: the highest scores on the
+        shared scale of ``comparable_neuron_scores``, rounded to multiples of ``multiple`` with the total kept."""
+        layers = sorted(self.scores)
+        full = self.scores[layers[0]].shape[0]
+        comparable = [om.comparable_neuron_scores(self.scores[layer]) for layer in layers]
+        counts = om.neurons_kept_per_layer(comparable, keep_total, minimum=min(multiple, full))
+        return dict(zip(layers, aligned_widths_with_total(counts, multiple, full)))
+
+
+@dataclass
 class LayerDecisions:
     """What pruning decided for one decoder layer, as the new tensors of the parts it changes (float64 or not: the
     layer is cast when assembled)."""
@@ -413,6 +456,7 @@ def calibration_branch_state(fit: om.LinearCalibrationFit) -> dict[str, torch.Te
 
 __all__ = [
     "CalibrationCandidate",
+    "FfnNeuronScores",
     "LayerDecisions",
     "OlicaLayerPruner",
     "assemble_pruned_layer",

@@ -23,7 +23,7 @@ __all__ = [
     "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "ffn_neuron_scores",
     "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
     "choose_refit_damping", "refit_output_projection", "ridge_least_squares", "solve_workspace", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
-    "value_output_rotation", "exact_value_output_decomposition",
+    "value_output_rotation", "exact_value_output_decomposition", "comparable_neuron_scores", "neurons_kept_per_layer",
 ]
 
 _RIDGE_RETRIES = 6
@@ -456,6 +456,66 @@ def keep_top_neurons(scores: Tensor, num_keep: int) -> Tensor:
     # A stable descending sort keeps equal scores in index order, so the lower index wins a tie.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[..., :num_keep].sort(dim=-1).values
+
+
+def comparable_neuron_scores(scores: Tensor) -> Tensor:
+    """One layer's neuron scores on a scale shared by every layer: the log scores, standardized within the layer.
+
+    Raw scores grow with depth (the residual stream does), so ranking them across layers would strip the first
+    layers; standardizing the raw scores lets a few huge neurons set a layer's spread. On the log scale a layer's
+    spread is its relative spread. A dead neuron (score 0) is floored at 1e-6 of the layer's mean score before the
+    log, so it ranks last without dragging the layer's statistics to minus infinity.
+
+    Args:
+        scores (`torch.Tensor` of shape `(n,)`): Non-negative scores of one layer's neurons, ``n >= 2``.
+
+    Returns:
+        `torch.Tensor` of shape `(n,)`, float64, mean 0 and standard deviation 1 (all zeros when every score is
+        equal).
+    """
+    if scores.ndim != 1 or scores.shape[0] < 2:
+        raise ValueError(f"`scores` must be 1-D with at least 2 neurons, got shape {tuple(scores.shape)}.")
+    scores = scores.detach().double()
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        raise ValueError("`scores` must be finite and non-negative.")
+    floor = 1e-6 * float(scores.mean()) if float(scores.mean()) > 0 else 1.0
+    logs = scores.clamp_min(floor).log()
+    spread = logs.std()
+    centred = logs - logs.mean()
+    return centred / spread if float(spread) > 0 else torch.zeros_like(centred)
+
+
+def neurons_kept_per_layer(comparable_scores: list[Tensor], keep_total: int, minimum: int = 1) -> list[int]:
+    """How many neurons each layer keeps when the ``keep_total`` highest comparable scores are kept across layers.
+
+    Every layer first keeps its ``minimum`` best neurons (no layer is emptied); the rest of the budget goes to the
+    highest remaining scores of all layers together. A tie keeps the earlier layer's neuron.
+
+    Args:
+        comparable_scores (list of `torch.Tensor` of shape `(n_i,)`): One entry per layer, on a shared scale
+            (`comparable_neuron_scores`).
+        keep_total (`int`): Neurons kept in all, ``minimum * layers <= keep_total <= sum(n_i)``.
+        minimum (`int`): Neurons every layer keeps, ``1 <= minimum <= min(n_i)``.
+
+    Returns:
+        list of `int`: neurons kept per layer, summing to ``keep_total``.
+    """
+    _check_int("keep_total", keep_total)
+    _check_int("minimum", minimum)
+    sizes = [scores.shape[0] for scores in comparable_scores]
+    if not sizes or any(scores.ndim != 1 for scores in comparable_scores):
+        raise ValueError("`comparable_scores` must be a non-empty list of 1-D tensors.")
+    if minimum > min(sizes):
+        raise ValueError(f"`minimum` must be <= the smallest layer ({min(sizes)} neurons), got {minimum}.")
+    if not minimum * len(sizes) <= keep_total <= sum(sizes):
+        raise ValueError(f"`keep_total` must be in [{minimum * len(sizes)}, {sum(sizes)}], got {keep_total}.")
+    # Each layer's best `minimum` are kept outright: rank only the others.
+    rest = [torch.sort(scores.double(), descending=True, stable=True).values[minimum:] for scores in comparable_scores]
+    owners = torch.cat([torch.full((len(r),), layer) for layer, r in enumerate(rest)])
+    # A stable sort over the concatenation keeps equal scores in layer order, so the earlier layer wins a tie.
+    order = torch.sort(torch.cat(rest), descending=True, stable=True).indices
+    extra = torch.bincount(owners[order[: keep_total - minimum * len(sizes)]], minlength=len(sizes))
+    return [minimum + int(count) for count in extra]
 
 
 def prune_value_output(

@@ -96,6 +96,7 @@ class PipelineTimings:
     """Seconds spent in each phase, summed over layers (the profile `olica_report.json` records)."""
 
     capture: float = 0.0
+    allocation: float = 0.0  # the dense pass that sets per-layer widths (layer_allocation="adaptive")
     load: float = 0.0
     statistics: float = 0.0
     decomposition: float = 0.0
@@ -107,6 +108,7 @@ class PipelineTimings:
     def to_dict(self) -> dict:
         return {
             "capture_s": self.capture,
+            "allocation_s": self.allocation,
             "load_s": self.load,
             "statistics_s": self.statistics,
             "decomposition_s": self.decomposition,
@@ -301,6 +303,27 @@ def block_output(layer: torch.nn.Module, block: SubBlock, hidden_states: torch.T
 
 
 
+def run_dense(
+    source,
+    activations: CalibrationActivations,
+    observe: Callable,
+    device: torch.device,
+    *,
+    num_batches: int,
+    progress: bool = True,
+) -> None:
+    """The dense model's forward over the first ``num_batches`` calibration batches, layer by layer, each layer run
+    inside ``observe(layer, layer_idx)`` (a context manager that may hook it). ``activations`` are left as they are."""
+    subset = CalibrationActivations(
+        list(activations.hidden_states[:num_batches]), activations.layer_kwargs[:num_batches],
+        activations.storage_device,
+    )
+    bar = tqdm(range(len(source)), desc="Olica allocation", unit="layer", disable=not progress)
+    for layer_idx in bar:
+        with source.dense_layer(layer_idx, device) as dense, observe(dense, layer_idx), _non_finite_named(layer_idx):
+            subset.hidden_states = replay(dense, subset, device, layer_idx=layer_idx)
+
+
 def run_sequential(
     source,
     sink: LayerSink,
@@ -455,5 +478,6 @@ __all__ = [
     "block_output",
     "capture_layer_inputs",
     "replay",
+    "run_dense",
     "run_sequential",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .allocation import plan_dimensions
+from .allocation import plan_dimensions, plan_with_ffn_widths
 from .atomic_io import prepare_output_directory, write_directory_atomically
 from .checkpoint import save_pruned_model
 from .configuration import OlicaConfig
@@ -33,8 +33,8 @@ from .inspection import format_summary
 from .integrity import verify_saved_checkpoint
 from .loading import TokenizerNotFoundError, check_model_location, load_config, load_tokenizer
 from .modeling import OLICA_CONFIG_FOR_BASE_MODEL_TYPE
-from .olica import OlicaLayerPruner, calibration_branch_state
-from .pipeline import CalibrationActivations, PipelineTimings, capture_layer_inputs, run_sequential
+from .olica import FfnNeuronScores, OlicaLayerPruner, calibration_branch_state
+from .pipeline import CalibrationActivations, PipelineTimings, capture_layer_inputs, run_dense, run_sequential
 from .resume import (
     LayerCheckpoint,
     ResumableSink,
@@ -143,6 +143,7 @@ def prune_model(
     resume_point = None if checkpoint is None else checkpoint.open()  # before any work: a mismatch fails at once
     source, sink = _source_and_sink(model, weights, stream_to)
     activations = _capture(run, weights)
+    _allocate_layers(run, source, activations, progress)  # before a resume restores any pruned layer into the model
     first_layer = 0
     if checkpoint is not None:
         sink = ResumableSink(sink, checkpoint, activations, run.algorithm, run.timings,
@@ -176,6 +177,7 @@ class _Run:
     device: torch.device
     storage: torch.device
     algorithm: object  # pipeline.LayerAlgorithm
+    make_algorithm: Callable  # plan_config -> the algorithm (made again when the allocation changes the plan)
     method: str  # the algorithm's name, for the report and the resume fingerprints
     timings: PipelineTimings
     started: float
@@ -211,8 +213,11 @@ def _plan_run(
     plan_config = olica_config_from(model.config, **plan.per_layer_lists())
     plan_config._attn_implementation = model.config._attn_implementation
     device, storage = _run_devices(model, device, offload_activations)
-    if layer_algorithm is None:
-        algorithm = OlicaLayerPruner(
+
+    def make_algorithm(plan_config):
+        if layer_algorithm is not None:
+            return layer_algorithm(plan_config, config)
+        return OlicaLayerPruner(
             plan_config,
             calibration_rank=calibration_rank,
             ridge_strength=config.ridge_strength,
@@ -222,10 +227,40 @@ def _plan_run(
             value_decomposition=config.value_decomposition,
             skip_layers=skip_layers,
         )
-    else:
-        algorithm = layer_algorithm(plan_config, config)
+
+    algorithm = make_algorithm(plan_config)
     return _Run(model, config, calibration_input_ids, plan, plan_config, calibration_rank, device, storage,
-                algorithm, getattr(algorithm, "name", type(algorithm).__name__), PipelineTimings(), started)
+                algorithm, make_algorithm, getattr(algorithm, "name", type(algorithm).__name__), PipelineTimings(),
+                started)
+
+
+# The share of the calibration batches the adaptive allocation's dense pass reads: the widths it gives from a quarter
+# and from all of the benchmark calibration differ by a few neurons per layer, at a quarter of a dense forward.
+ALLOCATION_SHARE = 0.25
+
+
+def _allocate_layers(run: _Run, source, activations: CalibrationActivations, progress: bool) -> None:
+    """``layer_allocation="adaptive"``: the pruned layers' FFN widths from one dense pass over a share of the
+    calibration batches, keeping as many neurons in all as the uniform plan (so the same parameter count)."""
+    config, plan = run.config, run.plan
+    full = run.model.config.intermediate_size
+    pruned = [layer for layer in range(len(plan.layers)) if layer not in set(config.skip_layers)]
+    keep_total = sum(plan.layers[layer].intermediate_size for layer in pruned)
+    if config.layer_allocation != "adaptive" or keep_total == full * len(pruned) or len(pruned) < 2:
+        return  # nothing to move between layers
+    tick = time.perf_counter()
+    scores = FfnNeuronScores(getattr(torch, config.statistics_dtype), tuple(config.skip_layers))
+    num_batches = max(1, round(len(activations.hidden_states) * ALLOCATION_SHARE))
+    run_dense(source, activations, scores.observe, run.device, num_batches=num_batches, progress=progress)
+    widths = scores.widths(keep_total, config.dimension_multiple)
+    run.plan = plan_with_ffn_widths(
+        olica_config_from(run.model.config), plan,
+        [widths.get(layer, dimensions.intermediate_size) for layer, dimensions in enumerate(plan.layers)],
+    )
+    run.plan_config = olica_config_from(run.model.config, **run.plan.per_layer_lists())
+    run.plan_config._attn_implementation = run.model.config._attn_implementation
+    run.algorithm = run.make_algorithm(run.plan_config)
+    run.timings.allocation = time.perf_counter() - tick
 
 
 def _run_devices(model, device, offload_activations: bool) -> tuple[torch.device, torch.device]:
@@ -312,6 +347,7 @@ def _report(run: _Run, final_config, parameters_after: int, chosen, records, str
         "target_ratio": config.ratio,
         "achieved_ratio": 1 - parameters_after / parameters_before,
         "part_ratios": {"qk": plan.ratios.qk, "vo": plan.ratios.vo, "ffn": plan.ratios.ffn},
+        "layer_allocation": config.layer_allocation,
         "calibrated_layers": [candidate.layer_idx for candidate in chosen],
         "calibration_rank": run.calibration_rank,
         "calibration_data": {

@@ -305,15 +305,20 @@ def model_loading_forbidden(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-def test_per_layer_ffn_widths_are_refused_naming_the_layers(tmp_path, model_loading_forbidden):
-    checkpoint = save_pruned_model(make_olica_model(intermediate_sizes=[96, 40, 96]), tmp_path / "olica")
-    with pytest.raises(ValueError) as error:
-        export_to_stock(checkpoint, tmp_path / "stock")
-    message = str(error.value)
-    assert "no exact stock LlamaConfig equivalent: FFN widths differ between layers (96 in layers 0, 2; 40 in layer " \
-           "1)" in message
-    assert "skip_layers" in message and "num_calibrated_layers=0" in message and "trust_remote_code" in message
-    assert not (tmp_path / "stock").exists()
+def test_per_layer_ffn_widths_export_zero_padded_to_the_widest_with_the_same_outputs(tmp_path):
+    model = make_olica_model(intermediate_sizes=[48, 24, 40])
+    expected = probe_outputs(model, **probe_inputs())
+    result = export_to_stock(save_pruned_model(model, tmp_path / "olica"), tmp_path / "stock")
+    assert json.loads((result.directory / "config.json").read_text())["intermediate_size"] == 48
+    outputs = run_plugin_free_probes({"stock": result.directory}, tmp_path)["stock"]
+    assert outputs["model_class_is_stock"].item() == 1
+    for key in ("plain_logits", "padded_logits"):
+        torch.testing.assert_close(outputs[key], expected[key], atol=1e-4, rtol=0)
+    assert torch.equal(outputs["generated"], expected["generated"])
+    hidden = model.config.hidden_size
+    padding = 3 * hidden * ((48 - 24) + (48 - 40))  # gate and up rows, down columns (no FFN biases here)
+    assert not model.config.mlp_bias
+    assert result.stock_parameters == model.num_parameters() + added_parameters(model) + padding
 
 
 def test_a_calibration_branch_is_refused_naming_the_layers(tmp_path, model_loading_forbidden):
@@ -376,14 +381,14 @@ def test_optimum_cli_export_prints_both_parameter_counts(pruned_dir, tmp_path):
 
 
 def test_cli_refusal_is_one_line_naming_the_layers(tmp_path, capsys):
-    checkpoint = save_pruned_model(make_olica_model(intermediate_sizes=[96, 40, 96]), tmp_path / "olica")
+    checkpoint = save_pruned_model(make_olica_model(calibration_ranks=[0, 4, 4]), tmp_path / "olica")
     capsys.readouterr()  # saving's progress bar
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(checkpoint), str(tmp_path / "stock")])
     assert exit_.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("optimum-cli olica export: error: This pruned model has no exact")
-    assert "(96 in layers 0, 2; 40 in layer 1)" in lines[0]
+    assert "layers 1, 2 have a linear-calibration branch" in lines[0]
 
 
 # ---- the stock recipe: pruned for the stock architecture from the start ---------------------------------------------

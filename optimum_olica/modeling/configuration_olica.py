@@ -201,29 +201,26 @@ class OlicaDimensionsMixin:
     def stock_incompatibilities(self) -> list[str]:
         """Why this model cannot be saved as the plain base architecture with its own weights (empty list: it can).
 
-        Factored Q/K and narrow value heads have an exact stock form with more parameters (dense Q/K, value heads
-        zero-padded to ``head_dim``: ``optimum_olica.export_to_stock``); the other reasons have none at all
-        (`inexpressible_in_stock`).
+        Factored Q/K, narrow value heads and FFN widths that differ between layers have an exact stock form with more
+        parameters (dense Q/K, value heads zero-padded to ``head_dim``, every FFN zero-padded to the widest:
+        ``optimum_olica.export_to_stock``); the other reasons have none at all (`inexpressible_in_stock`).
         """
         reasons = []
         if self.has_factored_projection:
             reasons.append("some q_proj/k_proj are factored")
         if any(d_v != self.attention_head_dim for d_v in self.value_head_dims):
             reasons.append("some value heads are narrower than head_dim")
+        if len(set(self.intermediate_sizes)) > 1:
+            reasons.append("FFN widths differ between layers")
         return reasons + self.inexpressible_in_stock()
 
     def inexpressible_in_stock(self) -> list[str]:
         """What no config of the base family can express, naming the layers (empty list: an exact export exists).
 
-        A stock config has one ``intermediate_size`` for every layer and no linear-calibration branch.
+        A stock config has no linear-calibration branch. (Its one ``intermediate_size`` is not a reason: narrower FFNs
+        are zero-padded to the widest, exactly.)
         """
         reasons = []
-        layers_of_width: dict[int, list[int]] = {}
-        for layer, width in enumerate(self.intermediate_sizes):
-            layers_of_width.setdefault(width, []).append(layer)
-        if len(layers_of_width) > 1:
-            widths = "; ".join(f"{width} in {_layer_list(layers)}" for width, layers in layers_of_width.items())
-            reasons.append(f"FFN widths differ between layers ({widths})")
         calibrated = [layer for layer, rank in enumerate(self.calibration_ranks) if rank > 0]
         if calibrated:
             verb = "has" if len(calibrated) == 1 else "have"
@@ -232,28 +229,27 @@ class OlicaDimensionsMixin:
 
     def to_base_config(self):
         """The stock config (e.g. a ``LlamaConfig`` with a smaller ``intermediate_size``) that computes this model's
-        function once factored Q/K are multiplied back into dense weights and narrow value heads are zero-padded to
-        ``head_dim`` (the base family's own head size, which this config keeps).
+        function once factored Q/K are multiplied back into dense weights, narrow value heads are zero-padded to
+        ``head_dim`` (the base family's own head size, which this config keeps) and every FFN is zero-padded to the
+        widest layer's width (``intermediate_size``).
 
         Raises:
-            ValueError: naming the layers, if the model has FFN widths that differ between layers or a linear-
-                calibration branch (`inexpressible_in_stock`).
+            ValueError: naming the layers, if the model has a linear-calibration branch (`inexpressible_in_stock`).
         """
         reasons = self.inexpressible_in_stock()
         if reasons:
             raise ValueError(
                 f"This pruned model has no exact stock {self.base_config_class.__name__} equivalent: "
                 + "; ".join(reasons)
-                + ". A stock config has one intermediate_size for every layer and no calibration branch, and an "
-                "approximation would change the model. Prune again with one FFN width in every layer (no skip_layers: "
-                "ratio or ffn_ratio alone gives every layer the same width) and num_calibrated_layers=0, or keep the "
-                "Olica format (load it with `import optimum_olica` or trust_remote_code=True)."
+                + ". A stock config has no calibration branch, and an approximation would change the model. Prune "
+                "again with num_calibrated_layers=0, or keep the Olica format (load it with `import optimum_olica` or "
+                "trust_remote_code=True)."
             )
         values = self.to_dict()
         for key in (*PER_LAYER_FIELDS, "olica_recipe", "model_type", "architectures", "auto_map",
                     "transformers_version"):
             values.pop(key, None)
-        values["intermediate_size"] = self.intermediate_sizes[0]
+        values["intermediate_size"] = max(self.intermediate_sizes)
         return self.base_config_class(**values)
 
 

@@ -213,9 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _widths(config) -> dict:
-    """The first layer's pruned widths (every pruned layer has the same), for an Olica or a stock config."""
+    """The first layer's pruned widths, for an Olica or a stock config, and every layer's FFN width (the adaptive
+    allocation gives each layer its own)."""
     ranks = getattr(config, "query_ranks", None)
     return {
+        "intermediate_sizes": list(getattr(config, "intermediate_sizes", None) or [config.intermediate_size]),
         "query_rank": ranks[0] if ranks else None,
         "key_rank": config.key_ranks[0] if ranks else None,
         "value_head_dim": (config.value_head_dims[0] if hasattr(config, "value_head_dims")

@@ -33,6 +33,10 @@ DEPLOYMENT_RESULTS = "quality_deployment"
 MULTIPLES_RESULTS = "quality_multiples"
 # bench/calibration_screen.py: the calibration and refit variants of issue 15 on a cheaper protocol.
 SCREEN_RESULTS = "calibration_screen"
+# bench/quality.py --variants olica,olica_uniform --results quality_allocation: the adaptive allocation's full run.
+ALLOCATION_RESULTS = "quality_allocation"
+# bench/allocation_screen.py: the ways of sharing the FFN between layers, on the screening protocol.
+ALLOCATION_SCREEN_RESULTS = "allocation_screen"
 VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
 
 
@@ -507,6 +511,39 @@ def screening_section(screen, quick: bool) -> str:
     return "\n".join(lines + [""])
 
 
+def allocation_screen_section(screen, quick: bool) -> str:
+    """The ways of sharing the FFN neurons between layers (bench/allocation_screen.py), at 20% and 33%."""
+    lines = ["## Sharing the FFN between layers: normalisations screened (issue 15)", ""]
+    if quick:
+        return ""
+    if not screen:
+        return "\n".join(lines + ["Not measured yet: run `python bench/allocation_screen.py`.\n"])
+    protocol = screen["protocol"]
+    lines += [
+        "Every row keeps the same number of FFN neurons in all (the same parameter count as `uniform`) and differs "
+        "only in how the layers share them: each layer's neuron scores come from one dense pass, and the variants "
+        "differ in how scores of different layers are made comparable before the highest are kept. Protocol: "
+        f"SmolLM2-135M-Instruct; calibration {protocol['calibration']}; perplexity on the first "
+        f"{protocol['eval_tokens']:,} tokens of each text (windows of 128), as a ratio to dense on the same tokens. "
+        f"{_provenance(screen)}",
+        "",
+        "| variant | target | parameters | FFN widths (min / max) | Pride and Prejudice | licenses | python-stdlib |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    dense = next(row for row in screen["rows"] if row["variant"] == "dense")["perplexity"]
+    lines.append("| dense | - | - | 1536 | " + " | ".join(f"ppl {_format_perplexity(v)}" for v in dense.values()) + " |")
+    for row in sorted((row for row in screen["rows"] if row["variant"] != "dense"), key=lambda row: row["ratio"]):
+        cells = " | ".join(f"{row['perplexity'][name] / value:.3f}x" for name, value in dense.items())
+        lines.append(f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['parameters']:,} | "
+                     f"{min(row['widths'])} / {max(row['widths'])} | {cells} |")
+    lines += ["", "Variants:", ""]
+    lines += [f"- `{name}`: {description}." for name, description in screen["variants"].items()]
+    lines += ["", "Per-layer FFN widths (layer 0 first):", ""]
+    lines += [f"- `{row['variant']}` {100 * row['ratio']:.0f}%: {', '.join(map(str, row['widths']))}"
+              for row in screen["rows"] if row["variant"] not in ("dense", "uniform")]
+    return "\n".join(lines + [""])
+
+
 def _format_perplexity(value: float) -> str:
     if not math.isfinite(value):
         return "inf"
@@ -728,7 +765,10 @@ def main(argv: list[str] | None = None) -> Path:
     plot_name = None
     if quality and plot_quality(quality, plot):
         plot_name = plot.name if quick else f"img/{plot.name}"
-    summary = summary_rows(cost, memory, speed, speed_large, quality, gpu, domains)
+    # The headline across domains is the current default's: the allocation run where there is one.
+    allocation = None if quick else _load(ALLOCATION_RESULTS, False)
+    headline = allocation or domains
+    summary = summary_rows(cost, memory, speed, speed_large, quality, gpu, headline)
     screen = None if quick else _load(SCREEN_RESULTS, False)
     lines = [
         "# Benchmarks" + (" (quick smoke run: small settings, not the reference figures)" if quick else ""),
@@ -746,7 +786,11 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     lines += [f"| {' | '.join(row)} |" for row in summary]
     lines += ["", cost_section(cost, quick), memory_section(memory, quick), speed_section(speed, speed_large, quick),
-              quality_section(quality, quick, plot_name), domains_section(domains, quick),
+              quality_section(quality, quick, plot_name),
+              domains_section(domains, quick, intro=(
+                  "Measured with one FFN width in every layer, the default before the adaptive allocation: `olica` "
+                  "here is `olica_uniform` in [Sharing the FFN between layers](#sharing-the-ffn-between-layers-"
+                  "adaptive-against-uniform-issue-15).") if allocation else ""),
               domains_section(
                   _load(DEPLOYMENT_RESULTS, False) if not quick else None, quick, "The stock recipe beside Olica",
                   "The stock recipe (`architecture=\"stock\"`) prunes only FFN neurons, one width in every layer, so "
@@ -764,8 +808,18 @@ def main(argv: list[str] | None = None) -> Path:
                   "SmolLM2's `head_dim` is 64, its FFN 1,536 wide.",
                   "--variants olica,olica_multiple_1,olica_multiple_32,olica_multiple_64 --ratios 0.2,0.33 "
                   f"--results {MULTIPLES_RESULTS}", widths=True),
+              domains_section(
+                  allocation, quick,
+                  "Sharing the FFN between layers: adaptive against uniform (issue 15)",
+                  "`layer_allocation=\"adaptive\"` (the default since this measurement) gives each layer the FFN "
+                  "width its neuron scores earn on the dense model; `olica_uniform` gives every layer the same "
+                  "width, as every table above measured before it did (their `olica` is this table's "
+                  "`olica_uniform`). Same parameter count, same protocol as the table above; the next section "
+                  "compares ways of making scores of different layers comparable.",
+                  f"--variants olica,olica_uniform --ratios 0.2,0.33 --results {ALLOCATION_RESULTS}"),
+              allocation_screen_section(None if quick else _load(ALLOCATION_SCREEN_RESULTS, False), quick),
               screening_section(screen, quick), gpu_section(gpu, quick),
-              closing_note(cost, memory, speed, speed_large, quality, gpu, domains, screen)]
+              closing_note(cost, memory, speed, speed_large, quality, gpu, headline, screen)]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}", flush=True)

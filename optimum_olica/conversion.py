@@ -197,18 +197,24 @@ def _densify(tensors: dict[str, torch.Tensor], projection: str) -> None:
         tensors[f"{projection}.bias"] = bias
 
 
-def stock_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+def stock_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config, ffn_widths: list[int] | None = None
+) -> dict[str, torch.Tensor]:
     """The stock architecture's weights for an Olica causal LM's ``state_dict``.
 
     Factored ``q_proj``/``k_proj`` become dense; narrow value heads are zero-padded to ``head_dim`` in ``v_proj`` and
-    ``o_proj``; an FFN narrower than the widest layer's is zero-padded to it (`zero_pad_ffn`). Every other tensor is
+    ``o_proj``; each layer's FFN is zero-padded to its entry of ``ffn_widths`` (`zero_pad_ffn`). Every other tensor is
     passed through as the same object (no copy); the input is not modified.
 
     Args:
         state_dict: the Olica model's tensors (``model.layers.<i>.self_attn.q_proj.down.weight``, ...).
         config: its Olica config, whose per-layer fields say which layers to convert. Layers with a
             linear-calibration branch have no stock form (``config.to_base_config()`` refuses them first).
+        ffn_widths: the FFN width of each layer in the result, at least the layer's own; default the widest layer's
+            width in every layer (what a stock config, with one ``intermediate_size``, holds). Per-layer widths are
+            for formats that hold them (llama.cpp's ``deci`` architecture).
     """
+    widths = ffn_widths or [max(config.intermediate_sizes)] * config.num_hidden_layers
     stock = dict(state_dict)
     head_dim = config.attention_head_dim
     for layer in range(config.num_hidden_layers):
@@ -224,9 +230,8 @@ def stock_state_dict(state_dict: Mapping[str, torch.Tensor], config) -> dict[str
                 stock[name] = zero_pad_heads(stock[name], 0, config.num_key_value_heads, value_head_dim, head_dim)
         name = f"{attention}.o_proj.weight"  # o_proj's bias is per output feature: unchanged
         stock[name] = zero_pad_heads(stock[name], 1, config.num_attention_heads, value_head_dim, head_dim)
-    widest = max(config.intermediate_sizes)
-    for layer, width in enumerate(config.intermediate_sizes):
-        if width < widest:
+    for layer, (width, padded) in enumerate(zip(config.intermediate_sizes, widths)):
+        if width != padded:
             prefix = f"model.layers.{layer}.mlp."
-            stock.update(zero_pad_ffn({name: t for name, t in stock.items() if name.startswith(prefix)}, widest))
+            stock.update(zero_pad_ffn({name: t for name, t in stock.items() if name.startswith(prefix)}, padded))
     return stock

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 # transformers model_type of the stock family -> llama.cpp architecture.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp's graphs that read a per-layer FFN width, for the architectures above that have one: ``deci`` (made for
+# NVIDIA's Nemotron-NAS models) is the ``llama`` graph with per-layer widths, the same tensors and the same rotary
+# layout. Where there is none (qwen2, qwen3) every FFN is zero-padded to the widest layer's width.
+PER_LAYER_FFN_ARCHITECTURES = {"llama": "deci"}
 QUANTIZATIONS = ("f32", "f16", "q8_0", "q4_k_m")
 # Values per block of the block formats: q8_0's blocks, and the blocks llama.cpp's k-quants fall back to (q5_0,
 # q8_0) for rows that are not whole 256-value super-blocks; a row that is not whole 32-value blocks stays f16.
@@ -76,6 +80,7 @@ _GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm
 # Biases each llama.cpp graph adds (src/models/<arch>.cpp); a bias it would not read is refused, never dropped.
 _READ_BIASES = {
     "llama": {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"},
+    "deci": {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"},
     "qwen2": {"attn_q", "attn_k", "attn_v"},
     "qwen3": {"attn_q", "attn_k", "attn_v"},
 }
@@ -123,7 +128,7 @@ def gguf_tensors(state_dict, config, architecture: str) -> dict[str, torch.Tenso
         if target is None or (target.endswith(".bias") and stem not in _READ_BIASES[architecture]):
             unread.append(name)
             continue
-        if architecture == "llama" and stem in ("attn_q", "attn_k"):
+        if architecture in ("llama", "deci") and stem in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if stem == "attn_q" else config.num_key_value_heads
             tensor = interleave_rotary_halves(tensor, heads)
         tensors[target] = tensor
@@ -334,13 +339,13 @@ def _import_llama_cpp():
     return llama_cpp
 
 
-def _write_hyperparameters(writer, config, quantize: str, name: str) -> None:
+def _write_hyperparameters(writer, config, ffn_widths: list[int], quantize: str, name: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(ffn_widths[0] if len(set(ffn_widths)) == 1 else list(ffn_widths))
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     # One head size for keys, values and RoPE: what the stock conversion guarantees and llama.cpp asserts.
@@ -355,11 +360,13 @@ def _write_hyperparameters(writer, config, quantize: str, name: str) -> None:
         writer.add_quantization_version(2)  # GGML_QNT_VERSION
 
 
-def write_gguf(path: Path, architecture: str, config, tensors, tokenizer, pre: str, quantize: str, name: str) -> None:
-    """One GGUF file at ``path``: hyperparameters, tokenizer, then every tensor in its `storage_type`."""
+def write_gguf(path: Path, architecture: str, config, ffn_widths: list[int], tensors, tokenizer, pre: str,
+               quantize: str, name: str) -> None:
+    """One GGUF file at ``path``: hyperparameters (``ffn_widths``: one per layer, written as one value when they are
+    equal), tokenizer, then every tensor in its `storage_type`."""
     gguf = _import_gguf()
     writer = gguf.GGUFWriter(path, architecture)
-    _write_hyperparameters(writer, config, quantize, name)
+    _write_hyperparameters(writer, config, ffn_widths, quantize, name)
     write_tokenizer(writer, tokenizer, config.vocab_size, pre)
     for tensor_name, tensor in tensors.items():
         array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
@@ -417,15 +424,17 @@ class GGUFExport:
 
     Attributes:
         path: the GGUF file.
-        architecture: llama.cpp's architecture (``llama``, ``qwen2``, ``qwen3``).
+        architecture: llama.cpp's architecture (``llama``, ``deci`` for a Llama whose FFN widths differ between layers,
+            ``qwen2``, ``qwen3``).
         quantize: ``f32``, ``f16``, ``q8_0`` or ``q4_k_m``.
         parameters: parameters stored in the file (a tied output matrix once).
         file_size: bytes on disk.
         olica_parameters: parameters of the Olica model it came from (``None`` for a stock model).
         tokenizer_pre: the llama.cpp pre-tokenizer written.
-        ffn_width: FFN neurons per layer of the model exported.
-        stored_ffn_width: FFN neurons per layer in the file: for q8_0 and q4_k_m, ``ffn_width`` zero-padded to whole
-            quantization blocks (exact; otherwise ``down_proj`` would stay f16).
+        ffn_widths: FFN neurons of each layer of the model exported.
+        stored_ffn_widths: FFN neurons of each layer in the file: the widest layer's in every layer where the
+            architecture reads one width (qwen2, qwen3), and for q8_0 and q4_k_m zero-padded to whole quantization
+            blocks (exact; otherwise ``down_proj`` would stay f16).
     """
 
     path: Path
@@ -435,8 +444,8 @@ class GGUFExport:
     file_size: int
     olica_parameters: int | None
     tokenizer_pre: str
-    ffn_width: int
-    stored_ffn_width: int
+    ffn_widths: tuple[int, ...]
+    stored_ffn_widths: tuple[int, ...]
 
     def summary(self) -> str:
         """The lines ``optimum-cli olica export --format gguf`` prints."""
@@ -446,12 +455,47 @@ class GGUFExport:
         lines += [
             (f"GGUF export   {self.parameters:,} parameters, {self.quantize}, {self.file_size / 2**20:,.1f} MiB "
              f"(llama.cpp architecture {self.architecture!r}, pre-tokenizer {self.tokenizer_pre!r})"),
-            *([f"FFN zero-padded from {self.ffn_width} to {self.stored_ffn_width} neurons per layer, so that "
-               f"{self.quantize} quantizes down_proj in whole blocks (the outputs are unchanged)"]
-              if self.stored_ffn_width != self.ffn_width else []),
+            *self._ffn_lines(),
             f"Written to {self.path}: run it with llama.cpp (llama-cli -m {self.path.name}) or llama-cpp-python.",
         ]
         return "\n".join(lines)
+
+
+    def _ffn_lines(self) -> list[str]:
+        lines = []
+        if len(set(self.ffn_widths)) > 1:
+            lines.append(
+                f"FFN widths differ between layers ({min(self.ffn_widths)} to {max(self.ffn_widths)} neurons): "
+                + ("stored per layer (llama.cpp's 'deci' architecture, a Llama with per-layer widths)"
+                   if self.architecture == "deci" else
+                   f"llama.cpp's {self.architecture!r} graph reads one width, so every FFN is zero-padded to the "
+                   "widest (the outputs are unchanged; prune with layer_allocation='uniform' for a smaller file)")
+            )
+        unpadded = _widest_where_one(self.ffn_widths, self.architecture)
+        if list(self.stored_ffn_widths) != unpadded:
+            lines.append(f"FFN zero-padded from {_widths_text(unpadded)} to {_widths_text(self.stored_ffn_widths)} "
+                         f"neurons per layer, so that {self.quantize} quantizes down_proj in whole blocks (the outputs "
+                         "are unchanged)")
+        return lines
+
+
+def _widths_text(widths) -> str:
+    return str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}-{max(widths)}"
+
+
+def _widest_where_one(widths, architecture: str) -> list[int]:
+    """The FFN widths an architecture stores before block padding: per layer for ``deci``, else the widest."""
+    return list(widths) if architecture == "deci" else [max(widths)] * len(widths)
+
+
+def _stored_ffn_widths(widths: list[int], architecture: str, quantize: str) -> list[int]:
+    """Each layer's FFN width in the file: `_widest_where_one`, then, for the block formats, rounded up to whole
+    blocks of ``QUANTIZATION_BLOCK`` (zero-padded, exact: ``down_proj``'s rows then quantize instead of staying f16,
+    a smaller file)."""
+    stored = _widest_where_one(widths, architecture)
+    if quantize in ("f32", "f16"):
+        return stored
+    return [-(-width // QUANTIZATION_BLOCK) * QUANTIZATION_BLOCK for width in stored]
 
 
 def _output_file(output_file: str | os.PathLike, overwrite: bool) -> Path:
@@ -493,21 +537,6 @@ def _load(checkpoint_or_model, tokenizer):
     return model, tokenizer, Path(str(name)).name, architecture
 
 
-def _with_whole_quantization_blocks(state_dict, config, quantize: str):
-    """For the block formats, the FFN zero-padded to a multiple of ``QUANTIZATION_BLOCK`` neurons (exact,
-    `zero_pad_ffn`): ``down_proj``'s rows then quantize instead of staying f16, a smaller file. Returns the state
-    dict and the config it has."""
-    from .conversion import zero_pad_ffn
-
-    width = config.intermediate_size
-    if quantize in ("f32", "f16") or width % QUANTIZATION_BLOCK == 0:
-        return state_dict, config
-    padded_width = -(-width // QUANTIZATION_BLOCK) * QUANTIZATION_BLOCK
-    padded_config = copy.deepcopy(config)
-    padded_config.intermediate_size = padded_width
-    return zero_pad_ffn(state_dict, padded_width), padded_config
-
-
 def export_to_gguf(
     checkpoint_or_model,
     output_file: str | os.PathLike,
@@ -540,7 +569,7 @@ def export_to_gguf(
         ImportError: ``gguf`` missing, or ``llama-cpp-python`` missing for ``q4_k_m`` (the message names the extra).
         FileExistsError: ``output_file`` exists and ``overwrite`` is False.
     """
-    from .conversion import to_stock_model
+    from .conversion import stock_state_dict, zero_pad_ffn
     from .modeling import OlicaDimensionsMixin
 
     if quantize not in QUANTIZATIONS:
@@ -552,19 +581,23 @@ def export_to_gguf(
     model, tokenizer, name, architecture = _load(checkpoint_or_model, tokenizer)
     pre = resolve_pretokenizer(tokenizer, tokenizer_pre)
     is_olica = isinstance(model.config, OlicaDimensionsMixin)
-    stock = to_stock_model(model) if is_olica else model
-    state_dict, config = _with_whole_quantization_blocks(stock.state_dict(), stock.config, quantize)
+    config = model.config.to_base_config() if is_olica else model.config
+    widths = list(model.config.intermediate_sizes) if is_olica else [config.intermediate_size] * config.num_hidden_layers
+    if len(set(widths)) > 1:
+        architecture = PER_LAYER_FFN_ARCHITECTURES.get(architecture, architecture)
+    stored = _stored_ffn_widths(widths, architecture, quantize)
+    state_dict = (stock_state_dict(model.state_dict(), model.config, stored) if is_olica
+                  else zero_pad_ffn(model.state_dict(), stored[0]))
     tensors = gguf_tensors(state_dict, config, architecture)
     with tempfile.TemporaryDirectory(prefix=f".{path.stem}.tmp-", dir=path.parent) as staging:
         written = Path(staging) / path.name
         if quantize == "q4_k_m":
             unquantized = Path(staging) / "f16.gguf"
-            write_gguf(unquantized, architecture, config, tensors, tokenizer, pre, "f16", name)
+            write_gguf(unquantized, architecture, config, stored, tensors, tokenizer, pre, "f16", name)
             quantize_with_llama_cpp(unquantized, written, quantize)
         else:
-            write_gguf(written, architecture, config, tensors, tokenizer, pre, quantize, name)
+            write_gguf(written, architecture, config, stored, tensors, tokenizer, pre, quantize, name)
         os.replace(written, path)
     parameters = sum(tensor.numel() for tensor in tensors.values())
     return GGUFExport(path, architecture, quantize, parameters, path.stat().st_size,
-                      model.num_parameters() if is_olica else None, pre,
-                      stock.config.intermediate_size, config.intermediate_size)
+                      model.num_parameters() if is_olica else None, pre, tuple(widths), tuple(stored))

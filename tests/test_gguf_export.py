@@ -152,6 +152,7 @@ def test_llama_cpp_computes_what_transformers_computes(family, tiny_tokenizer, t
     and llama.cpp tokenizes text as the Hugging Face tokenizer does."""
     model = tiny_olica_model(family, tiny_tokenizer, intermediate_sizes=[48, 24, 40])
     result = export_to_gguf(model, tmp_path / "tiny.gguf", "f32", tokenizer=tiny_tokenizer)
+    assert result.stored_ffn_widths == ((48, 24, 40) if result.architecture == "deci" else (48, 48, 48))
     token_ids = tiny_tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
         expected = model(torch.tensor([token_ids])).logits[0].double().numpy()
@@ -163,7 +164,7 @@ def test_llama_cpp_computes_what_transformers_computes(family, tiny_tokenizer, t
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tiny_tokenizer(text)["input_ids"], text
     finally:
         llm.close()
-    assert result.architecture == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(family, "llama")
+    assert result.architecture == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(family, "deci")
     assert result.olica_parameters == model.num_parameters() and result.parameters > result.olica_parameters
 
 
@@ -190,7 +191,7 @@ def test_q8_0_pads_the_ffn_to_whole_blocks_and_quantizes_down_proj(tiny_tokenize
 
     model = tiny_olica_model("llama", tiny_tokenizer)
     result = export_to_gguf(model, tmp_path / "tiny-q8_0.gguf", "q8_0", tokenizer=tiny_tokenizer)
-    assert (result.ffn_width, result.stored_ffn_width) == (48, 64)
+    assert (result.ffn_widths, result.stored_ffn_widths) == ((48,) * 3, (64,) * 3)
     assert "zero-padded from 48 to 64" in result.summary()
     reader = GGUFReader(result.path)
     down = [tensor for tensor in reader.tensors if tensor.name.endswith("ffn_down.weight")]
@@ -209,7 +210,36 @@ def test_q8_0_pads_the_ffn_to_whole_blocks_and_quantizes_down_proj(tiny_tokenize
     # tiny model's q8_0 rounding, which the padding does not change.
     assert relative_error < 0.03
     f16 = export_to_gguf(model, tmp_path / "tiny-f16.gguf", "f16", tokenizer=tiny_tokenizer)
-    assert f16.stored_ffn_width == 48  # unpadded where nothing is quantized in blocks
+    assert f16.stored_ffn_widths == (48,) * 3  # unpadded where nothing is quantized in blocks
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2"])
+def test_per_layer_ffn_widths_are_stored_per_layer_where_llama_cpp_reads_them(family, tiny_tokenizer, tmp_path,
+                                                                               single_thread):
+    """A Llama whose FFN widths differ between layers is written as llama.cpp's 'deci' architecture with its own
+    width in each layer (block-padded for q8_0); a Qwen2, whose graph reads one width, is padded to the widest. Both
+    give transformers' logits within q8_0's rounding."""
+    from gguf import GGUFReader
+
+    model = tiny_olica_model(family, tiny_tokenizer, intermediate_sizes=[48, 24, 40])
+    result = export_to_gguf(model, tmp_path / "tiny-q8_0.gguf", "q8_0", tokenizer=tiny_tokenizer)
+    per_layer = family == "llama_gqa"
+    assert result.architecture == ("deci" if per_layer else "qwen2")
+    assert result.stored_ffn_widths == ((64, 32, 64) if per_layer else (64, 64, 64))
+    reader = GGUFReader(result.path)
+    down = {tensor.name: int(tensor.shape[0]) for tensor in reader.tensors if tensor.name.endswith("ffn_down.weight")}
+    assert [down[f"blk.{layer}.ffn_down.weight"] for layer in range(3)] == list(result.stored_ffn_widths)
+    assert ("stored per layer" in result.summary()) == per_layer
+    token_ids = tiny_tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([token_ids])).logits[0].double().numpy()
+    llm = open_in_llama_cpp(result.path)
+    try:
+        actual = llama_cpp_logits(llm, token_ids)
+    finally:
+        llm.close()
+    assert np.sqrt(np.mean((actual - expected) ** 2) / np.mean(expected**2)) < 0.03
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------

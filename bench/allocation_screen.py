@@ -1,0 +1,139 @@
+"""Screening of ways to share the FFN neurons kept between layers (issue 15, non-uniform allocation).
+
+The protocol of bench/calibration_screen.py (SmolLM2-135M-Instruct, the benchmark calibration: 128 windows of 128
+tokens of the bundled Austen text, seed 0; perplexity on the first 8,192 tokens of Pride and Prejudice, licenses and
+python-stdlib, windows of 128), at 20% and 33% of the parameters really removed. Every variant keeps the same number
+of FFN neurons in all (so the same parameter count) and differs only in how the layers share them:
+
+- ``uniform``: one width in every layer (layer_allocation="uniform");
+- ``log_standardized``: the shipped ``layer_allocation="adaptive"``: each layer's neuron scores from the dense pass,
+  compared across layers as log scores standardized within the layer;
+- ``standardized``: the raw scores standardized within the layer (FLAP's normalisation of its fluctuation scores);
+- ``mean_normalized``: the raw scores divided by the layer's mean score;
+- ``raw``: the raw scores compared as they are.
+
+The three alternatives replace ``olica_math.comparable_neuron_scores`` for the run (the only difference); everything
+else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are measured, with the
+per-layer widths; a run keeps the rows already there and measures the missing ones.
+
+    python bench/allocation_screen.py --variants uniform,log_standardized --ratios 0.2,0.33
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from unittest import mock
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import chosen_variants, command_line, git_commit, results_path, write_results  # noqa: E402
+
+from calibration_screen import EVAL_TEXT  # noqa: E402
+from optimum_olica import olica_math as om  # noqa: E402
+from optimum_olica.configuration import OlicaConfig  # noqa: E402
+from optimum_olica.data import get_calibration_dataset, tokenize_for_perplexity  # noqa: E402
+from optimum_olica.default_model import default_model_path  # noqa: E402
+from optimum_olica.evaluation import OUT_OF_DOMAIN_SOURCES, held_out_text, perplexity  # noqa: E402
+from optimum_olica.pruner import prune_model  # noqa: E402
+
+RESULTS = "allocation_screen"
+
+
+def _standardized(scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.detach().double()
+    return (scores - scores.mean()) / scores.std()
+
+
+def _mean_normalized(scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.detach().double()
+    return scores / scores.mean()
+
+
+def _raw(scores: torch.Tensor) -> torch.Tensor:
+    return scores.detach().double()
+
+
+# name -> (layer_allocation, replacement of comparable_neuron_scores or None, description)
+VARIANTS = {
+    "uniform": ("uniform", None, "one FFN width in every layer (layer_allocation='uniform')"),
+    "log_standardized": ("adaptive", None, "the shipped adaptive allocation: log scores standardized per layer"),
+    "standardized": ("adaptive", _standardized, "raw scores standardized per layer (FLAP's normalisation)"),
+    "mean_normalized": ("adaptive", _mean_normalized, "raw scores divided by the layer's mean score"),
+    "raw": ("adaptive", _raw, "raw scores compared across layers as they are"),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--ratios", default="0.2,0.33")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored on each of the three texts")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = chosen_variants(parser, args.variants, VARIANTS)
+    ratios = [float(ratio) for ratio in args.ratios.split(",")]
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = {"pride_and_prejudice": EVAL_TEXT.read_text(encoding="utf-8"),
+             **{name: held_out_text(name) for name in OUT_OF_DOMAIN_SOURCES}}
+    evaluation = {name: tokenize_for_perplexity(tokenizer, text, args.eval_tokens) for name, text in texts.items()}
+    calibration = get_calibration_dataset(tokenizer, "austen", 128, 128, seed=0)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    protocol = {"eval_tokens": args.eval_tokens, "calibration": "benchmark Austen 128 x 128, seed 0"}
+    results_file = results_path(RESULTS, False)
+    previous = json.loads(results_file.read_text()) if results_file.exists() else None
+    rows = previous["rows"] if previous and previous.get("protocol") == protocol else []
+    if not any(row["variant"] == "dense" for row in rows):
+        rows.insert(0, {"variant": "dense", "perplexity": _perplexities(load(), evaluation), "commit": git_commit()})
+    for ratio in ratios:
+        for name in variants:
+            if any(row["variant"] == name and row["ratio"] == ratio for row in rows):
+                print(f"{name} @ {ratio}: kept from the previous run", flush=True)
+                continue
+            allocation, comparable, _ = VARIANTS[name]
+            config = OlicaConfig(ratio=ratio, layer_allocation=allocation)
+            replaced = mock.patch.object(om, "comparable_neuron_scores", comparable) if comparable else nullcontext()
+            model = load()
+            started = time.perf_counter()
+            with replaced:
+                result = prune_model(model, config, calibration, progress=False)
+            row = {"variant": name, "ratio": ratio, "parameters": result.model.num_parameters(),
+                   "widths": list(result.model.config.intermediate_sizes),
+                   "perplexity": _perplexities(result.model, evaluation), "prune_s": time.perf_counter() - started,
+                   "allocation_s": result.report["timings"]["allocation_s"], "commit": git_commit(),
+                   "command": command_line("allocation_screen.py", argv)}
+            rows.append(row)
+            _save(protocol, rows, argv)
+            dense = rows[0]["perplexity"]
+            print(f"{name} @ {ratio}: " + ", ".join(f"{k} {v / dense[k]:.3f}x" for k, v in row["perplexity"].items())
+                  + f"; widths {min(row['widths'])}..{max(row['widths'])}", flush=True)
+            del model, result
+    return _save(protocol, rows, argv)
+
+
+def _perplexities(model, evaluation: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: perplexity(model, ids) for name, ids in evaluation.items()}
+
+
+def _save(protocol: dict, rows: list[dict], argv) -> dict:
+    results = {"protocol": protocol,
+               "variants": {name: description for name, (_, _, description) in VARIANTS.items()
+                            if any(row["variant"] == name for row in rows)},
+               "rows": rows}
+    return write_results(results_path(RESULTS, False), results, "allocation_screen.py", argv, False)
+
+
+if __name__ == "__main__":
+    main()

@@ -267,6 +267,14 @@ def _shapes(model_config, recipe: OlicaConfig, dtype: torch.dtype) -> _Shapes:
     pruned = olica_config_from(model_config, **lists)
     layers = range(full.num_hidden_layers)
     widest = max(layers, key=lambda layer: (pruned.layer_parameter_count(layer), layer not in recipe.skip_layers))
+    if recipe.layer_allocation == "adaptive":
+        # The data chooses each layer's FFN width, up to the whole FFN: plan the widest layer at that bound.
+        widths = [full.intermediate_size if layer == widest else width
+                  for layer, width in enumerate(lists["intermediate_sizes"])]
+        lists = {**lists, "intermediate_sizes": widths}
+        widest_layer = olica_config_from(model_config, **lists)
+    else:
+        widest_layer = pruned
     head_dim = getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
     sequence_length = recipe.sequence_length
     batch_sequences = min(pruner.calibration_batch_size(sequence_length), recipe.num_samples)
@@ -278,7 +286,7 @@ def _shapes(model_config, recipe: OlicaConfig, dtype: torch.dtype) -> _Shapes:
         query_rank=lists["query_ranks"][widest], key_rank=lists["key_ranks"][widest],
         calibration_rank=calibration_rank,
         dense_layer_parameters=full.layer_parameter_count(widest),
-        pruned_layer_parameters=pruned.layer_parameter_count(widest),
+        pruned_layer_parameters=widest_layer.layer_parameter_count(widest),
         parameters_before=dimensions.parameters_before, parameters_after=pruned.count_parameters(),
         non_layer_parameters=dimensions.parameters_before - layer_total,
         num_tokens=recipe.num_samples * sequence_length, batch_tokens=batch_sequences * sequence_length,

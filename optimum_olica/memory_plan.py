@@ -551,7 +551,7 @@ def _phase_disk(s: _Shapes, run: _Run) -> dict[str, tuple[int, int]]:
     return {
         "capture": (s.vocab * s.hidden * w if run.streaming else 0, 0),
         "load": (layers_read, 0),
-        "saving": (0, s.num_layers * s.pruned_layer_parameters * w if run.streaming else 0),
+        "saving": (0, (s.parameters_after - s.non_layer_parameters) * w if run.streaming else 0),  # every layer
         "final write": (
             s.non_layer_parameters * w if run.streaming else 0,
             (s.non_layer_parameters if run.streaming else s.parameters_after) * w,

@@ -32,6 +32,7 @@ class StockExport:
         olica_parameters: parameters of the Olica model it was exported from.
         stock_parameters: parameters of the export (more when Q/K were factored or value heads narrowed).
         has_tokenizer: whether a tokenizer was saved with it.
+        conversions: what the export converted at a parameter cost (``config.stock_incompatibilities()``).
     """
 
     directory: Path
@@ -39,11 +40,12 @@ class StockExport:
     olica_parameters: int
     stock_parameters: int
     has_tokenizer: bool
+    conversions: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """The lines ``optimum-cli olica export`` prints."""
         growth = self.stock_parameters / self.olica_parameters - 1
-        why = ": Q/K stored dense, value heads zero-padded to head_dim" if growth else ""
+        why = f": {'; '.join(_COST_OF[reason] for reason in self.conversions)}" if self.conversions else ""
         lines = [
             f"Olica model   {self.olica_parameters:,} parameters",
             f"Stock export  {self.stock_parameters:,} parameters ({growth:+.1%}{why}; the same outputs)",
@@ -54,6 +56,15 @@ class StockExport:
             lines.append("No tokenizer was found or given, so the export has none: copy the base model's tokenizer "
                          "files into it.")
         return "\n".join(lines)
+
+
+# config.stock_incompatibilities() reasons with an exact stock form -> what the export did about each.
+_COST_OF = {
+    "some q_proj/k_proj are factored": "Q/K stored dense",
+    "some value heads are narrower than head_dim": "value heads zero-padded to head_dim",
+    "FFN widths differ between layers": ("every FFN zero-padded to the widest layer's width (prune with "
+                                         "layer_allocation='uniform' for a smaller export)"),
+}
 
 
 def _checkpoint_folder(checkpoint: str | os.PathLike) -> Path:
@@ -159,4 +170,5 @@ def export_to_stock(
         stock, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
         extra_files=_provenance_files(folder, model, record),
     )
-    return StockExport(directory, architecture, olica_parameters, stock_parameters, tokenizer is not None)
+    return StockExport(directory, architecture, olica_parameters, stock_parameters, tokenizer is not None,
+                       tuple(model.config.stock_incompatibilities()))

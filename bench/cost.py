@@ -24,7 +24,7 @@ from common import dense_forward_seconds, regenerate_report, results_path, write
 
 TARGET_RATIO = 2.5
 PRUNE_RATIO = 0.2
-PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store")
+PHASES = ("capture", "allocation", "load", "statistics", "decomposition", "refit", "propagation", "store")
 
 
 def main(argv: list[str] | None = None) -> dict:

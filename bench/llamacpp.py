@@ -121,6 +121,7 @@ def measure_model(name: str, folder: Path, token_ids, work: Path, args) -> tuple
         result = export_to_gguf(folder, work / f"{name}-{quantize}.gguf", quantize)
         llm = llama_cpp_model(result.path, args.threads, float32_cache=True)
         row["gguf"][quantize] = {"file_bytes": result.file_size, "parameters": result.parameters,
+                                 "architecture": result.architecture,
                                  "perplexity_llama_cpp": llama_cpp_perplexity(llm, token_ids[0].tolist())}
         llm.close()
         timed[("llama.cpp " + quantize, name)] = result.path
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=None, help="decode timing rounds (default 3; quick 1)")
     parser.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")
+    parser.add_argument("--no-decode", action="store_true", help="sizes and perplexities only (no decode timing)")
+    parser.add_argument("--results", default="gguf", help="bench/results/<name>.json (default gguf)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.num_samples = args.num_samples or (16 if quick else 32)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             row, models = measure_model(name, model_folder, token_ids, work, args)
             rows.append(row)
             timed.update(models)
-        decode = time_decode(timed, token_ids[:, :PROMPT_TOKENS], args)
+        decode = {} if args.no_decode else time_decode(timed, token_ids[:, :PROMPT_TOKENS], args)
     for row in rows:
         row["decode_tokens_per_s"] = {key.split(" | ")[0]: value for key, value in decode.items()
                                       if key.endswith(f"| {row['model']}")}
@@ -198,14 +201,15 @@ def main(argv: list[str] | None = None) -> dict:
             "also": {name: folder for name, folder in (item.split("=", 1) for item in args.also)},
             "evaluation": f"first {args.eval_tokens} tokens of Pride and Prejudice, windows of {WINDOW}; llama.cpp "
                           "with a float32 KV cache",
-            "decode": f"batch 1, greedy, {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt, prompt "
-                      f"and first token excluded, median of {args.rounds} rounds, {args.threads} threads; llama.cpp "
-                      "with its default float16 KV cache",
+            "decode": "not timed (--no-decode)" if args.no_decode else (
+                f"batch 1, greedy, {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt, prompt and first "
+                f"token excluded, median of {args.rounds} rounds, {args.threads} threads; llama.cpp with its default "
+                "float16 KV cache"),
             "llama_cpp_python": __import__("llama_cpp").__version__,
         },
         "rows": rows,
     }
-    return write_results(results_path("gguf", quick), results, "llamacpp.py", argv, quick)
+    return write_results(results_path(args.results, quick), results, "llamacpp.py", argv, quick)
 
 
 if __name__ == "__main__":

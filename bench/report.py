@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "quality_perplexity.png"
 QUICK_DOC = ROOT / "bench" / "results" / "benchmarks_quick.md"
 QUICK_PLOT = ROOT / "bench" / "results" / "quality_perplexity_quick.png"
-PHASES = ("capture", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
+PHASES = ("capture", "allocation", "load", "statistics", "decomposition", "refit", "propagation", "store", "other")
 # bench/quality.py --results quality_domains: a few rows measured on every text, beside the full table.
 DOMAINS_RESULTS = "quality_domains"
 # bench/quality.py --variants olica,olica_stock --results quality_deployment: the stock recipe beside Olica.
@@ -216,7 +216,8 @@ def cost_section(cost, quick: bool) -> str:
         seconds = phases.get(phase, 0.0)
         lines.append(f"| {phase} | {seconds:.1f} | {_pct(seconds / cost['prune_s'])} | "
                      f"{seconds / cost['dense_forward_median_s']:.2f}x |")
-    lines += ["", "Phases: capture = embeddings up to layer 0; load = reading a layer's weights; statistics = the dense "
+    lines += ["", "Phases: capture = embeddings up to layer 0; allocation = the dense pass that sets the FFN widths "
+              "(layer_allocation='adaptive'; 0 where the run predates it); load = reading a layer's weights; statistics = the dense "
               "layer pass with the statistics hooks; decomposition = the SVDs and scores; refit = the pass through "
               "the pruned attention for the o_proj refit, the cross-validated o_proj/down_proj refits, the refitted "
               "down_proj applied to the kept activations and, when the recipe has calibration branches, their fit; "
@@ -796,7 +797,7 @@ def main(argv: list[str] | None = None) -> Path:
                   "The stock recipe (`architecture=\"stock\"`) prunes only FFN neurons, one width in every layer, so "
                   "the checkpoint is the base family itself and serving engines load it at its pruned size; Olica's "
                   "own checkpoint is smaller than its stock export (see [Deployment](deployment.md)). Same protocol "
-                  "as the table above.",
+                  "as the table above; measured before the adaptive allocation, so `olica` has one FFN width here.",
                   f"--variants olica,olica_stock --ratios 0.2,0.33 --results {DEPLOYMENT_RESULTS}"),
               domains_section(
                   _load(MULTIPLES_RESULTS, False) if not quick else None, quick, "Widths in multiples of 8, 32, 64",
@@ -805,7 +806,8 @@ def main(argv: list[str] | None = None) -> Path:
                   "point (where no multiple of the FFN width does, the FFN keeps its exact width). `olica` is the "
                   "default (multiples of 8); 32 and 64 give the blocks of group-wise quantized formats (see "
                   "[Deployment](deployment.md#quantization-after-pruning)). Same protocol as the table above; "
-                  "SmolLM2's `head_dim` is 64, its FFN 1,536 wide.",
+                  "SmolLM2's `head_dim` is 64, its FFN 1,536 wide. Measured before the adaptive allocation: every "
+                  "row has one FFN width.",
                   "--variants olica,olica_multiple_1,olica_multiple_32,olica_multiple_64 --ratios 0.2,0.33 "
                   f"--results {MULTIPLES_RESULTS}", widths=True),
               domains_section(

@@ -539,6 +539,9 @@ def allocation_screen_section(screen, quick: bool) -> str:
                      f"{min(row['widths'])} / {max(row['widths'])} | {cells} |")
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {description}." for name, description in screen["variants"].items()]
+    commands = list(dict.fromkeys(row["command"] for row in screen["rows"] if row.get("command")))
+    lines += ["", "Measured by (in order; each run keeps the rows already there):", ""]
+    lines += [f"- `{command}`" for command in commands]
     lines += ["", "Per-layer FFN widths (layer 0 first):", ""]
     lines += [f"- `{row['variant']}` {100 * row['ratio']:.0f}%: {', '.join(map(str, row['widths']))}"
               for row in screen["rows"] if row["variant"] not in ("dense", "uniform")]

@@ -35,12 +35,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import chosen_variants, command_line, git_commit, results_path, write_results  # noqa: E402
 
-from calibration_screen import EVAL_TEXT  # noqa: E402
+from calibration_screen import perplexities, screening_texts  # noqa: E402
 from optimum_olica import olica_math as om  # noqa: E402
 from optimum_olica.configuration import OlicaConfig  # noqa: E402
-from optimum_olica.data import get_calibration_dataset, tokenize_for_perplexity  # noqa: E402
+from optimum_olica.data import get_calibration_dataset  # noqa: E402
 from optimum_olica.default_model import default_model_path  # noqa: E402
-from optimum_olica.evaluation import OUT_OF_DOMAIN_SOURCES, held_out_text, perplexity  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
 
 RESULTS = "allocation_screen"
@@ -83,9 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = {"pride_and_prejudice": EVAL_TEXT.read_text(encoding="utf-8"),
-             **{name: held_out_text(name) for name in OUT_OF_DOMAIN_SOURCES}}
-    evaluation = {name: tokenize_for_perplexity(tokenizer, text, args.eval_tokens) for name, text in texts.items()}
+    evaluation = screening_texts(tokenizer, args.eval_tokens)
     calibration = get_calibration_dataset(tokenizer, "austen", 128, 128, seed=0)
 
     def load():
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     previous = json.loads(results_file.read_text()) if results_file.exists() else None
     rows = previous["rows"] if previous and previous.get("protocol") == protocol else []
     if not any(row["variant"] == "dense" for row in rows):
-        rows.insert(0, {"variant": "dense", "perplexity": _perplexities(load(), evaluation), "commit": git_commit()})
+        rows.insert(0, {"variant": "dense", "perplexity": perplexities(load(), evaluation), "commit": git_commit()})
     for ratio in ratios:
         for name in variants:
             if any(row["variant"] == name and row["ratio"] == ratio for row in rows):
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                 result = prune_model(model, config, calibration, progress=False)
             row = {"variant": name, "ratio": ratio, "parameters": result.model.num_parameters(),
                    "widths": list(result.model.config.intermediate_sizes),
-                   "perplexity": _perplexities(result.model, evaluation), "prune_s": time.perf_counter() - started,
+                   "perplexity": perplexities(result.model, evaluation), "prune_s": time.perf_counter() - started,
                    "allocation_s": result.report["timings"]["allocation_s"], "commit": git_commit(),
                    "command": command_line("allocation_screen.py", argv)}
             rows.append(row)
@@ -121,10 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
                   + f"; widths {min(row['widths'])}..{max(row['widths'])}", flush=True)
             del model, result
     return _save(protocol, rows, argv)
-
-
-def _perplexities(model, evaluation: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: perplexity(model, ids) for name, ids in evaluation.items()}
 
 
 def _save(protocol: dict, rows: list[dict], argv) -> dict:

@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = {"pride_and_prejudice": EVAL_TEXT.read_text(encoding="utf-8"),
-             **{name: held_out_text(name) for name in OUT_OF_DOMAIN_SOURCES}}
-    evaluation = {name: tokenize_for_perplexity(tokenizer, text, args.eval_tokens) for name, text in texts.items()}
+    evaluation = screening_texts(tokenizer, args.eval_tokens)
     austen = get_calibration_dataset(tokenizer, "austen", 128, 128, seed=0)
 
     def load():
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     generated_cache: dict[tuple[int, float], tuple[torch.Tensor, float]] = {}
     if not any(row["variant"] == "dense" for row in rows):
         dense = load()
-        rows.insert(0, {"variant": "dense", "perplexity": _perplexities(dense, evaluation), "commit": git_commit()})
+        rows.insert(0, {"variant": "dense", "perplexity": perplexities(dense, evaluation), "commit": git_commit()})
     for name in variants:
         if any(row["variant"] == name for row in rows):
             print(f"{name}: kept from the previous run", flush=True)
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = prune_model(model, config, calibration, progress=False)
         prune_s = time.perf_counter() - started
         row = {"variant": name, "num_sequences": calibration.shape[0], "overrides": overrides,
-               "parameters": result.model.num_parameters(), "perplexity": _perplexities(result.model, evaluation),
+               "parameters": result.model.num_parameters(), "perplexity": perplexities(result.model, evaluation),
                "prune_s": prune_s, "dense_forward_s": forward_s, "generation_s": generation_s,
                "refit_dampings": _dampings(result.report), "commit": git_commit(),
                "command": command_line("calibration_screen.py", argv)}
@@ -128,7 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     return _save(protocol, rows, argv)
 
 
-def _perplexities(model, evaluation: dict[str, torch.Tensor]) -> dict[str, float]:
+def screening_texts(tokenizer, eval_tokens: int) -> dict[str, torch.Tensor]:
+    """The first ``eval_tokens`` tokens of Pride and Prejudice and of each bundled out-of-domain text."""
+    texts = {"pride_and_prejudice": EVAL_TEXT.read_text(encoding="utf-8"),
+             **{name: held_out_text(name) for name in OUT_OF_DOMAIN_SOURCES}}
+    return {name: tokenize_for_perplexity(tokenizer, text, eval_tokens) for name, text in texts.items()}
+
+
+def perplexities(model, evaluation: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: perplexity(model, ids) for name, ids in evaluation.items()}
 
 

@@ -504,12 +504,17 @@ def screening_section(screen, quick: bool) -> str:
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {variant['description']}." for name, variant in screen["variants"].items()]
     # The script keeps the rows it finds, so the table may come from several runs: each row names its own.
-    commands = list(dict.fromkeys(row["command"] for row in screen["rows"] if row.get("command")))
-    if commands:
-        lines += ["", "Measured by (in order; each run keeps the rows already there; a variant a command names but the "
-                  "table lacks was not measured: that run was stopped first):", ""]
-        lines += [f"- `{command}`" for command in commands]
+    lines += _measured_by(screen["rows"], "each run keeps the rows already there; a variant a command names but the "
+                          "table lacks was not measured: that run was stopped first")
     return "\n".join(lines + [""])
+
+
+def _measured_by(rows: list[dict], note: str) -> list[str]:
+    """The commands that measured a screen's rows, in order (a screen keeps the rows of earlier runs)."""
+    commands = list(dict.fromkeys(row["command"] for row in rows if row.get("command")))
+    if not commands:
+        return []
+    return ["", f"Measured by (in order; {note}):", "", *[f"- `{command}`" for command in commands]]
 
 
 def allocation_screen_section(screen, quick: bool) -> str:
@@ -539,9 +544,7 @@ def allocation_screen_section(screen, quick: bool) -> str:
                      f"{min(row['widths'])} / {max(row['widths'])} | {cells} |")
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {description}." for name, description in screen["variants"].items()]
-    commands = list(dict.fromkeys(row["command"] for row in screen["rows"] if row.get("command")))
-    lines += ["", "Measured by (in order; each run keeps the rows already there):", ""]
-    lines += [f"- `{command}`" for command in commands]
+    lines += _measured_by(screen["rows"], "each run keeps the rows already there")
     lines += ["", "Per-layer FFN widths (layer 0 first):", ""]
     lines += [f"- `{row['variant']}` {100 * row['ratio']:.0f}%: {', '.join(map(str, row['widths']))}"
               for row in screen["rows"] if row["variant"] not in ("dense", "uniform")]

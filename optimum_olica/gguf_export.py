@@ -23,7 +23,6 @@ converter stores them); q4_k_m is made from the f16 file by llama.cpp's own quan
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import json
 import logging

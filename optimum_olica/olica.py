@@ -149,10 +149,7 @@ class OlicaLayerPruner:
             )
         )
         # §2: FFN neuron pruning.
-        ffn_scores = om.ffn_neuron_scores(
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-            stats.mlp_input.second_moment, stats.intermediate.second_moment,
-        )
+        ffn_scores = _ffn_scores(mlp, stats.mlp_input, stats.intermediate)
         decisions = LayerDecisions(
             query, key, *self._value_output(attention, layer_idx),
             ffn_keep=om.keep_top_neurons(ffn_scores, config.intermediate_sizes[layer_idx]),
@@ -358,10 +355,7 @@ class FfnNeuronScores:
         finally:
             for handle in handles:
                 handle.remove()
-        self.scores[layer_idx] = om.ffn_neuron_scores(
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-            inputs.second_moment, intermediate.second_moment,
-        ).detach().cpu()
+        self.scores[layer_idx] = _ffn_scores(mlp, inputs, intermediate).detach().cpu()
 
     def widths(self, keep_total: int, multiple: int) -> dict[int, int]:
         """Per-layer FFN widths keeping ``keep_total`` neurons over the scored layers: the highest scores on the
@@ -371,6 +365,12 @@ class FfnNeuronScores:
         comparable = [om.comparable_neuron_scores(self.scores[layer]) for layer in layers]
         counts = om.neurons_kept_per_layer(comparable, keep_total, minimum=min(multiple, full))
         return dict(zip(layers, aligned_widths_with_total(counts, multiple, full)))
+
+
+def _ffn_scores(mlp, inputs: om.StreamingMoments, intermediate: om.StreamingMoments) -> torch.Tensor:
+    """§2 scores of ``mlp``'s neurons from the moments of its input and of ``down_proj``'s input."""
+    return om.ffn_neuron_scores(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                inputs.second_moment, intermediate.second_moment)
 
 
 @dataclass

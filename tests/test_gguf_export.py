@@ -57,6 +57,19 @@ def tiny_olica_model(family: str, tokenizer, **dimensions):
     return random_olica_model(base.config, **{**EXPORTABLE_DIMENSIONS, **dimensions})
 
 
+def llama_cpp_relative_error(model, path, tokenizer) -> float:
+    """RMS of llama.cpp's logits minus transformers' on ``PROMPT``, over the RMS of transformers' logits."""
+    token_ids = tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([token_ids])).logits[0].double().numpy()
+    llm = open_in_llama_cpp(path)
+    try:
+        actual = llama_cpp_logits(llm, token_ids)
+    finally:
+        llm.close()
+    return float(np.sqrt(np.mean((actual - expected) ** 2) / np.mean(expected**2)))
+
+
 def open_in_llama_cpp(path, n_ctx: int = 128, **kwargs):
     import llama_cpp
 
@@ -197,15 +210,7 @@ def test_q8_0_pads_the_ffn_to_whole_blocks_and_quantizes_down_proj(tiny_tokenize
     down = [tensor for tensor in reader.tensors if tensor.name.endswith("ffn_down.weight")]
     assert down and all(tensor.tensor_type == GGMLQuantizationType.Q8_0 for tensor in down)
     assert all(int(tensor.shape[0]) == 64 for tensor in down)  # GGUF lists the row length first
-    token_ids = tiny_tokenizer(PROMPT)["input_ids"]
-    with torch.no_grad():
-        expected = model(torch.tensor([token_ids])).logits[0].double().numpy()
-    llm = open_in_llama_cpp(result.path)
-    try:
-        actual = llama_cpp_logits(llm, token_ids)
-    finally:
-        llm.close()
-    relative_error = np.sqrt(np.mean((actual - expected) ** 2) / np.mean(expected**2))
+    relative_error = llama_cpp_relative_error(model, result.path, tiny_tokenizer)
     # Measured: 0.021 padded, 0.020 with the FFN unpadded (down_proj then f16), 0.0009 for the f16 file: the random
     # tiny model's q8_0 rounding, which the padding does not change.
     assert relative_error < 0.03
@@ -231,15 +236,7 @@ def test_per_layer_ffn_widths_are_stored_per_layer_where_llama_cpp_reads_them(fa
     down = {tensor.name: int(tensor.shape[0]) for tensor in reader.tensors if tensor.name.endswith("ffn_down.weight")}
     assert [down[f"blk.{layer}.ffn_down.weight"] for layer in range(3)] == list(result.stored_ffn_widths)
     assert ("stored per layer" in result.summary()) == per_layer
-    token_ids = tiny_tokenizer(PROMPT)["input_ids"]
-    with torch.no_grad():
-        expected = model(torch.tensor([token_ids])).logits[0].double().numpy()
-    llm = open_in_llama_cpp(result.path)
-    try:
-        actual = llama_cpp_logits(llm, token_ids)
-    finally:
-        llm.close()
-    assert np.sqrt(np.mean((actual - expected) ** 2) / np.mean(expected**2)) < 0.03
+    assert llama_cpp_relative_error(model, result.path, tiny_tokenizer) < 0.03
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -37,10 +39,12 @@ from common import chosen_variants, command_line, git_commit, results_path, writ
 
 from calibration_screen import perplexities, screening_texts  # noqa: E402
 from optimum_olica import olica_math as om  # noqa: E402
+from optimum_olica.allocation import reference_split  # noqa: E402
 from optimum_olica.configuration import OlicaConfig  # noqa: E402
 from optimum_olica.data import get_calibration_dataset  # noqa: E402
 from optimum_olica.default_model import default_model_path  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
+from reconstruction import reconstruction_algorithm  # noqa: E402
 
 RESULTS = "allocation_screen"
 
@@ -59,14 +63,61 @@ def _raw(scores: torch.Tensor) -> torch.Tensor:
     return scores.detach().double()
 
 
-# name -> (layer_allocation, replacement of comparable_neuron_scores or None, description)
+def _shrunk_scores(share: float):
+    """ffn_neuron_scores with both second moments shrunk towards their mean by ``share`` (a domain-agnostic prior:
+    a channel the calibration text leaves quiet may be busy on another text)."""
+    original = om.ffn_neuron_scores
+
+    def scores(gate, up, down, input_moment, intermediate_moment):
+        shrink = lambda moment: (1 - share) * moment + share * moment.mean()  # noqa: E731
+        return original(gate, up, down, shrink(input_moment), shrink(intermediate_moment))
+
+    return scores
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    overrides: dict = field(default_factory=dict)  # recipe fields (a qk_ratio of "half" or "1.5": see _scaled_qk)
+    comparable: Callable | None = None  # replaces olica_math.comparable_neuron_scores
+    scores: Callable | None = None  # replaces olica_math.ffn_neuron_scores
+    layer_algorithm: Callable | None = None  # prune_model's layer_algorithm
+
+
 VARIANTS = {
-    "uniform": ("uniform", None, "one FFN width in every layer (layer_allocation='uniform')"),
-    "log_standardized": ("adaptive", None, "the shipped adaptive allocation: log scores standardized per layer"),
-    "standardized": ("adaptive", _standardized, "raw scores standardized per layer (FLAP's normalisation)"),
-    "mean_normalized": ("adaptive", _mean_normalized, "raw scores divided by the layer's mean score"),
-    "raw": ("adaptive", _raw, "raw scores compared across layers as they are"),
+    "uniform": Variant("one FFN width in every layer (layer_allocation='uniform')", {"layer_allocation": "uniform"}),
+    "log_standardized": Variant("the shipped adaptive allocation: log scores standardized per layer"),
+    "standardized": Variant("raw scores standardized per layer (FLAP's normalisation)", comparable=_standardized),
+    "mean_normalized": Variant("raw scores divided by the layer's mean score", comparable=_mean_normalized),
+    "raw": Variant("raw scores compared across layers as they are", comparable=_raw),
+    "reconstruction": Variant(
+        "log_standardized widths; within each layer, the neurons kept by reconstruction instead of by score "
+        "(bench/reconstruction.py: greedy optimal brain surgeon on down_proj's inputs, damping 0.01)",
+        layer_algorithm=reconstruction_algorithm(1e-2)),
+    "reconstruction_damping_0.1": Variant("reconstruction with damping 0.1",
+                                          layer_algorithm=reconstruction_algorithm(0.1)),
+    "reconstruction_damping_1": Variant("reconstruction with damping 1", layer_algorithm=reconstruction_algorithm(1.0)),
+    "shrunk_moments_0.5": Variant("log_standardized, the FFN scores' second moments shrunk halfway to their mean "
+                                  "(a prior for channels the calibration text leaves quiet)",
+                                  scores=_shrunk_scores(0.5)),
+    "shrunk_moments_0.2": Variant("log_standardized, the FFN scores' second moments shrunk a fifth of the way",
+                                  scores=_shrunk_scores(0.2)),
+    "qk_half": Variant("log_standardized, Q/K ranks cut half as much as the reference split (the FFN takes the rest)",
+                       {"qk_ratio": "half"}),
+    "qk_1.5": Variant("log_standardized, Q/K ranks cut 1.5 times as much as the reference split (the FFN keeps more)",
+                      {"qk_ratio": "1.5"}),
+    "whole_values": Variant("log_standardized, value heads kept whole (vo_ratio=0)", {"vo_ratio": 0.0}),
+    "whole_values_qk_1.5": Variant("log_standardized, value heads kept whole and Q/K cut 1.5 times the reference "
+                                   "split", {"vo_ratio": 0.0, "qk_ratio": "1.5"}),
 }
+
+
+def _scaled_qk(overrides: dict, ratio: float) -> dict:
+    """A ``qk_ratio`` given relative to the reference split of ``ratio`` ("half", "1.5") as the ratio it means."""
+    if not isinstance(overrides.get("qk_ratio"), str):
+        return overrides
+    factor = 0.5 if overrides["qk_ratio"] == "half" else float(overrides["qk_ratio"])
+    return {**overrides, "qk_ratio": min(0.95, factor * reference_split(ratio)[0])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,13 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
             if any(row["variant"] == name and row["ratio"] == ratio for row in rows):
                 print(f"{name} @ {ratio}: kept from the previous run", flush=True)
                 continue
-            allocation, comparable, _ = VARIANTS[name]
-            config = OlicaConfig(ratio=ratio, layer_allocation=allocation)
-            replaced = mock.patch.object(om, "comparable_neuron_scores", comparable) if comparable else nullcontext()
+            variant = VARIANTS[name]
+            config = OlicaConfig(ratio=ratio, **{"layer_allocation": "adaptive", **_scaled_qk(variant.overrides, ratio)})
             model = load()
             started = time.perf_counter()
-            with replaced:
-                result = prune_model(model, config, calibration, progress=False)
+            with ExitStack() as patches:
+                for function, replacement in (("comparable_neuron_scores", variant.comparable),
+                                              ("ffn_neuron_scores", variant.scores)):
+                    if replacement is not None:
+                        patches.enter_context(mock.patch.object(om, function, replacement))
+                result = prune_model(model, config, calibration, progress=False,
+                                     layer_algorithm=variant.layer_algorithm)
             row = {"variant": name, "ratio": ratio, "parameters": result.model.num_parameters(),
                    "widths": list(result.model.config.intermediate_sizes),
                    "perplexity": perplexities(result.model, evaluation), "prune_s": time.perf_counter() - started,
@@ -122,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _save(protocol: dict, rows: list[dict], argv) -> dict:
     results = {"protocol": protocol,
-               "variants": {name: description for name, (_, _, description) in VARIANTS.items()
+               "variants": {name: variant.description for name, variant in VARIANTS.items()
                             if any(row["variant"] == name for row in rows)},
                "rows": rows}
     return write_results(results_path(RESULTS, False), results, "allocation_screen.py", argv, False)

@@ -65,7 +65,8 @@ EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 # weights (the o_proj/down_proj refit, no extra parameters); the paper applies it as a parallel low-rank branch on
 # the FFN input. The ablation removes it (olica_no_lc), and measures the paper's branch alone and on top of the refit.
 VARIANTS = {
-    "olica": ("olica", {}, "Olica as shipped: OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
+    "olica": ("olica", {}, "Olica as shipped on the benchmark's own calibration data (so self_calibration='auto' "
+                          "adds nothing): OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
                           "pass, layer_allocation='adaptive') + linear calibration by the o_proj/down_proj refit"),
     "olica_no_lc": ("olica", {"refit_damping": None, "num_calibrated_layers": 0},
                     "the same without linear calibration (no refit, no branch)"),
@@ -93,8 +94,9 @@ VARIANTS = {
                           "whole, the FFN a multiple of 64 where one lands within half a point of the target"),
     # Issue 15: calibration that reaches beyond the user's domain (bench/calibration_screen.py screened these).
     "olica_self_calibrated": ("olica", {"self_calibration": 0.5},
-                              "Olica with self_calibration=0.5: the first 64 benchmark windows alternating with 64 "
-                              "sequences the model samples itself (temperature 1, from BOS, seed 0); same token budget"),
+                              "Olica with self_calibration=0.5 (what 'auto', the default, draws with the bundled "
+                              "text): the first 64 benchmark windows alternating with 64 sequences the model samples "
+                              "itself (temperature 1, from BOS, seed 0); same token budget"),
     # Issue 15: the split between value channels and Q/K/FFN (the multiples' measurements kept value heads whole).
     "olica_whole_values": ("olica", {"vo_ratio": 0.0},
                            "Olica with value heads kept whole (vo_ratio=0): Q/K keep the reference split, the FFN is "
@@ -229,8 +231,10 @@ def _widths(config) -> dict:
 
 def _with_self_generated(model, tokenizer, calibration: torch.Tensor, config: OlicaConfig) -> tuple[torch.Tensor, float]:
     """The benchmark windows, or for a `self_calibration` recipe what OlicaPruner would draw for it (the first
-    benchmark windows alternating with sequences the model writes, seed 0), with the seconds spent generating."""
-    count = config.self_generated_samples()
+    benchmark windows alternating with sequences the model writes, seed 0), with the seconds spent generating. The
+    benchmark windows are data of the benchmark's own, so ``self_calibration="auto"`` (the default) adds nothing:
+    the protocol keeps its fixed Austen calibration."""
+    count = config.self_generated_samples(own_data=True)
     if count == 0:
         return calibration, 0.0
     started = time.perf_counter()

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .configuration import BUNDLED_SOURCE
 from .errors import CalibrationDataError
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "tokenize_for_perplexity",
 ]
 
-BUNDLED_SOURCE = "austen"
 _BUNDLED_RESOURCE = ("resources", "calibration_austen.txt")
 
 # Extension -> `datasets` builder (None: read as plain text, one document per file).

@@ -211,7 +211,10 @@ def _card_calibration_and_evaluation(report: dict, evaluations: list[dict]) -> l
         f"({calibration.get('num_tokens', 0):,} tokens) from `{calibration.get('source')}`"
         + (" (public-domain Jane Austen text bundled with optimum-olica)" if calibration.get("source") == "austen"
            else "")
-        + f", windows drawn with seed {calibration.get('seed')}.",
+        + f", windows drawn with seed {calibration.get('seed')}"
+        + (f"; {calibration['self_generated_samples']} of the sequences were written by the model itself "
+           "(self-calibration), alternating with the data." if calibration.get("self_generated_samples")
+           and calibration.get("source") != "self-generated" else "."),
         "",
         "## Evaluation",
         "",

@@ -148,17 +148,18 @@ class OlicaLayerPruner:
                 (attention.q_proj, config.query_ranks[layer_idx]), (attention.k_proj, config.key_ranks[layer_idx])
             )
         )
-        # §2: FFN neuron pruning.
-        ffn_scores = _ffn_scores(mlp, stats.mlp_input, stats.intermediate)
-        decisions = LayerDecisions(
-            query, key, *self._value_output(attention, layer_idx),
-            ffn_keep=om.keep_top_neurons(ffn_scores, config.intermediate_sizes[layer_idx]),
-        )
+        decisions = LayerDecisions(query, key, *self._value_output(attention, layer_idx),
+                                   ffn_keep=self._ffn_keep(mlp, layer_idx))
         self._stats = None
         reference = attention.o_proj.weight
         return assemble_pruned_layer(
             config, layer_idx, pruned_layer_state(layer, decisions), device=reference.device, dtype=reference.dtype
         )
+
+    def _ffn_keep(self, mlp, layer_idx: int) -> torch.Tensor:
+        """§2: the FFN neurons kept, the best-scored ones."""
+        scores = _ffn_scores(mlp, self._stats.mlp_input, self._stats.intermediate)
+        return om.keep_top_neurons(scores, self.plan_config.intermediate_sizes[layer_idx])
 
     def _value_output(self, attention, layer_idx: int):
         """§1b: each KV group's value neurons rotated by importance (fast OND), the weakest dropped; or the exact

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,8 @@ def prune_model(
             per-layer algorithm (``optimum_olica.pipeline.LayerAlgorithm``; the benchmarks' magnitude baseline,
             ``bench/magnitude.py``, is one) on the same plan, pipeline, checkpoint writing and report.
     """
+    if config.self_calibration == "auto":  # token ids are used as they are: nothing is generated
+        config = dataclasses.replace(config, self_calibration=0.0)
     run = _plan_run(model, config, calibration_input_ids, device, offload_activations, layer_algorithm)
     model.eval()
     weights = _streamed_weights(stream_from, stream_to)
@@ -578,6 +581,7 @@ class OlicaPruner:
         """Token windows for calibration: ``calibration_dataset`` (ids, texts, a dataset or a path) or the config's;
         ``text_column`` names the text column of a tabular source (see `get_calibration_dataset`)."""
         self.generation_s = None
+        config = self._with_self_calibration(config, calibration_dataset)
         if isinstance(calibration_dataset, torch.Tensor):
             if config.self_calibration > 0:
                 raise OlicaError(
@@ -655,7 +659,7 @@ class OlicaPruner:
         Neither ``device`` nor ``offload_activations`` is part of the recipe or changes the weights (on the same kind
         of device); the device used is in the report. Streaming is chosen by ``from_pretrained(..., streaming=True)``.
         """
-        config = config or OlicaConfig()
+        config = self._with_self_calibration(config or OlicaConfig(), calibration_dataset)
         if self.pruned_model is not None:
             raise RuntimeError("This pruner has already pruned its model; create a new OlicaPruner to prune again.")
         checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else self.checkpoint_dir
@@ -683,6 +687,18 @@ class OlicaPruner:
             self.save_pretrained(save_directory, overwrite=overwrite)
             _remove_resume_files(checkpoint_dir)
         return result.model
+
+    def _with_self_calibration(self, config: OlicaConfig, calibration_dataset) -> OlicaConfig:
+        """``config`` with ``self_calibration="auto"`` resolved, so that the report, the saved recipe and a resume
+        record the share used: none with data of the user's, none in streaming mode (no weights to generate with)."""
+        if config.self_calibration != "auto":
+            return config
+        share = config.self_calibration_share(own_data=calibration_dataset is not None)
+        if share and self.weights_dir is not None:
+            logger.info("self_calibration='auto': a streaming pruner holds no weights to generate with, so the "
+                        "calibration is %s alone.", config.calibration_source)
+            share = 0.0
+        return dataclasses.replace(config, self_calibration=share)
 
     def _calibration_info(self, config: OlicaConfig, calibration_dataset, text_column: str | None) -> dict:
         """What the calibration ids were made from, for the report's ``calibration_data``."""

@@ -137,14 +137,20 @@ _WHAT = {
 }
 
 
+# What a run ran with before the field existed, where that is not the field's default today (the default changed
+# the behaviour when the field was added): a checkpoint without the field is compared with this value.
+_BEFORE_THE_FIELD = {"layer_allocation": "uniform", "self_calibration": 0.0}
+
+
 def _recipe_defaults() -> dict:
-    """Every OlicaConfig field that has a default, with it (as to_dict writes it)."""
+    """Every OlicaConfig field that has a default, with what a checkpoint without the field ran at."""
     import dataclasses
 
     from .configuration import OlicaConfig
 
-    return {field_.name: field_.default for field_ in dataclasses.fields(OlicaConfig)
-            if field_.default is not dataclasses.MISSING}
+    defaults = {field_.name: field_.default for field_ in dataclasses.fields(OlicaConfig)
+                if field_.default is not dataclasses.MISSING}
+    return {**defaults, **_BEFORE_THE_FIELD}
 
 
 def _saved_recipe(recipe: dict) -> dict:

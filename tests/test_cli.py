@@ -240,6 +240,7 @@ def test_every_config_field_has_a_flag_and_no_flag_means_the_default():
         (["--skip-layers", "0,3"], {"skip_layers": [0, 3]}),
         (["--dataset", "corpus.txt", "--num-samples", "4"], {"calibration_source": "corpus.txt", "num_samples": 4}),
         (["--self-calibration", "0.5"], {"self_calibration": 0.5}),
+        (["--self-calibration", "auto"], {"self_calibration": "auto"}),
         (["--qk-ratio", "0.3", "--streaming", "--statistics-dtype", "float32"],
          {"qk_ratio": 0.3, "statistics_dtype": "float32"}),
         (["--device", "cuda:1", "--offload-activations"], {}),  # settings of the run, not of the recipe

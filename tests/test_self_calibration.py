@@ -16,6 +16,7 @@ from optimum_olica import (
     mix_calibration_ids,
 )
 from optimum_olica.errors import OlicaConfigError, OlicaError
+from optimum_olica.hub import build_model_card
 from optimum_olica.olica import _update_folds
 from optimum_olica.olica_math import StreamingMoments
 from optimum_olica.pruner import calibration_batch_size
@@ -118,3 +119,60 @@ def test_all_self_generated_reads_no_data_and_token_ids_cannot_be_mixed_into():
 def test_self_calibration_outside_zero_one_is_refused(value):
     with pytest.raises(OlicaConfigError, match="self_calibration"):
         OlicaConfig(self_calibration=value)
+
+
+def _tiny_model_for(tokenizer):
+    return make_tiny_model("llama_gqa", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+
+
+# The vocabulary holds nearly all of a tiny model's parameters: the parts are pinned (ratio is then informative only).
+SMALL = {"qk_ratio": 0.25, "vo_ratio": 0.25, "ffn_ratio": 0.25, "num_samples": 4, "sequence_length": 16}
+
+
+def test_auto_mixes_the_models_own_text_into_the_bundled_text_and_records_the_share(tokenizer, tmp_path):
+    model = _tiny_model_for(tokenizer)
+    expected = mix_calibration_ids(get_calibration_dataset(tokenizer, "austen", 2, 16, seed=0),
+                                   generate_calibration_ids(model, tokenizer, 2, 16, seed=0))
+    pruner = OlicaPruner(model, tokenizer)
+    config = OlicaConfig(**SMALL)
+    assert config.self_calibration == "auto"
+    assert torch.equal(pruner.calibration_input_ids(config), expected)
+    pruner.prune(config, save_directory=tmp_path / "pruned", progress=False)
+    assert pruner.report["calibration_data"]["self_generated_samples"] == 2
+    assert OlicaConfig.from_pretrained(tmp_path / "pruned").self_calibration == 0.5  # the share used, not 'auto'
+    assert pruner.pruned_model.config.olica_recipe["self_calibration"] == 0.5
+    assert "2 of the sequences were written by the model itself" in build_model_card(tmp_path / "pruned").content
+
+
+@pytest.mark.parametrize("given", ["texts", "source", "ids"])
+def test_auto_leaves_data_of_the_users_own_as_it_is(tokenizer, tmp_path, given):
+    texts = ["The court held that the contract was void. " * 40] * 3
+    (tmp_path / "own.txt").write_text(texts[0])
+    config = OlicaConfig(**SMALL, calibration_source=str(tmp_path / "own.txt") if given == "source" else "austen")
+    dataset = {"texts": texts, "source": None, "ids": torch.randint(3, 128, (4, 16))}[given]
+    pruner = OlicaPruner(_tiny_model_for(tokenizer), tokenizer)
+    ids = pruner.calibration_input_ids(config, dataset)
+    if given != "ids":
+        source = texts if given == "texts" else str(tmp_path / "own.txt")
+        assert torch.equal(ids, get_calibration_dataset(tokenizer, source, 4, 16, seed=0))
+    pruner.prune(config, dataset, progress=False)
+    assert "self_generated_samples" not in pruner.report["calibration_data"]
+    assert pruner.pruned_model.config.olica_recipe["self_calibration"] == 0.0
+
+
+def test_prune_model_uses_token_ids_as_they_are_under_auto():
+    from optimum_olica import prune_model
+
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = prune_model(make_tiny_model("llama_gqa"), OlicaConfig(**SMALL), ids, progress=False)
+    assert result.model.config.olica_recipe["self_calibration"] == 0.0
+
+
+@pytest.mark.parametrize("value", ["auto", 0, 0.25, 1])
+def test_auto_and_shares_in_zero_one_are_accepted(value):
+    config = OlicaConfig(self_calibration=value, num_samples=8)
+    shares = {"auto": 0.5, 0: 0.0, 0.25: 0.25, 1: 1.0}
+    assert config.self_calibration_share() == shares[value]
+    assert config.self_calibration_share(own_data=True) == (0.0 if value == "auto" else shares[value])
+    assert config.self_generated_samples() == round(8 * shares[value])

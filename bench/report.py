@@ -518,17 +518,20 @@ def _measured_by(rows: list[dict], note: str) -> list[str]:
 
 
 def allocation_screen_section(screen, quick: bool) -> str:
-    """The ways of sharing the FFN neurons between layers (bench/allocation_screen.py), at 20% and 33%."""
-    lines = ["## Sharing the FFN between layers: normalisations screened (issue 15)", ""]
+    """The allocation and selection variants of bench/allocation_screen.py, at 20% and 33%."""
+    lines = ["## Allocation and selection variants screened (issue 15)", ""]
     if quick:
         return ""
     if not screen:
         return "\n".join(lines + ["Not measured yet: run `python bench/allocation_screen.py`.\n"])
     protocol = screen["protocol"]
     lines += [
-        "Every row keeps the same number of FFN neurons in all (the same parameter count as `uniform`) and differs "
-        "only in how the layers share them: each layer's neuron scores come from one dense pass, and the variants "
-        "differ in how scores of different layers are made comparable before the highest are kept. Protocol: "
+        "Variants of what is cut where, at the same target. The first rows keep the same number of FFN neurons in "
+        "all (the parameter count of `uniform`) and differ only in how the layers share them: each layer's neuron "
+        "scores come from one dense pass, and the variants differ in how scores of different layers are made "
+        "comparable before the highest are kept. The `reconstruction` and `shrunk_moments` rows change which "
+        "neurons a layer keeps at the shipped widths; the `qk`, `whole_values` rows move parameters between the "
+        "attention and the FFN (the FFN width is solved for the same total, within half a point). Protocol: "
         f"SmolLM2-135M-Instruct; calibration {protocol['calibration']}; perplexity on the first "
         f"{protocol['eval_tokens']:,} tokens of each text (windows of 128), as a ratio to dense on the same tokens. "
         f"{_provenance(screen)}",
@@ -823,7 +826,10 @@ def main(argv: list[str] | None = None) -> Path:
                   "width its neuron scores earn on the dense model; `olica_uniform` gives every layer the same "
                   "width, as every table above measured before it did (their `olica` is this table's "
                   "`olica_uniform`). Same parameter count, same protocol as the table above; the next section "
-                  "compares ways of making scores of different layers comparable.",
+                  "compares ways of making scores of different layers comparable. `olica_self_calibrated` is the "
+                  "calibration the default (`self_calibration=\"auto\"`) draws without data of one's own: the "
+                  "bundled text alternating with the model's own text. The benchmark's `olica` rows pass the "
+                  "benchmark windows as data of their own, so the protocol keeps its fixed Austen calibration.",
                   f"--variants olica,olica_uniform --ratios 0.2,0.33 --results {ALLOCATION_RESULTS}"),
               allocation_screen_section(None if quick else _load(ALLOCATION_SCREEN_RESULTS, False), quick),
               screening_section(screen, quick), gpu_section(gpu, quick),

@@ -690,13 +690,19 @@ class OlicaPruner:
 
     def _with_self_calibration(self, config: OlicaConfig, calibration_dataset) -> OlicaConfig:
         """``config`` with ``self_calibration="auto"`` resolved, so that the report, the saved recipe and a resume
-        record the share used: none with data of the user's, none in streaming mode (no weights to generate with)."""
+        record the share used: none with data of the user's; none in streaming mode (no weights to generate with) or
+        with weights offloaded to the CPU or disk (each generated token would read every weight across the bus)."""
         if config.self_calibration != "auto":
             return config
         share = config.self_calibration_share(own_data=calibration_dataset is not None)
-        if share and self.weights_dir is not None:
-            logger.info("self_calibration='auto': a streaming pruner holds no weights to generate with, so the "
-                        "calibration is %s alone.", config.calibration_source)
+        placements = {str(place) for place in (getattr(self.model, "hf_device_map", None) or {}).values()}
+        # On the CPU beside an accelerator, or on disk, weights are offloaded; a model wholly on the CPU is not.
+        offloaded = "disk" in placements or ("cpu" in placements and len(placements) > 1)
+        if share and (self.weights_dir is not None or offloaded):
+            logger.info("self_calibration='auto': the model's weights are %s, so it does not generate calibration "
+                        "text and the calibration is %s alone (set self_calibration=0.5 to generate anyway).",
+                        "streamed from files" if self.weights_dir is not None else "offloaded",
+                        config.calibration_source)
             share = 0.0
         return dataclasses.replace(config, self_calibration=share)
 

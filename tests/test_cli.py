@@ -25,8 +25,10 @@ from optimum_olica.commands.prune import OlicaPruneCommand, config_flag_name, re
 
 OPTIMUM_CLI = Path(sys.executable).with_name("optimum-cli")
 # A fixed refit damping: 'auto' cross-validates it, which costs seconds per layer even on a tiny model.
+# --self-calibration 0: the runs these tests compare (streaming against in memory) calibrate on the same data
+# (a streaming pruner holds no weights to generate with); the default's mix is tested on its own below.
 FAST_RECIPE = ["--num-samples", "8", "--sequence-length", "32", "--num-calibrated-layers", "1", "--refit-damping",
-               "0.1", "--device", "cpu"]
+               "0.1", "--self-calibration", "0", "--device", "cpu"]
 
 
 def run_cli(*argv: str) -> int:
@@ -60,6 +62,7 @@ def test_prune_writes_a_checkpoint_with_the_recipe_the_flags_describe(pruned_dir
     recipe = json.loads((pruned_dir / "olica_config.json").read_text())
     assert recipe == OlicaConfig(
         ratio=0.2, skip_layers=[2], num_samples=8, sequence_length=32, num_calibrated_layers=1, refit_damping=0.1,
+        self_calibration=0.0,
     ).to_dict()
     report = json.loads((pruned_dir / "olica_report.json").read_text())
     assert report["device"] == "cpu" and report["streaming"] is False  # --device is the run's, not the recipe's
@@ -69,6 +72,15 @@ def test_prune_writes_a_checkpoint_with_the_recipe_the_flags_describe(pruned_dir
     assert report["calibration_data"]["num_tokens"] == 8 * 32
     assert abs(report["achieved_ratio"] - 0.2) < 0.05
     assert report["layers"][2]["intermediate_size"] == 96  # the skipped layer stays dense
+
+
+def test_prune_by_default_mixes_the_models_own_text_into_the_bundled_text(base_model_dir, tmp_path):
+    output = tmp_path / "default-calibration"
+    assert run_cli("prune", base_model_dir, output, "--num-samples", "4", "--sequence-length", "16",
+                   "--device", "cpu") == 0
+    assert json.loads((output / "olica_config.json").read_text())["self_calibration"] == 0.5
+    calibration = json.loads((output / "olica_report.json").read_text())["calibration_data"]
+    assert (calibration["source"], calibration["self_generated_samples"]) == ("austen", 2)
 
 
 def test_pruned_output_reloads_with_auto_model(pruned_dir):

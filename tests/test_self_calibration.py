@@ -176,3 +176,13 @@ def test_auto_and_shares_in_zero_one_are_accepted(value):
     assert config.self_calibration_share() == shares[value]
     assert config.self_calibration_share(own_data=True) == (0.0 if value == "auto" else shares[value])
     assert config.self_generated_samples() == round(8 * shares[value])
+
+
+def test_auto_generates_nothing_with_weights_offloaded(tokenizer, caplog):
+    model = _tiny_model_for(tokenizer)
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}
+    pruner = OlicaPruner(model, tokenizer)
+    with caplog.at_level("INFO", logger="optimum_olica.pruner"):
+        ids = pruner.calibration_input_ids(OlicaConfig(**SMALL))
+    assert torch.equal(ids, get_calibration_dataset(tokenizer, "austen", 4, 16, seed=0))
+    assert "offloaded" in caplog.text and "self_calibration=0.5" in caplog.text

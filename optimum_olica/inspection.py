@@ -129,7 +129,20 @@ def format_summary(report: dict) -> str:
         f"parameters: {before:,} -> {after:,} (removed {100 * report['achieved_ratio']:.2f}%, target "
         f"{100 * report['target_ratio']:.1f}%); pruning took {report['runtime_s']:.1f} s"
     )
+    lines.append(f"calibration data: {_calibration_data(report['calibration_data'])}")
     return "\n".join(lines)
+
+
+def _calibration_data(data: dict) -> str:
+    """``source: N x L tokens = T tokens, seed S``, and how many sequences the model wrote, in how long."""
+    text = (f"{data.get('source')}: {data.get('num_samples')} x {data.get('sequence_length')} tokens "
+            f"= {data.get('num_tokens', 0):,} tokens, seed {data.get('seed')}")
+    generated = data.get("self_generated_samples")
+    if generated and data.get("source") != "self-generated":
+        text += f", of which {generated} sequences written by the model itself"
+    if generated:
+        text += f" (generated in {data.get('generation_s', 0.0):.1f} s, apart from the pruning time)"
+    return text
 
 
 def describe_checkpoint(checkpoint: OlicaCheckpoint) -> str:
@@ -161,11 +174,7 @@ def describe_checkpoint(checkpoint: OlicaCheckpoint) -> str:
     lines.append(
         f"  calibrated layers {report.get('calibrated_layers', [])} (rank {report.get('calibration_rank', 0)})"
     )
-    data = report["calibration_data"]
-    lines.append(
-        f"  calibration data  {data.get('source')}: {data.get('num_samples')} x {data.get('sequence_length')} tokens "
-        f"= {data.get('num_tokens', 0):,} tokens, seed {data.get('seed')}"
-    )
+    lines.append(f"  calibration data  {_calibration_data(report['calibration_data'])}")
     lines.append(
         f"  pruning run       method {report.get('method', 'olica')}, {report.get('runtime_s', 0.0):.1f} s on "
         f"{report.get('device', '?')}{', streaming' if report.get('streaming') else ''}"

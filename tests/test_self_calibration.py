@@ -17,6 +17,7 @@ from optimum_olica import (
 )
 from optimum_olica.errors import OlicaConfigError, OlicaError
 from optimum_olica.hub import build_model_card
+from optimum_olica.inspection import format_summary
 from optimum_olica.olica import _update_folds
 from optimum_olica.olica_math import StreamingMoments
 from optimum_olica.pruner import calibration_batch_size
@@ -143,6 +144,8 @@ def test_auto_mixes_the_models_own_text_into_the_bundled_text_and_records_the_sh
     assert OlicaConfig.from_pretrained(tmp_path / "pruned").self_calibration == 0.5  # the share used, not 'auto'
     assert pruner.pruned_model.config.olica_recipe["self_calibration"] == 0.5
     assert "2 of the sequences were written by the model itself" in build_model_card(tmp_path / "pruned").content
+    assert "austen: 4 x 16 tokens = 64 tokens, seed 0, of which 2 sequences written by the model itself (generated in" \
+        in format_summary(pruner.report)
 
 
 @pytest.mark.parametrize("given", ["texts", "source", "ids"])

@@ -43,7 +43,7 @@ from .resume import (
     fingerprint_state_dict,
     run_manifest,
 )
-from .self_calibration import generate_calibration_ids, mix_calibration_ids
+from .self_calibration import generate_calibration_ids, has_start_token, mix_calibration_ids
 from .sinks import ModelSink, ShardSink
 from .sources import ModelLayerSource, SafetensorsLayerSource, SafetensorsWeights
 
@@ -698,10 +698,12 @@ class OlicaPruner:
         placements = {str(place) for place in (getattr(self.model, "hf_device_map", None) or {}).values()}
         # On the CPU beside an accelerator, or on disk, weights are offloaded; a model wholly on the CPU is not.
         offloaded = "disk" in placements or ("cpu" in placements and len(placements) > 1)
-        if share and (self.weights_dir is not None or offloaded):
-            logger.info("self_calibration='auto': the model's weights are %s, so it does not generate calibration "
-                        "text and the calibration is %s alone (set self_calibration=0.5 to generate anyway).",
-                        "streamed from files" if self.weights_dir is not None else "offloaded",
+        reason = ("its weights are streamed from files" if self.weights_dir is not None
+                  else "its weights are offloaded" if offloaded
+                  else None if has_start_token(self.model, self.tokenizer) else "it names no BOS or EOS token")
+        if share and reason:
+            logger.info("self_calibration='auto': the model generates no calibration text (%s), so the calibration "
+                        "is %s alone (set self_calibration=0.5 to generate anyway).", reason,
                         config.calibration_source)
             share = 0.0
         return dataclasses.replace(config, self_calibration=share)

@@ -38,6 +38,15 @@ def _start_token_id(model: Any, tokenizer: Any | None) -> int:
     )
 
 
+def has_start_token(model: Any, tokenizer: Any | None) -> bool:
+    """Whether generation has a token to start from (`_start_token_id` would not raise)."""
+    try:
+        _start_token_id(model, tokenizer)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_arguments(num_samples: int, sequence_length: int, seed: int, temperature: float, batch_size: int) -> None:
     for name, value, minimum in (("num_samples", num_samples, 1), ("sequence_length", sequence_length, 1),
                                  ("seed", seed, 0), ("batch_size", batch_size, 1)):

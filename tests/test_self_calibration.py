@@ -189,3 +189,16 @@ def test_auto_generates_nothing_with_weights_offloaded(tokenizer, caplog):
         ids = pruner.calibration_input_ids(OlicaConfig(**SMALL))
     assert torch.equal(ids, get_calibration_dataset(tokenizer, "austen", 4, 16, seed=0))
     assert "offloaded" in caplog.text and "self_calibration=0.5" in caplog.text
+
+
+def test_a_model_with_no_start_token_is_found_out_before_generating():
+    from optimum_olica.self_calibration import has_start_token
+
+    model = make_tiny_model("llama_gqa")
+    assert has_start_token(model, None)
+    model.config.bos_token_id = model.config.eos_token_id = None
+    model.generation_config.bos_token_id = model.generation_config.eos_token_id = None
+    assert not has_start_token(model, None)
+    config = OlicaConfig(ratio=0.2, num_samples=4, sequence_length=16, calibration_source="austen")
+    with pytest.raises(OlicaError, match="no tokenizer"):  # 'auto' generates nothing and asks for the text's tokenizer
+        OlicaPruner(model).calibration_input_ids(config)

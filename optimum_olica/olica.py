@@ -364,7 +364,10 @@ class FfnNeuronScores:
         layers = sorted(self.scores)
         full = self.scores[layers[0]].shape[0]
         comparable = [om.comparable_neuron_scores(self.scores[layer]) for layer in layers]
-        counts = om.neurons_kept_per_layer(comparable, keep_total, minimum=min(multiple, full))
+        # One multiple per layer at least, unless the uniform plan itself keeps less (a tiny FFN kept at its exact
+        # width because no multiple lands on the target): the minimum must fit in the budget.
+        minimum = max(1, min(multiple, full, keep_total // len(layers)))
+        counts = om.neurons_kept_per_layer(comparable, keep_total, minimum=minimum)
         return dict(zip(layers, aligned_widths_with_total(counts, multiple, full)))
 
 

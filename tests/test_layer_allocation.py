@@ -18,6 +18,7 @@ from optimum_olica import olica_math as om
 from optimum_olica.allocation import aligned_widths_with_total, plan_dimensions, plan_with_ffn_widths
 from optimum_olica.configuration import OlicaConfig
 from optimum_olica.conversion import olica_config_from
+from optimum_olica.olica import FfnNeuronScores
 from optimum_olica.pruner import ALLOCATION_SHARE, prune_model
 
 from conftest import make_tiny_model
@@ -208,3 +209,31 @@ def test_the_stock_recipe_is_uniform():
 def test_an_unknown_allocation_is_refused():
     with pytest.raises(ValueError, match="layer_allocation"):
         OlicaConfig(ratio=0.2, layer_allocation="global")
+
+
+def test_a_budget_below_one_multiple_per_layer_is_shared_without_error():
+    # Found by tests/test_properties.py: an FFN of 21 neurons whose uniform plan keeps one per layer (no multiple of 8
+    # lands on the target). Every layer keeps at least what the budget allows, and the total is the uniform plan's.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=64, hidden_size=8, intermediate_size=21, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=4, max_position_embeddings=64, initializer_range=0.2,
+            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+
+    calibration = torch.randint(3, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    recipe = {"ratio": 0.375, "num_calibrated_layers": 1, "calibration_rank_ratio": 0.05}
+    uniform = prune_model(model(), OlicaConfig(**recipe, layer_allocation="uniform"), calibration, progress=False)
+    adaptive = prune_model(model(), OlicaConfig(**recipe), calibration, progress=False)
+    assert sum(adaptive.model.config.intermediate_sizes) == sum(uniform.model.config.intermediate_sizes)
+    assert adaptive.model.num_parameters() == uniform.model.num_parameters()
+    assert min(adaptive.model.config.intermediate_sizes) >= 1
+
+
+def test_widths_keep_a_budget_smaller_than_one_multiple_per_layer():
+    scores = FfnNeuronScores(scores={0: torch.rand(21, generator=torch.Generator().manual_seed(1)) + 0.1,
+                                     1: torch.rand(21, generator=torch.Generator().manual_seed(2)) + 0.1})
+    assert scores.widths(2, 8) == {0: 1, 1: 1}
+    assert sum(scores.widths(10, 8).values()) == 10

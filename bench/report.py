@@ -205,6 +205,7 @@ def cost_section(cost, quick: bool) -> str:
         f"| {cost['prune_s']:.1f} s | {cost['dense_forward_median_s']:.1f} s ({forward}) | "
         f"{cost['prune_over_dense_forward']:.2f}x | <= {cost['target_ratio']} |",
         "",
+        *_generation_lines(cost),
         "Where the pruning time goes (the report's phase timings, summed over layers):",
         "",
         "| phase | seconds | share | in floor units |",
@@ -225,6 +226,16 @@ def cost_section(cost, quick: bool) -> str:
               "the refit pass, then the FFN but down_proj) producing the next layer's inputs; store = handing the "
               "pruned layer over; other = planning, choosing the branch layers, assembling the model.", ""]
     return "\n".join(lines)
+
+
+def _generation_lines(cost) -> list[str]:
+    """The self-generated calibration's cost (self_calibration="auto" without data of one's own), where measured."""
+    if "generation_s" not in cost:
+        return []
+    return [f"Generating the {cost['self_generated_samples']} sequences the default calibration has the model write "
+            "when the user gives no data (self_calibration=\"auto\" with the bundled text; apart from the pruning "
+            f"time): {cost['generation_s']:.1f} s, {cost['generation_over_dense_forward']:.2f}x the dense forward.",
+            ""]
 
 
 def memory_section(memory, quick: bool) -> str:

@@ -16,10 +16,12 @@ that measured it; a run keeps the rows already there (same protocol) and measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +71,10 @@ VARIANTS = {
                  "Austen calibration, no refit (the paper's method without its branch)"),
     "self_generated_t07": ((("generated", 128, 0.7),), "concatenate", {},
                            "128 self-generated sequences at temperature 0.7"),
+    "mixed_refit_on_data": ((("austen", 64), ("generated", 64, 1.0)), "interleave_refit_on_data", {},
+                            ("the mixed_interleaved calibration, but the o_proj/down_proj refits fitted (and "
+                             "cross-validated) on the 64 Austen windows alone: the statistics that choose what is cut "
+                             "see both sources, the least-squares fits only the data")),
 }
 
 
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = OlicaConfig(ratio=args.ratio, num_samples=calibration.shape[0], sequence_length=128, **overrides)
         forward_s = dense_forward_seconds(model, calibration, 32)
         started = time.perf_counter()
-        result = prune_model(model, config, calibration, progress=False)
+        with _refit_on_data_only() if arrangement == "interleave_refit_on_data" else contextlib.nullcontext():
+            result = prune_model(model, config, calibration, progress=False)
         prune_s = time.perf_counter() - started
         row = {"variant": name, "num_sequences": calibration.shape[0], "overrides": overrides,
                "parameters": result.model.num_parameters(), "perplexity": perplexities(result.model, evaluation),
@@ -154,9 +161,25 @@ def _calibration(recipe, arrangement, model, tokenizer, austen, cache) -> tuple[
         generation_s += seconds
     if len(parts) == 1:
         return parts[0], generation_s
-    if arrangement == "interleave":
+    if arrangement.startswith("interleave"):
         return mix_calibration_ids(*parts), generation_s
     return torch.cat(parts), generation_s
+
+
+def _refit_on_data_only():
+    """The refit folds fed with the data sequences only. Interleaved calibration puts the data at the even indices and
+    every batch of 32 starts on one, so a batch's even rows are the data: they are split between the two folds (rows
+    0::4 and 2::4), and the self-generated rows are left out of the fits."""
+    from optimum_olica import olica
+
+    original = olica._update_folds
+
+    def data_folds(folds, inputs, targets):
+        if inputs.ndim < 3 or inputs.shape[0] % 4:
+            raise ValueError(f"refit on data only needs batches of 4k sequences, got {tuple(inputs.shape)}")
+        original(folds, inputs[0::2], targets[0::2])  # even rows of the data rows: 0::4 and 2::4
+
+    return mock.patch.object(olica, "_update_folds", data_folds)
 
 
 def _dampings(report: dict) -> dict[str, list]:

@@ -38,6 +38,7 @@ StatisticsDtype = Literal["float64", "float32"]
 Architecture = Literal["olica", "stock"]
 LayerAllocation = Literal["adaptive", "uniform"]
 ValueDecomposition = Literal["fast", "exact"]
+RefitOn = Literal["all", "data"]
 
 
 def _is_int(value: Any) -> bool:
@@ -208,6 +209,19 @@ class OlicaConfig:
         },
     )
 
+    refit_on: RefitOn = field(
+        default="all",
+        metadata={
+            "help": (
+                "Which calibration sequences the o_proj/down_proj refits (and calibration branches) are fitted on when "
+                "self-generated sequences are mixed in (self_calibration between 0 and 1): 'all' (default; data and "
+                "generated) or 'data' (the data alone, cross-validated on two halves of it: the generated text "
+                "then only informs what is cut). 'data' keeps nearly the in-domain figure of the data alone and "
+                "part of the mix's gain elsewhere (docs/recipes.md). Nothing changes without a mix."
+            )
+        },
+    )
+
     # -- Linear calibration -------------------------------------------------
     calibration_rank_ratio: float = field(
         default=0.03,
@@ -369,6 +383,9 @@ class OlicaConfig:
         self._check_int("num_samples", self.num_samples, minimum=1)
         self._check_int("sequence_length", self.sequence_length, minimum=8)
         self._check_int("seed", self.seed, minimum=0)
+        allowed_refits = get_args(RefitOn)
+        if self.refit_on not in allowed_refits:
+            raise OlicaConfigError(f"`refit_on` must be one of {list(allowed_refits)}, got {self.refit_on!r}.")
         if self.self_calibration == "auto":
             return
         self.self_calibration = self._real("self_calibration", self.self_calibration, "'auto' or a number in [0, 1]")
@@ -376,6 +393,11 @@ class OlicaConfig:
             raise OlicaConfigError(
                 f"`self_calibration` must be in [0, 1] (the fraction of calibration sequences the model writes), "
                 f"got {self.self_calibration!r}."
+            )
+        if self.refit_on == "data" and self.self_generated_samples() == self.num_samples:
+            raise OlicaConfigError(
+                f"refit_on='data' fits the refits on the data alone, but self_calibration={self.self_calibration} "
+                "leaves no data: lower self_calibration, or use refit_on='all'."
             )
 
     def _check_linear_calibration(self) -> None:
@@ -506,6 +528,16 @@ class OlicaConfig:
         if self.self_calibration != "auto":
             return self.self_calibration
         return 0.0 if own_data or self.calibration_source != BUNDLED_SOURCE else AUTO_SELF_CALIBRATION
+
+    def refit_sequence_mask(self):
+        """Which calibration sequences the refits fit on (a bool tensor laid out as `mix_calibration_ids` mixes them),
+        or None for all of them. Imports torch."""
+        generated = self.self_generated_samples()
+        if self.refit_on == "all" or generated in (0, self.num_samples):
+            return None
+        from .self_calibration import data_sequence_mask
+
+        return data_sequence_mask(self.num_samples - generated, generated)
 
     def self_generated_samples(self, own_data: bool = False) -> int:
         """How many of the `num_samples` calibration sequences the model writes itself (`self_calibration_share`)."""

@@ -66,6 +66,7 @@ class OlicaLayerPruner:
     statistics_dtype: torch.dtype = torch.float64
     value_decomposition: str = "fast"
     skip_layers: tuple[int, ...] = ()
+    refit_sequences: torch.Tensor | None = None  # bool per calibration sequence: those the fits use (None: all)
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -213,18 +214,23 @@ class OlicaLayerPruner:
             projection.in_features, projection.out_features, projection.weight.device
         )
         residuals, ffn_inputs = [], []
+        next_sequence = 0  # the batches come in calibration order: where this one starts
 
         def on_features(module, args):
+            nonlocal next_sequence
             if block.name == "attention":
                 target = self._dense_attention_outputs.pop(0).to(args[0].device)
             else:
                 target = self._dense_layer_outputs.pop(0).to(args[0].device) - residuals.pop()
             if projection.bias is not None:
                 target = target - projection.bias  # the refit fits the weight; the bias is added unchanged
-            if self.refit_damping is not None:
-                _update_folds(folds, args[0], target)
+            keep = self._fitted_sequences(next_sequence, args[0])
+            next_sequence += args[0].shape[0]
+            features = args[0] if keep is None else args[0][keep]
+            if self.refit_damping is not None and features.shape[0]:
+                _update_folds(folds, features, target if keep is None else target[keep])
             if block.name == "mlp" and self.calibration_rank > 0:
-                self._branch_batches.append((self._store(ffn_inputs.pop()), self._store(target)))
+                self._branch_batches.append((self._store(ffn_inputs.pop()), self._store(target), keep))
 
         handles = [projection.register_forward_pre_hook(on_features)]
         if block.name == "mlp":
@@ -236,6 +242,16 @@ class OlicaLayerPruner:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _fitted_sequences(self, start: int, batch: torch.Tensor) -> torch.Tensor | None:
+        """The rows of the batch starting at calibration sequence ``start`` that the fits use (None: all of them)."""
+        if self.refit_sequences is None:
+            return None
+        keep = self.refit_sequences[start:start + batch.shape[0]]
+        if batch.ndim < 3 or keep.shape[0] != batch.shape[0]:
+            raise ValueError(f"refit_sequences covers {self.refit_sequences.shape[0]} sequences; a batch of shape "
+                             f"{tuple(batch.shape)} at sequence {start} does not fit it.")
+        return keep.to(batch.device)
 
     @torch.no_grad()
     def fit_block(self, block, pruned, layer_idx: int, features: list[torch.Tensor]) -> None:
@@ -253,7 +269,12 @@ class OlicaLayerPruner:
         low-rank map of the FFN input. Summed in host memory, and fitted there: a (d x d) solve, once per layer."""
         moments = _host_moments(down_proj.out_features, down_proj.out_features, self.statistics_dtype,
                                 down_proj.weight.device)
-        for activation, (ffn_input, target) in zip(features, self._branch_batches):
+        for activation, (ffn_input, target, keep) in zip(features, self._branch_batches):
+            if keep is not None:  # each tensor where it waits: the stored ones may be in host memory
+                activation = activation[keep.to(activation.device)]
+                ffn_input, target = ffn_input[keep.to(ffn_input.device)], target[keep.to(target.device)]
+            if not ffn_input.shape[0]:
+                continue
             projected = down_proj(activation.to(down_proj.weight.device))
             projected = projected if down_proj.bias is None else projected - down_proj.bias
             moments.update(ffn_input, (target.to(projected.device) - projected).to(ffn_input.device))

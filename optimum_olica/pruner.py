@@ -217,6 +217,14 @@ def _plan_run(
     plan_config._attn_implementation = model.config._attn_implementation
     device, storage = _run_devices(model, device, offload_activations)
 
+    refit_sequences = config.refit_sequence_mask()
+    if refit_sequences is not None and refit_sequences.shape[0] != calibration_input_ids.shape[0]:
+        raise OlicaError(
+            f"refit_on='data' with self_calibration={config.self_calibration} reads {config.num_samples} sequences "
+            f"mixed as mix_calibration_ids lays them out, but {calibration_input_ids.shape[0]} were given: pass "
+            "num_samples sequences, or use refit_on='all'."
+        )
+
     def make_algorithm(plan_config):
         if layer_algorithm is not None:
             return layer_algorithm(plan_config, config)
@@ -229,6 +237,7 @@ def _plan_run(
             statistics_dtype=getattr(torch, config.statistics_dtype),
             value_decomposition=config.value_decomposition,
             skip_layers=skip_layers,
+            refit_sequences=refit_sequences,
         )
 
     algorithm = make_algorithm(plan_config)

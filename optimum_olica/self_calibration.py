@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["generate_calibration_ids", "mix_calibration_ids"]
+__all__ = ["data_sequence_mask", "generate_calibration_ids", "mix_calibration_ids"]
 
 
 def _start_token_id(model: Any, tokenizer: Any | None) -> int:
@@ -157,3 +157,13 @@ def mix_calibration_ids(data_ids: torch.Tensor, generated_ids: torch.Tensor) -> 
     # (paired, 2, length) -> (2 * paired, length): row 2i is data i, row 2i + 1 is generated i.
     interleaved = torch.stack([data_ids[:paired], generated_ids[:paired]], dim=1).flatten(0, 1)
     return torch.cat([interleaved, data_ids[paired:], generated_ids[paired:]]).long()
+
+
+def data_sequence_mask(num_data: int, num_generated: int) -> torch.BoolTensor:
+    """Which sequences of ``mix_calibration_ids(data, generated)`` are data (True) rather than self-generated."""
+    for name, value in (("num_data", num_data), ("num_generated", num_generated)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    paired = min(num_data, num_generated)
+    return torch.cat([torch.tensor([True, False]).repeat(paired), torch.ones(num_data - paired, dtype=torch.bool),
+                      torch.zeros(num_generated - paired, dtype=torch.bool)])

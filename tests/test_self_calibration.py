@@ -202,3 +202,63 @@ def test_a_model_with_no_start_token_is_found_out_before_generating():
     config = OlicaConfig(ratio=0.2, num_samples=4, sequence_length=16, calibration_source="austen")
     with pytest.raises(OlicaError, match="no tokenizer"):  # 'auto' generates nothing and asks for the text's tokenizer
         OlicaPruner(model).calibration_input_ids(config)
+
+
+@pytest.mark.parametrize("num_data, num_generated", [(3, 3), (5, 2), (2, 5), (4, 0), (0, 3)])
+def test_the_data_mask_follows_the_mix(num_data, num_generated):
+    from optimum_olica.self_calibration import data_sequence_mask
+
+    mixed = mix_calibration_ids(torch.zeros(num_data, 4, dtype=torch.long), torch.ones(num_generated, 4, dtype=torch.long))
+    assert torch.equal(data_sequence_mask(num_data, num_generated), mixed[:, 0] == 0)
+
+
+def test_refit_on_data_fits_the_first_layer_on_the_data_sequences_alone():
+    # Reference: the damped least squares of the first layer's o_proj, from a plain transformers forward over the data
+    # sequences (the first layer's input is the embedding, the same in the dense and the pruned model), pulled
+    # towards the same layer pruned without a refit.
+    from optimum_olica import prune_model
+
+    generator = torch.Generator().manual_seed(0)
+    data, generated = torch.randint(3, 128, (8, 16), generator=generator), torch.randint(3, 128, (8, 16),
+                                                                                          generator=generator)
+    mixed = mix_calibration_ids(data, generated)
+    recipe = {"ratio": 0.2, "num_samples": 16, "sequence_length": 16, "self_calibration": 0.5, "refit_damping": 0.1}
+    on_data = prune_model(make_tiny_model("llama_gqa"), OlicaConfig(**recipe, refit_on="data"), mixed, progress=False)
+    on_all = prune_model(make_tiny_model("llama_gqa"), OlicaConfig(**recipe), mixed, progress=False)
+    unfitted = prune_model(make_tiny_model("llama_gqa"), OlicaConfig(**{**recipe, "refit_damping": None}), mixed,
+                           progress=False)
+
+    def first_layer(model, module: str, output: bool) -> torch.Tensor:
+        attention = model.model.layers[0].self_attn
+        captured = []
+        if output:
+            handle = attention.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        else:
+            handle = getattr(attention, module).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        with torch.no_grad():
+            model(input_ids=data, use_cache=False)
+        handle.remove()
+        return captured[0].reshape(-1, captured[0].shape[-1]).double()
+
+    features = first_layer(unfitted.model, "o_proj", output=False)
+    targets = first_layer(make_tiny_model("llama_gqa"), "self_attn", output=True)
+    prior = unfitted.model.model.layers[0].self_attn.o_proj.weight.double()
+    gram = features.T @ features
+    lam = 0.1 * gram.diagonal().mean()
+    expected = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
+                                  features.T @ targets + lam * prior.T).T
+    fitted = on_data.model.model.layers[0].self_attn.o_proj.weight.double()
+    torch.testing.assert_close(fitted, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(on_all.model.model.layers[0].self_attn.o_proj.weight.double(), expected, atol=1e-3)
+
+
+def test_refit_on_data_needs_data_and_the_mix_it_describes():
+    from optimum_olica import prune_model
+
+    with pytest.raises(OlicaConfigError, match="leaves no data"):
+        OlicaConfig(self_calibration=1.0, refit_on="data")
+    with pytest.raises(OlicaConfigError, match="refit_on"):
+        OlicaConfig(refit_on="generated")
+    config = OlicaConfig(ratio=0.2, num_samples=16, sequence_length=16, self_calibration=0.5, refit_on="data")
+    with pytest.raises(OlicaError, match="16 sequences mixed as mix_calibration_ids lays them out, but 8 were given"):
+        prune_model(make_tiny_model("llama_gqa"), config, torch.randint(3, 128, (8, 16)), progress=False)

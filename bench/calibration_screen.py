@@ -71,6 +71,10 @@ VARIANTS = {
                  "Austen calibration, no refit (the paper's method without its branch)"),
     "self_generated_t07": ((("generated", 128, 0.7),), "concatenate", {},
                            "128 self-generated sequences at temperature 0.7"),
+    "mixed_refit_on_data_setting": ((("austen", 64), ("generated", 64, 1.0)), "interleave",
+                                    {"refit_on": "data", "self_calibration": 0.5},
+                                    "mixed_refit_on_data through the recipe setting refit_on='data' (the library's "
+                                    "own masks instead of this script's patch: the same figures expected)"),
     "mixed_refit_on_data": ((("austen", 64), ("generated", 64, 1.0)), "interleave_refit_on_data", {},
                             ("the mixed_interleaved calibration, but the o_proj/down_proj refits fitted (and "
                              "cross-validated) on the 64 Austen windows alone: the statistics that choose what is cut "

@@ -101,6 +101,10 @@ VARIANTS = {
     "olica_whole_values": ("olica", {"vo_ratio": 0.0},
                            "Olica with value heads kept whole (vo_ratio=0): Q/K keep the reference split, the FFN is "
                            "pruned harder to meet the same total"),
+    "olica_self_calibrated_refit_on_data": ("olica", {"self_calibration": 0.5, "refit_on": "data"},
+                                            "Olica with self_calibration=0.5 and refit_on='data': the same 64 + 64 "
+                                            "mix, the o_proj/down_proj refits fitted on the 64 benchmark windows "
+                                            "alone (the generated text only informs what is cut)"),
     "olica_self_generated": ("olica", {"self_calibration": 1.0},
                              "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
     # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").

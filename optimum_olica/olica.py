@@ -55,6 +55,9 @@ class OlicaLayerPruner:
         value_decomposition: ``"fast"`` (the fast OND: rotate, score, drop) or ``"exact"`` (truncated SVD of each
             group's activation-weighted V/O product, ``olica_math.exact_value_output_decomposition``).
         skip_layers: layers left dense: their weights are copied bit for bit (no rotation, no refit, no statistics).
+        refit_sequences: bool per calibration sequence, in calibration order: the sequences the refits and the
+            calibration branch fit on (``refit_on="data"``: the data of a self-generated mix); None: all of them.
+            The statistics that choose what is cut always see every sequence.
     """
 
     name: ClassVar[str] = "olica"  # the report's and the resume fingerprint's method
@@ -66,7 +69,7 @@ class OlicaLayerPruner:
     statistics_dtype: torch.dtype = torch.float64
     value_decomposition: str = "fast"
     skip_layers: tuple[int, ...] = ()
-    refit_sequences: torch.Tensor | None = None  # bool per calibration sequence: those the fits use (None: all)
+    refit_sequences: torch.Tensor | None = None
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)

@@ -699,8 +699,9 @@ class OlicaPruner:
 
     def _with_self_calibration(self, config: OlicaConfig, calibration_dataset) -> OlicaConfig:
         """``config`` with ``self_calibration="auto"`` resolved, so that the report, the saved recipe and a resume
-        record the share used: none with data of the user's; none in streaming mode (no weights to generate with) or
-        with weights offloaded to the CPU or disk (each generated token would read every weight across the bus)."""
+        record the share used: none with data of the user's; none in streaming mode (no weights to generate with),
+        with weights offloaded to the CPU or disk (each generated token would read every weight across the bus), or
+        for a model that names no token to start generating from."""
         if config.self_calibration != "auto":
             return config
         share = config.self_calibration_share(own_data=calibration_dataset is not None)

@@ -1,20 +1,23 @@
-"""Screening of ways to share the FFN neurons kept between layers (issue 15, non-uniform allocation).
+"""Screening of what is cut where at the same target (issue 15): how layers share the FFN, which neurons a layer keeps,
+and how parameters are split between attention and FFN.
 
 The protocol of bench/calibration_screen.py (SmolLM2-135M-Instruct, the benchmark calibration: 128 windows of 128
 tokens of the bundled Austen text, seed 0; perplexity on the first 8,192 tokens of Pride and Prejudice, licenses and
-python-stdlib, windows of 128), at 20% and 33% of the parameters really removed. Every variant keeps the same number
-of FFN neurons in all (so the same parameter count) and differs only in how the layers share them:
+python-stdlib, windows of 128), at 20% and 33% of the parameters really removed.
 
-- ``uniform``: one width in every layer (layer_allocation="uniform");
-- ``log_standardized``: the shipped ``layer_allocation="adaptive"``: each layer's neuron scores from the dense pass,
-  compared across layers as log scores standardized within the layer;
-- ``standardized``: the raw scores standardized within the layer (FLAP's normalisation of its fluctuation scores);
-- ``mean_normalized``: the raw scores divided by the layer's mean score;
-- ``raw``: the raw scores compared as they are.
+- Sharing the FFN between layers (same number of neurons in all, so the same parameter count): ``uniform`` (one
+  width in every layer); ``log_standardized`` (the shipped ``layer_allocation="adaptive"``: log scores standardized
+  within the layer); ``standardized`` (raw scores standardized within the layer, FLAP's normalisation);
+  ``mean_normalized`` (raw scores divided by the layer's mean); ``raw`` (raw scores as they are). The alternatives
+  replace ``olica_math.comparable_neuron_scores`` for the run.
+- Which neurons a layer keeps at the shipped widths: ``reconstruction*`` (bench/reconstruction.py, as
+  ``prune_model``'s ``layer_algorithm``); ``shrunk_moments_*`` (``olica_math.ffn_neuron_scores`` fed second moments
+  shrunk towards their mean).
+- The attention/FFN split: ``qk_*`` (Q/K cut a multiple of the reference split's ratio), ``whole_values*``
+  (``vo_ratio=0``); the FFN width is solved for the same total.
 
-The three alternatives replace ``olica_math.comparable_neuron_scores`` for the run (the only difference); everything
-else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are measured, with the
-per-layer widths; a run keeps the rows already there and measures the missing ones.
+Everything else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are
+measured, with the per-layer widths; a run keeps the rows already there and measures the missing ones.
 
     python bench/allocation_screen.py --variants uniform,log_standardized --ratios 0.2,0.33
 """
@@ -78,7 +81,8 @@ def _shrunk_scores(share: float):
 @dataclass(frozen=True)
 class Variant:
     description: str
-    overrides: dict = field(default_factory=dict)  # recipe fields (a qk_ratio of "half" or "1.5": see _scaled_qk)
+    overrides: dict = field(default_factory=dict)  # recipe fields
+    qk_factor: float | None = None  # qk_ratio as this multiple of the reference split's (at most 0.95)
     comparable: Callable | None = None  # replaces olica_math.comparable_neuron_scores
     scores: Callable | None = None  # replaces olica_math.ffn_neuron_scores
     layer_algorithm: Callable | None = None  # prune_model's layer_algorithm
@@ -103,21 +107,21 @@ VARIANTS = {
     "shrunk_moments_0.2": Variant("log_standardized, the FFN scores' second moments shrunk a fifth of the way",
                                   scores=_shrunk_scores(0.2)),
     "qk_half": Variant("log_standardized, Q/K ranks cut half as much as the reference split (the FFN takes the rest)",
-                       {"qk_ratio": "half"}),
+                       qk_factor=0.5),
     "qk_1.5": Variant("log_standardized, Q/K ranks cut 1.5 times as much as the reference split (the FFN keeps more)",
-                      {"qk_ratio": "1.5"}),
+                      qk_factor=1.5),
     "whole_values": Variant("log_standardized, value heads kept whole (vo_ratio=0)", {"vo_ratio": 0.0}),
     "whole_values_qk_1.5": Variant("log_standardized, value heads kept whole and Q/K cut 1.5 times the reference "
-                                   "split", {"vo_ratio": 0.0, "qk_ratio": "1.5"}),
+                                   "split", {"vo_ratio": 0.0}, qk_factor=1.5),
 }
 
 
-def _scaled_qk(overrides: dict, ratio: float) -> dict:
-    """A ``qk_ratio`` given relative to the reference split of ``ratio`` ("half", "1.5") as the ratio it means."""
-    if not isinstance(overrides.get("qk_ratio"), str):
-        return overrides
-    factor = 0.5 if overrides["qk_ratio"] == "half" else float(overrides["qk_ratio"])
-    return {**overrides, "qk_ratio": min(0.95, factor * reference_split(ratio)[0])}
+def _recipe(variant: Variant, ratio: float) -> OlicaConfig:
+    """The variant's recipe at ``ratio`` (adaptive allocation unless it says otherwise)."""
+    fields = {"layer_allocation": "adaptive", **variant.overrides}
+    if variant.qk_factor is not None:
+        fields["qk_ratio"] = min(0.95, variant.qk_factor * reference_split(ratio)[0])
+    return OlicaConfig(ratio=ratio, **fields)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} @ {ratio}: kept from the previous run", flush=True)
                 continue
             variant = VARIANTS[name]
-            config = OlicaConfig(ratio=ratio, **{"layer_allocation": "adaptive", **_scaled_qk(variant.overrides, ratio)})
+            config = _recipe(variant, ratio)
             model = load()
             started = time.perf_counter()
             with ExitStack() as patches:

@@ -20,6 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from .configuration import BUNDLED_SOURCE
 from .inspection import OlicaCheckpoint, format_evaluation
 
 __all__ = [
@@ -209,7 +210,7 @@ def _card_calibration_and_evaluation(report: dict, evaluations: list[dict]) -> l
         "",
         f"{calibration.get('num_samples')} sequences of {calibration.get('sequence_length')} tokens "
         f"({calibration.get('num_tokens', 0):,} tokens) from `{calibration.get('source')}`"
-        + (" (public-domain Jane Austen text bundled with optimum-olica)" if calibration.get("source") == "austen"
+        + (" (public-domain Jane Austen text bundled with optimum-olica)" if calibration.get("source") == BUNDLED_SOURCE
            else "")
         + f", windows drawn with seed {calibration.get('seed')}"
         + (f"; {calibration['self_generated_samples']} of the sequences were written by the model itself "

@@ -9,6 +9,7 @@ optimum's ``BaseConfig``, which is a transformers model config: a pruning recipe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,7 +17,6 @@ import os
 import platform
 import time
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -705,13 +705,15 @@ class OlicaPruner:
         if config.self_calibration != "auto":
             return config
         share = config.self_calibration_share(own_data=calibration_dataset is not None)
+        if not share:
+            return dataclasses.replace(config, self_calibration=0.0)
         placements = {str(place) for place in (getattr(self.model, "hf_device_map", None) or {}).values()}
         # On the CPU beside an accelerator, or on disk, weights are offloaded; a model wholly on the CPU is not.
         offloaded = "disk" in placements or ("cpu" in placements and len(placements) > 1)
         reason = ("its weights are streamed from files" if self.weights_dir is not None
                   else "its weights are offloaded" if offloaded
                   else None if has_start_token(self.model, self.tokenizer) else "it names no BOS or EOS token")
-        if share and reason:
+        if reason:
             logger.info("self_calibration='auto': the model generates no calibration text (%s), so the calibration "
                         "is %s alone (set self_calibration=0.5 to generate anyway).", reason,
                         config.calibration_source)

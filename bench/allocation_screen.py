@@ -48,6 +48,7 @@ from optimum_olica.data import get_calibration_dataset  # noqa: E402
 from optimum_olica.default_model import default_model_path  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
 from reconstruction import reconstruction_algorithm  # noqa: E402
+from trajectory import TrajectoryAlgorithm  # noqa: E402
 
 RESULTS = "allocation_screen"
 
@@ -113,12 +114,27 @@ VARIANTS = {
     "whole_values": Variant("log_standardized, value heads kept whole (vo_ratio=0)", {"vo_ratio": 0.0}),
     "whole_values_qk_1.5": Variant("log_standardized, value heads kept whole and Q/K cut 1.5 times the reference "
                                    "split", {"vo_ratio": 0.0}, qk_factor=1.5),
+    "trajectory": Variant("log_standardized; the o_proj/down_proj refits target the dense model's own hidden states at "
+                          "that depth instead of the dense layer on the pruned inputs (bench/trajectory.py)",
+                          layer_algorithm=TrajectoryAlgorithm(1.0)),
+    "trajectory_half": Variant("trajectory with the targets halfway between the two",
+                               layer_algorithm=TrajectoryAlgorithm(0.5)),
+    "dense_stream": Variant("log_standardized; one dense pass per layer, over the dense model's own inputs: the "
+                            "statistics that choose what is cut are the dense model's and the refits aim wholly at "
+                            "its hidden states (trajectory with the shipped cost)",
+                            layer_algorithm=TrajectoryAlgorithm(dense_statistics=True)),
+    "trajectory_setting": Variant("trajectory_half through the recipe setting trajectory_weight=0.5 (the library's "
+                                  "own dense stream instead of bench/trajectory.py: the same figures expected)",
+                                  {"trajectory_weight": 0.5}),
+    "trajectory_mlp": Variant("trajectory for the down_proj refit only (o_proj keeps the shipped target)",
+                              layer_algorithm=TrajectoryAlgorithm(1.0, attention=False)),
 }
 
 
 def _recipe(variant: Variant, ratio: float) -> OlicaConfig:
     """The variant's recipe at ``ratio`` (adaptive allocation unless it says otherwise)."""
-    fields = {"layer_allocation": "adaptive", **variant.overrides}
+    # trajectory_weight 0 unless the variant says otherwise: the rows measured before the field existed ran so.
+    fields = {"layer_allocation": "adaptive", "trajectory_weight": 0.0, **variant.overrides}
     if variant.qk_factor is not None:
         fields["qk_ratio"] = min(0.95, variant.qk_factor * reference_split(ratio)[0])
     return OlicaConfig(ratio=ratio, **fields)
@@ -157,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
             variant = VARIANTS[name]
             config = _recipe(variant, ratio)
             model = load()
+            prepare = getattr(variant.layer_algorithm, "prepare", None)
+            if prepare is not None:  # what the variant reads from the dense model (untimed: screening only)
+                prepare(model, calibration)
             started = time.perf_counter()
             with ExitStack() as patches:
                 for function, replacement in (("comparable_neuron_scores", variant.comparable),
@@ -176,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name} @ {ratio}: " + ", ".join(f"{k} {v / dense[k]:.3f}x" for k, v in row["perplexity"].items())
                   + f"; widths {min(row['widths'])}..{max(row['widths'])}", flush=True)
             del model, result
+            if prepare is not None:
+                variant.layer_algorithm.release()
     return _save(protocol, rows, argv)
 
 

@@ -306,6 +306,7 @@ class _Run:
     offload: bool  # activations stored on the host between passes
     refit: bool
     calibrated: bool
+    trajectory: bool  # the dense model's own activations carried beside the pruned ones (trajectory_weight > 0)
 
 
 def _layer_state(run: _Run) -> int:
@@ -477,7 +478,13 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
             2 * inputs + ffn_batches, pruned + batch * (s.pruned_ffn + s.hidden) * w,
             (down_folds // 2 if run.refit else 0) + host_activations,
         ))
-    return moments
+    # The dense model's own stream, when carried, waits beside the pruned one from the second layer on (the first
+    # layer's inputs are the same tensors); the dense pass over it ends with it and the next layer's alive. By then a
+    # model held in memory has shrunk by one pruned layer.
+    dense_stream = _tokens_by_hidden(s, n) if run.trajectory else 0
+    shrunk = 0 if run.streaming else (s.dense_layer_parameters - s.pruned_layer_parameters) * w
+    return {name: [(stored + max(0, dense_stream * (2 if name == "statistics" else 1) - shrunk), device, host)
+                   for stored, device, host in entries] for name, entries in moments.items()}
 
 
 def _phase_bytes(run: _Run) -> dict[str, tuple[int, int, int]]:
@@ -583,6 +590,7 @@ def plan_memory(
     run = _Run(
         shapes, streaming=streaming, on_cpu=device == "cpu", offload=offload_activations,
         refit=recipe.refit_damping is not None, calibrated=shapes.calibration_rank > 0,
+        trajectory=recipe.trajectory_weight > 0 and (recipe.refit_damping is not None or shapes.calibration_rank > 0),
     )
     memory, flops, disk = _phase_bytes(run), _phase_flops(shapes, run), _phase_disk(shapes, run)
     phases = []

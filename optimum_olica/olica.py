@@ -58,6 +58,9 @@ class OlicaLayerPruner:
         refit_sequences: bool per calibration sequence, in calibration order: the sequences the refits and the
             calibration branch fit on (``refit_on="data"``: the data of a self-generated mix); None: all of them.
             The statistics that choose what is cut always see every sequence.
+        trajectory_weight: where the refits (and the branch) aim, in [0, 1]: from the dense layer's output on the
+            pruned model's inputs (0) toward the dense model's own hidden states at this depth (1), which the
+            pipeline then carries beside the pruned ones (``observe_dense_trajectory``).
     """
 
     name: ClassVar[str] = "olica"  # the report's and the resume fingerprint's method
@@ -70,12 +73,14 @@ class OlicaLayerPruner:
     value_decomposition: str = "fast"
     skip_layers: tuple[int, ...] = ()
     refit_sequences: torch.Tensor | None = None
+    trajectory_weight: float = 0.0
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
     _dense_layer_outputs: list[torch.Tensor] = field(default_factory=list)
     _folds_of_block: dict[str, list[om.StreamingMoments]] = field(default_factory=dict)  # refit sums, per sub-block
     _branch_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # FFN inputs, targets
+    _dense_inputs: list[torch.Tensor] = field(default_factory=list)  # the pruned model's inputs of the dense layer
     _record: dict = field(default_factory=dict)
 
     # ---- statistics of the dense layer ----------------------------------------------------------------------
@@ -124,7 +129,10 @@ class OlicaLayerPruner:
             mlp.gate_proj.register_forward_pre_hook(on_mlp_input),
             mlp.down_proj.register_forward_pre_hook(on_intermediate),
         ]
-        self._dense_attention_outputs, self._dense_layer_outputs = [], []
+        self._dense_attention_outputs, self._dense_layer_outputs, self._dense_inputs = [], [], []
+        if self.wants_dense_trajectory:
+            handles.append(layer.register_forward_pre_hook(
+                lambda module, args: self._dense_inputs.append(self._store(args[0]))))
         if self.refit_damping is not None:
             handles.append(attention.register_forward_hook(on_attention_output))
         if self.refit_damping is not None or self.calibration_rank > 0:
@@ -135,6 +143,48 @@ class OlicaLayerPruner:
             for handle in handles:
                 handle.remove()
         self._stats = stats
+
+    @property
+    def wants_dense_trajectory(self) -> bool:
+        """Whether the pipeline should carry the dense model's own activations and show them to
+        ``observe_dense_trajectory``: only when a fit aims (partly) at them."""
+        return self.trajectory_weight > 0 and (self.refit_damping is not None or self.calibration_rank > 0)
+
+    @contextmanager
+    def observe_dense_trajectory(self, layer, layer_idx: int):
+        """Around the dense layer's pass over the dense model's own inputs (after ``observe_dense``): move each
+        batch's targets toward the dense trajectory by ``trajectory_weight``. The attention's trajectory target is
+        what takes the pruned layer's input to the dense residual after the attention; the MLP's is the dense
+        layer's output (``observe_block`` subtracts the pruned residual from it, as from its own target)."""
+        if layer_idx in self.skip_layers:
+            yield
+            return
+        weight, inputs = self.trajectory_weight, self._dense_inputs
+        middle_batch, output_batch = 0, 0
+
+        def on_middle(module, args):
+            nonlocal middle_batch
+            own = self._dense_attention_outputs[middle_batch]
+            target = args[0].to(own.device) - inputs[middle_batch].to(own.device)
+            self._dense_attention_outputs[middle_batch] = own.lerp(target.to(own.dtype), weight)
+            middle_batch += 1
+
+        def on_output(module, args, output):
+            nonlocal output_batch
+            output = output[0] if isinstance(output, tuple) else output
+            own = self._dense_layer_outputs[output_batch]
+            self._dense_layer_outputs[output_batch] = own.lerp(output.to(own), weight)
+            output_batch += 1
+
+        handles = [layer.register_forward_hook(on_output)]
+        if self.refit_damping is not None:
+            handles.append(layer.post_attention_layernorm.register_forward_pre_hook(on_middle))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._dense_inputs = []
 
     # ---- the pruned layer -----------------------------------------------------------------------------------
 
@@ -294,7 +344,7 @@ class OlicaLayerPruner:
     def finish_layer(self, pruned, layer_idx: int) -> dict:
         """The layer's report record: what the fits chose (the entry point adds the layer's dimensions)."""
         record = {"o_proj_refit_damping": None, "down_proj_refit_damping": None, **self._record}
-        self._record, self._dense_attention_outputs, self._dense_layer_outputs = {}, [], []
+        self._record, self._dense_attention_outputs, self._dense_layer_outputs, self._dense_inputs = {}, [], [], []
         return record
 
     def _folds(self, in_features: int, out_features: int, device: torch.device) -> list[om.StreamingMoments]:

@@ -7,8 +7,11 @@ residual sub-blocks, attention then MLP. Each sub-block is ``h + projection(feat
 features (the input of the sub-block's output projection) batch by batch while the algorithm observes them, lets the
 algorithm fit on them (it may refit the projection of the layer it built), and only then computes the sub-block's
 outputs from the kept features: the next sub-block's inputs, and after the MLP the next layer's. (5) The finished
-layer and its report record go to a ``LayerSink``. Only one dense layer and the calibration activations are resident on
-the compute device at a time; the algorithm never writes the pipeline's tensors and never replaces its modules.
+layer and its report record go to a ``LayerSink``. When the algorithm asks (``wants_dense_trajectory``), the dense
+model's own activations travel beside the pruned model's: step (2) also runs the dense layer over them, under the
+algorithm's ``observe_dense_trajectory``, to give the next layer's. Only one dense layer and the calibration
+activations are resident on the compute device at a time; the algorithm never writes the pipeline's tensors and never
+replaces its modules.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class LayerAlgorithm(Protocol):
     """
 
     def observe_dense(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
+
+    # Optional: an algorithm whose ``wants_dense_trajectory`` is True gets the dense model's own activations carried
+    # beside the pruned model's, and ``observe_dense_trajectory`` around the dense layer's pass over them (right
+    # after ``observe_dense``).
+    def observe_dense_trajectory(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
 
     def prune(self, layer: torch.nn.Module, layer_idx: int) -> torch.nn.Module: ...
 
@@ -81,6 +89,9 @@ class CalibrationActivations:
     hidden_states: list[torch.Tensor]
     layer_kwargs: list[list[dict]]
     storage_device: torch.device
+    # The dense model's own inputs of the current layer, carried beside the pruned model's when the algorithm asks
+    # (``wants_dense_trajectory``); None otherwise. They start as the captured inputs, which both models share.
+    dense_hidden_states: list[torch.Tensor] | None = None
 
     def kwargs_of_layer(self, layer_idx: int) -> list[dict]:
         """The keyword arguments decoder layer ``layer_idx`` receives, one dict per calibration batch."""
@@ -235,11 +246,14 @@ def replay(
     *,
     layer_idx: int,
     keep_outputs: bool = True,
+    inputs: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | None:
-    """Run ``layer`` (in the place of decoder layer ``layer_idx``) over every stored batch, with the keyword
-    arguments that layer receives in the model; returns its outputs on the storage device (or None)."""
+    """Run ``layer`` (in the place of decoder layer ``layer_idx``) over every stored batch (``inputs``, default the
+    pruned model's), with the keyword arguments that layer receives in the model; returns its outputs on the storage
+    device (or None)."""
     outputs = []
-    for states, kwargs in zip(activations.hidden_states, activations.kwargs_of_layer(layer_idx)):
+    inputs = activations.hidden_states if inputs is None else inputs
+    for states, kwargs in zip(inputs, activations.kwargs_of_layer(layer_idx)):
         output = layer(states.to(device), **_move(kwargs, device))
         if isinstance(output, tuple):
             output = output[0]
@@ -383,6 +397,12 @@ class SubBlockPasses:
         tick = time.perf_counter()
         with self.algorithm.observe_dense(dense, self.layer_idx), _non_finite_named(self.layer_idx):
             replay(dense, self.activations, self.device, layer_idx=self.layer_idx, keep_outputs=False)
+        if self.activations.dense_hidden_states is not None:  # the dense model's own stream, one layer further
+            with self.algorithm.observe_dense_trajectory(dense, self.layer_idx), _non_finite_named(self.layer_idx):
+                self.activations.dense_hidden_states = replay(
+                    dense, self.activations, self.device, layer_idx=self.layer_idx,
+                    inputs=self.activations.dense_hidden_states,
+                )
         self.timings.statistics += time.perf_counter() - tick
         tick = time.perf_counter()
         pruned = self.algorithm.prune(dense, self.layer_idx)

@@ -147,6 +147,8 @@ def prune_model(
     source, sink = _source_and_sink(model, weights, stream_to)
     activations = _capture(run, weights)
     _allocate_layers(run, source, activations, progress)  # before a resume restores any pruned layer into the model
+    if getattr(run.algorithm, "wants_dense_trajectory", False):
+        activations.dense_hidden_states = list(activations.hidden_states)  # the first layer's inputs are shared
     first_layer = 0
     if checkpoint is not None:
         sink = ResumableSink(sink, checkpoint, activations, run.algorithm, run.timings,
@@ -238,6 +240,7 @@ def _plan_run(
             value_decomposition=config.value_decomposition,
             skip_layers=skip_layers,
             refit_sequences=refit_sequences,
+            trajectory_weight=config.trajectory_weight,
         )
 
     algorithm = make_algorithm(plan_config)

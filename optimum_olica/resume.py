@@ -6,8 +6,9 @@ A checkpoint directory (``prune_model(..., checkpoint_dir=...)``, ``OlicaPruner.
 - ``manifest.json``: fingerprints of the run (format version, package version, model config and weights, the recipe,
   the calibration token ids, the method and the mode), written once when the directory is first used;
 - ``layer-NNNNN.safetensors``: the pruned weights of each finished layer (kept until the run is complete);
-- ``state-NNNNN.safetensors``: after layer ``NNNNN``, the propagated activations (the next layer's inputs) and the
-  tensors of the algorithm's cross-layer state (only the latest is kept);
+- ``state-NNNNN.safetensors``: after layer ``NNNNN``, the propagated activations (the next layer's inputs; the dense
+  model's own as well when the recipe's ``trajectory_weight`` carries them) and the tensors of the algorithm's
+  cross-layer state (only the latest is kept);
 - ``progress.json``: the commit record: the last finished layer, the per-layer report entries, the timings and the
   JSON part of the algorithm state. Replacing it (write a temporary file, fsync, rename, fsync the directory) is the
   single atomic step that makes a layer count as finished; a file it does not name is ignored and removed.
@@ -139,7 +140,7 @@ _WHAT = {
 
 # What a run ran with before the field existed, where that is not the field's default today (the default changed
 # the behaviour when the field was added): a checkpoint without the field is compared with this value.
-_BEFORE_THE_FIELD = {"layer_allocation": "uniform", "self_calibration": 0.0}
+_BEFORE_THE_FIELD = {"layer_allocation": "uniform", "self_calibration": 0.0, "trajectory_weight": 0.0}
 
 
 def _recipe_defaults() -> dict:
@@ -217,6 +218,7 @@ class ResumePoint:
     timings: dict
     algorithm_state: Any
     activations: list[torch.Tensor]
+    dense_activations: list[torch.Tensor] | None  # the dense model's own stream, when the run carries it
 
 
 class LayerCheckpoint:
@@ -302,8 +304,10 @@ class LayerCheckpoint:
                 f"{self.directory} to start over."
             ) from error
         activations = [tensors[f"activations.{i}"] for i in range(int(progress["num_activation_batches"]))]
+        dense_batches = progress.get("num_dense_activation_batches")
+        dense = None if dense_batches is None else [tensors[f"dense_activations.{i}"] for i in range(dense_batches)]
         algorithm_state = _join_tensors(progress["algorithm"], tensors)
-        return ResumePoint(last, progress["records"], progress["timings"], algorithm_state, activations)
+        return ResumePoint(last, progress["records"], progress["timings"], algorithm_state, activations, dense)
 
     def _lock(self) -> None:
         """Hold the directory for this run: two runs writing the same checkpoint would mix their layers."""
@@ -335,15 +339,19 @@ class LayerCheckpoint:
         algorithm_state: Any,
         records: list[dict],
         timings: dict,
+        dense_activations: list[torch.Tensor] | None = None,
     ) -> None:
-        """Commit layer ``layer_idx`` as finished: its weights, the next layer's inputs, the algorithm state."""
+        """Commit layer ``layer_idx`` as finished: its weights, the next layer's inputs (the pruned model's, and the
+        dense model's own when the run carries them), the algorithm state."""
         tensors: dict[str, torch.Tensor] = {}
         algorithm_json = _split_tensors(algorithm_state, "algorithm", tensors)
-        for index, batch in enumerate(activations):
-            tensors[f"activations.{index}"] = batch.detach().cpu().contiguous()
+        for prefix, batches in (("activations", activations), ("dense_activations", dense_activations or [])):
+            for index, batch in enumerate(batches):
+                tensors[f"{prefix}.{index}"] = batch.detach().cpu().contiguous()
         progress = {
             "last_layer": layer_idx,
             "num_activation_batches": len(activations),
+            **({} if dense_activations is None else {"num_dense_activation_batches": len(dense_activations)}),
             "records": records,
             "timings": timings,
             "algorithm": algorithm_json,
@@ -412,6 +420,9 @@ class ResumableSink:
         for layer_idx in range(point.last_layer + 1):
             self.sink.store(layer_idx, self.build_layer(layer_idx, self.checkpoint.load_layer(layer_idx)), None)
         self.activations.hidden_states = [batch.to(self.activations.storage_device) for batch in point.activations]
+        if self.activations.dense_hidden_states is not None:  # the recipe, checked by the manifest, asked for it
+            self.activations.dense_hidden_states = [batch.to(self.activations.storage_device)
+                                                    for batch in point.dense_activations]
         self.algorithm.load_state_dict(point.algorithm_state)
         _restore_timings(self.timings, point.timings)
         self.records = list(point.records)
@@ -428,7 +439,14 @@ class ResumableSink:
             self.algorithm.state_dict(),
             self.records,
             dataclasses.asdict(self.timings),
+            self._dense_activations_to_save(last),
         )
+
+    def _dense_activations_to_save(self, last: bool) -> list[torch.Tensor] | None:
+        """The dense model's own stream when the run carries one (none after the last layer: it feeds nothing)."""
+        if self.activations.dense_hidden_states is None:
+            return None
+        return [] if last else self.activations.dense_hidden_states
 
     def finish(self, final_config, branches):
         return self.sink.finish(final_config, branches)

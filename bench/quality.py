@@ -67,9 +67,7 @@ EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 VARIANTS = {
     "olica": ("olica", {}, "Olica as shipped on the benchmark's own calibration data (so self_calibration='auto' "
                           "adds nothing): OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
-                          "pass, layer_allocation='adaptive') + linear calibration by the o_proj/down_proj refit "
-                          "(aimed halfway to the dense model's own hidden states, trajectory_weight=0.5, the default "
-                          "since the quality_trajectory results; the earlier results ran at 0)"),
+                          "pass, layer_allocation='adaptive') + linear calibration by the o_proj/down_proj refit"),
     "olica_no_lc": ("olica", {"refit_damping": None, "num_calibrated_layers": 0},
                     "the same without linear calibration (no refit, no branch)"),
     "olica_branch_only": ("olica", {"refit_damping": None, "num_calibrated_layers": 6},
@@ -110,9 +108,13 @@ VARIANTS = {
     "olica_self_generated": ("olica", {"self_calibration": 1.0},
                              "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
     # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
-    "olica_no_trajectory": ("olica", {"trajectory_weight": 0.0},
-                            "Olica with the refits aimed at the dense layer on the pruned inputs alone "
-                            "(trajectory_weight=0, the default before the quality_trajectory results)"),
+    # Issue 15: the refits aimed halfway to the dense model's own hidden states (bench/allocation_screen.py screened
+    # the weights 0, 0.5 and 1).
+    "olica_trajectory": ("olica", {"trajectory_weight": 0.5},
+                         "Olica with the o_proj/down_proj refits aimed halfway between the dense layer on the pruned "
+                         "inputs and the dense model's own hidden states (trajectory_weight=0.5)"),
+    "olica_self_calibrated_trajectory": ("olica", {"self_calibration": 0.5, "trajectory_weight": 0.5},
+                                         "olica_self_calibrated with trajectory_weight=0.5"),
     "olica_uniform": ("olica", {"layer_allocation": "uniform"},
                       "Olica with every layer at the same FFN width (layer_allocation='uniform', the default before "
                       "the adaptive allocation)"),

@@ -35,8 +35,8 @@ MULTIPLES_RESULTS = "quality_multiples"
 SCREEN_RESULTS = "calibration_screen"
 # bench/quality.py --variants olica,olica_uniform --results quality_allocation: the adaptive allocation's full run.
 ALLOCATION_RESULTS = "quality_allocation"
-# bench/quality.py --variants olica_self_calibrated,olica --results quality_trajectory: the refits aimed halfway to the
-# dense model's own hidden states (trajectory_weight=0.5), the default since.
+# bench/quality.py --variants olica_trajectory,olica_self_calibrated_trajectory --results quality_trajectory: the refits
+# aimed halfway to the dense model's own hidden states (trajectory_weight=0.5), beside the default's rows.
 TRAJECTORY_RESULTS = "quality_trajectory"
 # bench/allocation_screen.py: the ways of sharing the FFN between layers, on the screening protocol.
 ALLOCATION_SCREEN_RESULTS = "allocation_screen"
@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> Path:
     # The headline across domains is the current default's: the allocation run where there is one.
     allocation = None if quick else _load(ALLOCATION_RESULTS, False)
     trajectory = None if quick else _load(TRAJECTORY_RESULTS, False)
-    headline = trajectory or allocation or domains
+    headline = allocation or domains
     summary = summary_rows(cost, memory, speed, speed_large, quality, gpu, headline)
     screen = None if quick else _load(SCREEN_RESULTS, False)
     lines = [
@@ -844,22 +844,27 @@ def main(argv: list[str] | None = None) -> Path:
                   "compares ways of making scores of different layers comparable. `olica_self_calibrated` is the "
                   "calibration the default (`self_calibration=\"auto\"`) draws without data of one's own: the "
                   "bundled text alternating with the model's own text. The benchmark's `olica` rows pass the "
-                  "benchmark windows as data of their own, so the protocol keeps its fixed Austen calibration. "
-                  "Measured before the refits aimed at the dense model's own hidden states: every row here ran at "
-                  "`trajectory_weight=0` (the next section's `olica_no_trajectory`).",
+                  "benchmark windows as data of their own, so the protocol keeps its fixed Austen calibration.",
                   f"--variants olica,olica_uniform --ratios 0.2,0.33 --results {ALLOCATION_RESULTS}"),
               domains_section(
                   trajectory, quick,
                   "Refits aimed at the dense model's own hidden states (issue 15)",
-                  "Each layer's `o_proj`/`down_proj` refit used to aim at what the dense layer computes on the pruned "
-                  "model's inputs, so it repaired that layer's own error only. With `trajectory_weight=0.5` (the "
-                  "default since this measurement) the targets lie halfway between that and the dense model's own "
-                  "residual stream at the same depth, which the pipeline carries beside the pruned one: each refit "
-                  "also takes back part of the error the layers before it let through. Same protocol and parameter "
-                  "counts as the table above (whose rows are this one's `olica_no_trajectory`); the screened weights "
-                  "0, 0.5 and 1 are in the next section (`trajectory*`). The cost: one more dense pass per layer "
-                  "(see [Pruning cost](#pruning-cost-against-the-floor)).",
-                  f"--variants olica_self_calibrated,olica --ratios 0.2,0.33 --results {TRAJECTORY_RESULTS}"),
+                  "By default each layer's `o_proj`/`down_proj` refit aims at what the dense layer computes on the "
+                  "pruned model's inputs, so it repairs that layer's own error only. With `trajectory_weight=0.5` the "
+                  "targets lie halfway between that and the dense model's own residual stream at the same depth, "
+                  "which the pipeline then carries beside the pruned one: each refit also takes back part of the "
+                  "error the layers before it let through. Same protocol and parameter counts as the table above; "
+                  "its `olica` and `olica_self_calibrated` rows are copied here (`trajectory_weight=0`). The "
+                  "`*_trajectory` rows were measured at commit bfb7670, where 0.5 was briefly the default, as "
+                  "`olica` and `olica_self_calibrated` (each row records its former name); they are what "
+                  "`--variants olica_trajectory,olica_self_calibrated_trajectory` runs now. Better in domain at both "
+                  "ratios and on every text at 20% with the benchmark's own data; worse on Python at 33% (22.9x "
+                  "against 16.2x) and out of domain with the self-generated mix, so not the default. Its cost is one "
+                  "more dense pass per layer: 3.36x a dense forward over the calibration set against 2.25x "
+                  "(`python bench/cost.py` at bfb7670). The screened weights 0, 0.5 and 1 are in the next section "
+                  "(`trajectory*`).",
+                  "--variants olica_trajectory,olica_self_calibrated_trajectory --ratios 0.2,0.33 "
+                  f"--results {TRAJECTORY_RESULTS}"),
               allocation_screen_section(None if quick else _load(ALLOCATION_SCREEN_RESULTS, False), quick),
               screening_section(screen, quick), gpu_section(gpu, quick),
               closing_note(cost, memory, speed, speed_large, quality, gpu, headline, screen)]

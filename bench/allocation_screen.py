@@ -123,6 +123,8 @@ VARIANTS = {
                             "statistics that choose what is cut are the dense model's and the refits aim wholly at "
                             "its hidden states (trajectory with the shipped cost)",
                             layer_algorithm=TrajectoryAlgorithm(dense_statistics=True)),
+    "reconstruction_trajectory": Variant("reconstruction with trajectory_weight=0.5: the two in-domain gains together",
+                                         {"trajectory_weight": 0.5}, layer_algorithm=reconstruction_algorithm(1e-2)),
     "trajectory_setting": Variant("trajectory_half through the recipe setting trajectory_weight=0.5 (the library's "
                                   "own dense stream instead of bench/trajectory.py: the same figures expected)",
                                   {"trajectory_weight": 0.5}),

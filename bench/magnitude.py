@@ -33,6 +33,7 @@ class MagnitudeLayerPruner:
     """Implements the pipeline's ``LayerAlgorithm`` with weight magnitudes only."""
 
     name = "magnitude"  # the report's and the resume fingerprint's method
+    wants_dense_trajectory = False  # nothing is fitted, so nothing aims at the dense model's own states
 
     def __init__(self, plan_config, skip_layers: tuple[int, ...] = ()):
         self.plan_config = plan_config
@@ -40,6 +41,9 @@ class MagnitudeLayerPruner:
         self.candidates = []
 
     def observe_dense(self, layer, layer_idx: int):
+        return nullcontext()
+
+    def observe_dense_trajectory(self, layer, layer_idx: int):
         return nullcontext()
 
     def fits_block(self, block, layer_idx: int) -> bool:

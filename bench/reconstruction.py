@@ -110,6 +110,7 @@ def reconstruction_algorithm(damping: float = 1e-2):
             ridge_strength=config.ridge_strength, refit_damping=config.refit_damping,
             statistics_dtype=getattr(torch, config.statistics_dtype), value_decomposition=config.value_decomposition,
             skip_layers=tuple(config.skip_layers), selection_damping=damping,
+            trajectory_weight=config.trajectory_weight,
         )
 
     return make

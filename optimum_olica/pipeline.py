@@ -43,11 +43,12 @@ class LayerAlgorithm(Protocol):
     ``choose_calibrated_layers``; a resumable run saves and restores ``state_dict``.
     """
 
+    # True: the dense model's own activations are carried beside the pruned model's, and ``observe_dense_trajectory``
+    # wraps the dense layer's pass over them, right after ``observe_dense`` (never entered when False).
+    wants_dense_trajectory: bool
+
     def observe_dense(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
 
-    # Optional: an algorithm whose ``wants_dense_trajectory`` is True gets the dense model's own activations carried
-    # beside the pruned model's, and ``observe_dense_trajectory`` around the dense layer's pass over them (right
-    # after ``observe_dense``).
     def observe_dense_trajectory(self, layer: torch.nn.Module, layer_idx: int): ...  # context manager
 
     def prune(self, layer: torch.nn.Module, layer_idx: int) -> torch.nn.Module: ...

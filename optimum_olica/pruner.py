@@ -147,7 +147,7 @@ def prune_model(
     source, sink = _source_and_sink(model, weights, stream_to)
     activations = _capture(run, weights)
     _allocate_layers(run, source, activations, progress)  # before a resume restores any pruned layer into the model
-    if getattr(run.algorithm, "wants_dense_trajectory", False):
+    if run.algorithm.wants_dense_trajectory:
         activations.dense_hidden_states = list(activations.hidden_states)  # the first layer's inputs are shared
     first_layer = 0
     if checkpoint is not None:

@@ -426,8 +426,10 @@ def test_the_layer_algorithm_protocol_lists_every_method_the_pipeline_and_entry_
                 isinstance(owner, ast.Attribute) and owner.attr == "algorithm"
             ):
                 called.add(node.attr)
-    assert called and called <= protocol, called - protocol
+    attributes = set(LayerAlgorithm.__annotations__)  # read, not called: wants_dense_trajectory
+    assert called and called <= protocol | attributes, called - protocol - attributes
     for implementation in (OlicaLayerPruner, MagnitudeLayerPruner):
+        assert all(hasattr(implementation, name) for name in attributes), implementation.__name__
         for name in protocol:
             expected = list(inspect.signature(getattr(LayerAlgorithm, name)).parameters)
             assert list(inspect.signature(getattr(implementation, name)).parameters)[:len(expected)] == expected, (

@@ -36,6 +36,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 WORKER = Path(__file__).with_name("reliability_worker.py")
 NUM_LAYERS = 4
 CONFIG = OlicaConfig(ratio=0.25, num_calibrated_layers=1, calibration_rank_ratio=0.1)
+# The dense model's own activations travel beside the pruned ones, and the checkpoints must carry them too.
+TRAJECTORY_CONFIG = OlicaConfig(ratio=0.25, num_calibrated_layers=1, calibration_rank_ratio=0.1, trajectory_weight=0.5)
 
 
 def calibration_ids(seed: int = 0) -> torch.Tensor:
@@ -161,11 +163,15 @@ def interrupted_run(
     assert last_finished_layer(checkpoint) == after_layer
 
 
-def test_in_process_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    reference = prune_model(make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False)
-    interrupted_run(tmp_path / "resume", monkeypatch)
+@pytest.mark.parametrize("config", [CONFIG, TRAJECTORY_CONFIG], ids=["default", "trajectory"])
+def test_in_process_resume_matches_an_uninterrupted_run(config, tmp_path, monkeypatch):
+    reference = prune_model(make_tiny_model("llama_bias"), config, calibration_ids(), progress=False)
+    interrupted_run(tmp_path / "resume", monkeypatch, config=config)
+    with safe_open(next((tmp_path / "resume").glob("state-*.safetensors")), framework="pt") as handle:
+        carried = any(name.startswith("dense_activations.") for name in handle.keys())
+    assert carried == (config.trajectory_weight > 0)
     resumed = prune_model(
-        make_tiny_model("llama_bias"), CONFIG, calibration_ids(), progress=False, checkpoint_dir=tmp_path / "resume"
+        make_tiny_model("llama_bias"), config, calibration_ids(), progress=False, checkpoint_dir=tmp_path / "resume"
     )
     expected, actual = reference.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()

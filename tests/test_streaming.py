@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -22,16 +23,17 @@ def calibration_ids() -> torch.Tensor:
     return torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "qwen3"])
-def test_streaming_matches_in_memory_pruning(family, tmp_path):
+@pytest.mark.parametrize("family, trajectory_weight", [("llama_gqa", 0.0), ("qwen3", 0.0), ("llama_gqa", 0.5)])
+def test_streaming_matches_in_memory_pruning(family, trajectory_weight, tmp_path):
+    config = dataclasses.replace(CONFIG, trajectory_weight=trajectory_weight)
     base = make_tiny_model(family)
     base.save_pretrained(tmp_path / "base", max_shard_size="40KB")
     ids = calibration_ids()
-    in_memory = OlicaPruner(make_tiny_model(family)).prune(CONFIG, ids, progress=False)
+    in_memory = OlicaPruner(make_tiny_model(family)).prune(config, ids, progress=False)
 
     pruner = OlicaPruner.from_pretrained(tmp_path / "base", streaming=True)
     assert all(p.device.type == "meta" for name, p in pruner.model.named_parameters() if ".layers." in name)
-    assert pruner.prune(CONFIG, ids, save_directory=tmp_path / "out", progress=False) is None
+    assert pruner.prune(config, ids, save_directory=tmp_path / "out", progress=False) is None
 
     files = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"model.safetensors.index.json", "olica_config.json", "olica_report.json", "modeling_olica.py"} <= files

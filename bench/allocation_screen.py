@@ -15,6 +15,9 @@ python-stdlib, windows of 128), at 20% and 33% of the parameters really removed.
   shrunk towards their mean).
 - The attention/FFN split: ``qk_*`` (Q/K cut a multiple of the reference split's ratio), ``whole_values*``
   (``vo_ratio=0``); the FFN width is solved for the same total.
+- Where the refits aim: ``trajectory*`` (bench/trajectory.py: targets moved toward the dense model's own hidden
+  states; ``trajectory_setting`` is the library's ``trajectory_weight``), ``dense_stream`` (statistics and targets
+  from the dense model's own activations, one dense pass per layer), ``reconstruction_trajectory``.
 
 Everything else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are
 measured, with the per-layer widths; a run keeps the rows already there and measures the missing ones.

@@ -545,7 +545,9 @@ def allocation_screen_section(screen, quick: bool) -> str:
         "scores come from one dense pass, and the variants differ in how scores of different layers are made "
         "comparable before the highest are kept. The `reconstruction` and `shrunk_moments` rows change which "
         "neurons a layer keeps at the shipped widths; the `qk`, `whole_values` rows move parameters between the "
-        "attention and the FFN (the FFN width is solved for the same total, within half a point). Protocol: "
+        "attention and the FFN (the FFN width is solved for the same total, within half a point); the "
+        "`trajectory`, `dense_stream` rows change where the refits aim (the dense model's own hidden states, "
+        "`trajectory_weight`). Protocol: "
         f"SmolLM2-135M-Instruct; calibration {protocol['calibration']}; perplexity on the first "
         f"{protocol['eval_tokens']:,} tokens of each text (windows of 128), as a ratio to dense on the same tokens. "
         f"{_provenance(screen)}",

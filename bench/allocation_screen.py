@@ -18,6 +18,8 @@ python-stdlib, windows of 128), at 20% and 33% of the parameters really removed.
 - Where the refits aim: ``trajectory*`` (bench/trajectory.py: targets moved toward the dense model's own hidden
   states; ``trajectory_setting`` is the library's ``trajectory_weight``), ``dense_stream`` (statistics and targets
   from the dense model's own activations, one dense pass per layer), ``reconstruction_trajectory``.
+- What is cut seen on more than the data: ``plus_generated_64_refit_on_data`` (the 128 windows and 64 sequences the
+  model writes, interleaved; the refits on the windows alone).
 
 Everything else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are
 measured, with the per-layer widths; a run keeps the rows already there and measures the missing ones.
@@ -50,6 +52,7 @@ from optimum_olica.configuration import OlicaConfig  # noqa: E402
 from optimum_olica.data import get_calibration_dataset  # noqa: E402
 from optimum_olica.default_model import default_model_path  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
+from optimum_olica.self_calibration import generate_calibration_ids, mix_calibration_ids  # noqa: E402
 from reconstruction import reconstruction_algorithm  # noqa: E402
 from trajectory import TrajectoryAlgorithm  # noqa: E402
 
@@ -90,6 +93,7 @@ class Variant:
     comparable: Callable | None = None  # replaces olica_math.comparable_neuron_scores
     scores: Callable | None = None  # replaces olica_math.ffn_neuron_scores
     layer_algorithm: Callable | None = None  # prune_model's layer_algorithm
+    generated: int = 0  # self-generated sequences mixed after the 128 benchmark windows (mix_calibration_ids)
 
 
 VARIANTS = {
@@ -128,6 +132,11 @@ VARIANTS = {
                             layer_algorithm=TrajectoryAlgorithm(dense_statistics=True)),
     "reconstruction_trajectory": Variant("reconstruction with trajectory_weight=0.5: the two in-domain gains together",
                                          {"trajectory_weight": 0.5}, layer_algorithm=reconstruction_algorithm(1e-2)),
+    "plus_generated_64_refit_on_data": Variant(
+        "log_standardized; the 128 benchmark windows and 64 sequences the model writes itself (temperature 1, from "
+        "BOS, seed 0), interleaved, the refits fitted on the 128 windows alone (refit_on='data'): the generated text "
+        "only informs what is cut, and no data is given up for it (192 sequences: half as much pruning work again)",
+        {"num_samples": 192, "self_calibration": 1 / 3, "refit_on": "data"}, generated=64),
     "trajectory_setting": Variant("trajectory_half through the recipe setting trajectory_weight=0.5 (the library's "
                                   "own dense stream instead of bench/trajectory.py: the same figures expected)",
                                   {"trajectory_weight": 0.5}),
@@ -178,16 +187,20 @@ def main(argv: list[str] | None = None) -> dict:
             variant = VARIANTS[name]
             config = _recipe(variant, ratio)
             model = load()
+            variant_calibration = calibration
+            if variant.generated:  # untimed, as the generation is reported apart from the pruning
+                generated = generate_calibration_ids(model, tokenizer, variant.generated, 128, seed=0)
+                variant_calibration = mix_calibration_ids(calibration, generated)
             prepare = getattr(variant.layer_algorithm, "prepare", None)
             if prepare is not None:  # what the variant reads from the dense model (untimed: screening only)
-                prepare(model, calibration)
+                prepare(model, variant_calibration)
             started = time.perf_counter()
             with ExitStack() as patches:
                 for function, replacement in (("comparable_neuron_scores", variant.comparable),
                                               ("ffn_neuron_scores", variant.scores)):
                     if replacement is not None:
                         patches.enter_context(mock.patch.object(om, function, replacement))
-                result = prune_model(model, config, calibration, progress=False,
+                result = prune_model(model, config, variant_calibration, progress=False,
                                      layer_algorithm=variant.layer_algorithm)
             row = {"variant": name, "ratio": ratio, "parameters": result.model.num_parameters(),
                    "widths": list(result.model.config.intermediate_sizes),

@@ -65,8 +65,8 @@ EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 # weights (the o_proj/down_proj refit, no extra parameters); the paper applies it as a parallel low-rank branch on
 # the FFN input. The ablation removes it (olica_no_lc), and measures the paper's branch alone and on top of the refit.
 VARIANTS = {
-    "olica": ("olica", {}, "Olica as shipped on the benchmark's own calibration data (so self_calibration='auto' "
-                          "adds nothing): OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
+    "olica": ("olica", {}, "Olica as shipped on the benchmark's fixed calibration data (the default with data of "
+                          "one's own also adds the model's own text: olica_plus_self_generated): OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
                           "pass, layer_allocation='adaptive') + linear calibration by the o_proj/down_proj refit"),
     "olica_no_lc": ("olica", {"refit_damping": None, "num_calibrated_layers": 0},
                     "the same without linear calibration (no refit, no branch)"),
@@ -108,6 +108,13 @@ VARIANTS = {
     "olica_self_generated": ("olica", {"self_calibration": 1.0},
                              "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
     # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
+    # Issue 15: the model's own text added to the data, not in its place; the refits fitted on the data alone.
+    "olica_plus_self_generated": ("olica", {"num_samples": 192, "self_calibration": 1 / 3, "refit_on": "data"},
+                                  "Olica as shipped with data of one's own (self_calibration='auto'): the 128 "
+                                  "benchmark windows and 64 sequences the model samples itself "
+                                  "(temperature 1, from BOS, seed 0), interleaved, the o_proj/down_proj refits fitted "
+                                  "on the 128 windows alone (refit_on='data'): the generated text only informs what "
+                                  "is cut, and no data is given up for it; half as many tokens again"),
     # Issue 15: the refits aimed halfway to the dense model's own hidden states (bench/allocation_screen.py screened
     # the weights 0, 0.5 and 1).
     "olica_trajectory": ("olica", {"trajectory_weight": 0.5},
@@ -186,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} @ {ratio}: kept from the previous run", flush=True)
                 continue
             method, overrides, _ = VARIANTS[name]
-            config = OlicaConfig(ratio=ratio, num_samples=args.num_samples, sequence_length=args.sequence_length,
-                                 **overrides)
+            config = OlicaConfig(**{"ratio": ratio, "num_samples": args.num_samples,
+                                    "sequence_length": args.sequence_length, **overrides})
             model = load()
             variant_calibration, generation_s = _with_self_generated(model, tokenizer, calibration, config)
             # The dense forward is timed again right before each prune, so every ratio compares two measurements
@@ -243,9 +250,9 @@ def _widths(config) -> dict:
 def _with_self_generated(model, tokenizer, calibration: torch.Tensor, config: OlicaConfig) -> tuple[torch.Tensor, float]:
     """The benchmark windows, or for a `self_calibration` recipe what OlicaPruner would draw for it (the first
     benchmark windows alternating with sequences the model writes, seed 0), with the seconds spent generating. The
-    benchmark windows are data of the benchmark's own, so ``self_calibration="auto"`` (the default) adds nothing:
-    the protocol keeps its fixed Austen calibration."""
-    count = config.self_generated_samples(own_data=True)
+    protocol keeps its fixed Austen calibration, so ``self_calibration="auto"`` draws nothing here: what the default
+    adds to data of one's own is the ``olica_plus_self_generated`` variant."""
+    count = 0 if config.self_calibration == "auto" else config.self_generated_samples()
     if count == 0:
         return calibration, 0.0
     started = time.perf_counter()

@@ -38,6 +38,9 @@ ALLOCATION_RESULTS = "quality_allocation"
 # bench/quality.py --variants olica_trajectory,olica_self_calibrated_trajectory --results quality_trajectory: the refits
 # aimed halfway to the dense model's own hidden states (trajectory_weight=0.5), beside the default's rows.
 TRAJECTORY_RESULTS = "quality_trajectory"
+# bench/quality.py --variants olica_plus_self_generated --results quality_own_data: what self_calibration='auto' adds
+# to data of one's own.
+OWN_DATA_RESULTS = "quality_own_data"
 # bench/allocation_screen.py: the ways of sharing the FFN between layers, on the screening protocol.
 ALLOCATION_SCREEN_RESULTS = "allocation_screen"
 VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
@@ -547,7 +550,8 @@ def allocation_screen_section(screen, quick: bool) -> str:
         "neurons a layer keeps at the shipped widths; the `qk`, `whole_values` rows move parameters between the "
         "attention and the FFN (the FFN width is solved for the same total, within half a point); the "
         "`trajectory`, `dense_stream` rows change where the refits aim (the dense model's own hidden states, "
-        "`trajectory_weight`). Protocol: "
+        "`trajectory_weight`); `plus_generated_64_refit_on_data` adds 64 sequences the model writes to the 128 "
+        "windows, for what is cut only (what `self_calibration=\"auto\"` does with data of one's own). Protocol: "
         f"SmolLM2-135M-Instruct; calibration {protocol['calibration']}; perplexity on the first "
         f"{protocol['eval_tokens']:,} tokens of each text (windows of 128), as a ratio to dense on the same tokens. "
         f"{_provenance(screen)}",
@@ -848,6 +852,18 @@ def main(argv: list[str] | None = None) -> Path:
                   "bundled text alternating with the model's own text. The benchmark's `olica` rows pass the "
                   "benchmark windows as data of their own, so the protocol keeps its fixed Austen calibration.",
                   f"--variants olica,olica_uniform --ratios 0.2,0.33 --results {ALLOCATION_RESULTS}"),
+              domains_section(
+                  None if quick else _load(OWN_DATA_RESULTS, False), quick,
+                  "Your data and the model's own text (issue 15)",
+                  "What the default (`self_calibration=\"auto\"`) does with data of one's own: all of its windows "
+                  "(here the benchmark's 128 Austen windows) and half as many sequences the model writes itself, "
+                  "interleaved, the refits fitted on the data alone (`refit_on=\"data\"`), so the model's text only "
+                  "informs what is cut. Same protocol as the tables above; the data-only rows (`olica`) are those of "
+                  "[Sharing the FFN between layers](#sharing-the-ffn-between-layers-adaptive-against-uniform-issue-15): "
+                  "1.23x / 1.94x / 3.21x at 20% and 1.60x / 3.87x / 16.22x at 33%. The benchmark's `olica` rows keep "
+                  "the fixed Austen calibration, so figures stay comparable across the page. Half as many tokens "
+                  "again: the pruning time grows by half, and the generation is reported apart.",
+                  f"--variants olica_plus_self_generated --ratios 0.2,0.33 --results {OWN_DATA_RESULTS}"),
               domains_section(
                   trajectory, quick,
                   "Refits aimed at the dense model's own hidden states (issue 15)",

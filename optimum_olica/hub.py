@@ -214,8 +214,10 @@ def _card_calibration_and_evaluation(report: dict, evaluations: list[dict]) -> l
            else "")
         + f", windows drawn with seed {calibration.get('seed')}"
         + (f"; {calibration['self_generated_samples']} of the sequences were written by the model itself "
-           "(self-calibration), alternating with the data." if calibration.get("self_generated_samples")
-           and calibration.get("source") != "self-generated" else "."),
+           "(self-calibration), alternating with the data"
+           + (", and informed only what was cut: the refits were fitted on the data alone."
+              if calibration.get("refit_on") == "data" else ".")
+           if calibration.get("self_generated_samples") and calibration.get("source") != "self-generated" else "."),
         "",
         "## Evaluation",
         "",

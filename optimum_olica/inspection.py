@@ -140,6 +140,8 @@ def _calibration_data(data: dict) -> str:
     generated = data.get("self_generated_samples")
     if generated and data.get("source") != "self-generated":
         text += f", of which {generated} sequences written by the model itself"
+        if data.get("refit_on") == "data":
+            text += " (what is cut only: the refits fit the data alone)"
     if generated:
         text += f" (generated in {data.get('generation_s', 0.0):.1f} s, apart from the pruning time)"
     return text

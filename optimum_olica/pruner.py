@@ -701,15 +701,17 @@ class OlicaPruner:
         return result.model
 
     def _with_self_calibration(self, config: OlicaConfig, calibration_dataset) -> OlicaConfig:
-        """``config`` with ``self_calibration="auto"`` resolved, so that the report, the saved recipe and a resume
-        record the share used: none with data of the user's; none in streaming mode (no weights to generate with),
-        with weights offloaded to the CPU or disk (each generated token would read every weight across the bus), or
-        for a model that names no token to start generating from."""
+        """``config`` with ``self_calibration="auto"`` resolved (``OlicaConfig.resolve_self_calibration``), so that
+        the report, the saved recipe and a resume record what was drawn: none for token ids (used as they are), in
+        streaming mode (no weights to generate with), with weights offloaded to the CPU or disk (each generated token
+        would read every weight across the bus), or for a model that names no token to start generating from."""
         if config.self_calibration != "auto":
             return config
-        share = config.self_calibration_share(own_data=calibration_dataset is not None)
-        if not share:
+        if isinstance(calibration_dataset, torch.Tensor):  # token ids are used as they are
             return dataclasses.replace(config, self_calibration=0.0)
+        resolved = config.resolve_self_calibration(own_data=calibration_dataset is not None)
+        if not resolved.self_calibration:
+            return resolved
         placements = {str(place) for place in (getattr(self.model, "hf_device_map", None) or {}).values()}
         # On the CPU beside an accelerator, or on disk, weights are offloaded; a model wholly on the CPU is not.
         offloaded = "disk" in placements or ("cpu" in placements and len(placements) > 1)
@@ -718,10 +720,9 @@ class OlicaPruner:
                   else None if has_start_token(self.model, self.tokenizer) else "it names no BOS or EOS token")
         if reason:
             logger.info("self_calibration='auto': the model generates no calibration text (%s), so the calibration "
-                        "is %s alone (set self_calibration=0.5 to generate anyway).", reason,
-                        config.calibration_source)
-            share = 0.0
-        return dataclasses.replace(config, self_calibration=share)
+                        "is the data alone (set self_calibration=0.5 to generate anyway).", reason)
+            return dataclasses.replace(config, self_calibration=0.0)
+        return resolved
 
     def _calibration_info(self, config: OlicaConfig, calibration_dataset, text_column: str | None) -> dict:
         """What the calibration ids were made from, for the report's ``calibration_data``."""
@@ -734,7 +735,7 @@ class OlicaPruner:
         info = {"source": str(source)}
         if self.generation_s is not None:
             generated = config.self_generated_samples()
-            info.update(self_generated_samples=generated, generation_s=self.generation_s)
+            info.update(self_generated_samples=generated, generation_s=self.generation_s, refit_on=config.refit_on)
             if generated == config.num_samples:
                 info["source"] = "self-generated"
         return info

@@ -148,18 +148,32 @@ def test_auto_mixes_the_models_own_text_into_the_bundled_text_and_records_the_sh
         in format_summary(pruner.report)
 
 
-@pytest.mark.parametrize("given", ["texts", "source", "ids"])
-def test_auto_leaves_data_of_the_users_own_as_it_is(tokenizer, tmp_path, given):
+@pytest.mark.parametrize("given", ["texts", "source"])
+def test_auto_adds_the_models_own_text_to_data_of_the_users_own_for_what_is_cut(tokenizer, tmp_path, given):
     texts = ["The court held that the contract was void. " * 40] * 3
     (tmp_path / "own.txt").write_text(texts[0])
     config = OlicaConfig(**SMALL, calibration_source=str(tmp_path / "own.txt") if given == "source" else "austen")
-    dataset = {"texts": texts, "source": None, "ids": torch.randint(3, 128, (4, 16))}[given]
-    pruner = OlicaPruner(_tiny_model_for(tokenizer), tokenizer)
-    ids = pruner.calibration_input_ids(config, dataset)
-    if given != "ids":
-        source = texts if given == "texts" else str(tmp_path / "own.txt")
-        assert torch.equal(ids, get_calibration_dataset(tokenizer, source, 4, 16, seed=0))
+    dataset = {"texts": texts, "source": None}[given]
+    model = _tiny_model_for(tokenizer)
+    # All 4 data windows stay, and the model writes half as many sequences more, alternating with them.
+    expected = mix_calibration_ids(get_calibration_dataset(tokenizer, texts if given == "texts" else
+                                                           str(tmp_path / "own.txt"), 4, 16, seed=0),
+                                   generate_calibration_ids(model, tokenizer, 2, 16, seed=0))
+    pruner = OlicaPruner(model, tokenizer)
+    assert torch.equal(pruner.calibration_input_ids(config, dataset), expected)
     pruner.prune(config, dataset, progress=False)
+    assert pruner.report["calibration_data"]["self_generated_samples"] == 2
+    assert "the refits fit the data alone" in format_summary(pruner.report)
+    recipe = pruner.pruned_model.config.olica_recipe
+    assert (recipe["num_samples"], recipe["self_calibration"], recipe["refit_on"]) == (6, 2 / 6, "data")
+    assert OlicaConfig(**{**SMALL, **recipe}).refit_sequence_mask().tolist() == [True, False, True, False, True, True]
+
+
+def test_auto_uses_token_ids_given_to_the_pruner_as_they_are(tokenizer):
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    pruner = OlicaPruner(_tiny_model_for(tokenizer), tokenizer)
+    assert torch.equal(pruner.calibration_input_ids(OlicaConfig(**SMALL), ids), ids)
+    pruner.prune(OlicaConfig(**SMALL), ids, progress=False)
     assert "self_generated_samples" not in pruner.report["calibration_data"]
     assert pruner.pruned_model.config.olica_recipe["self_calibration"] == 0.0
 
@@ -176,9 +190,13 @@ def test_prune_model_uses_token_ids_as_they_are_under_auto():
 def test_auto_and_shares_in_zero_one_are_accepted(value):
     config = OlicaConfig(self_calibration=value, num_samples=8)
     shares = {"auto": 0.5, 0: 0.0, 0.25: 0.25, 1: 1.0}
-    assert config.self_calibration_share() == shares[value]
-    assert config.self_calibration_share(own_data=True) == (0.0 if value == "auto" else shares[value])
+    assert config.resolve_self_calibration().self_calibration == shares[value]
     assert config.self_generated_samples() == round(8 * shares[value])
+    own = config.resolve_self_calibration(own_data=True)
+    if value == "auto":  # the data keeps its 8 windows; the model writes 4 more, which only inform what is cut
+        assert (own.num_samples, own.self_generated_samples(), own.refit_on) == (12, 4, "data")
+    else:
+        assert own == config
 
 
 def test_auto_generates_nothing_with_weights_offloaded(tokenizer, caplog):

@@ -301,6 +301,17 @@ def random_token_ids(num_samples: int, sequence_length: int, vocab_size: int, se
     return torch.randint(3, vocab_size, (num_samples, sequence_length), generator=generator)
 
 
+def olica_layer_settings(plan_config, config) -> dict:
+    """The keyword arguments an ``OlicaLayerPruner`` (or a bench subclass of it) takes from the recipe ``config``,
+    as a ``layer_algorithm`` of ``prune_model`` receives them."""
+    import torch
+
+    return {"calibration_rank": config.calibration_rank_for(plan_config.hidden_size),
+            "ridge_strength": config.ridge_strength, "refit_damping": config.refit_damping,
+            "statistics_dtype": getattr(torch, config.statistics_dtype),
+            "value_decomposition": config.value_decomposition, "skip_layers": tuple(config.skip_layers)}
+
+
 def dense_forward_seconds(model, input_ids, batch_size: int) -> float:
     """One forward pass over the calibration set, batched as the pipeline batches it (no KV cache)."""
     import torch

@@ -60,14 +60,16 @@ from optimum_olica.self_calibration import generate_calibration_ids, mix_calibra
 
 EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 
-# name -> (method, OlicaConfig overrides, description)
+# name -> (method, OlicaConfig overrides, description); method "olica", "magnitude", or "olica_own_data": Olica with
+# the recipe as self_calibration='auto' resolves it for data of one's own (the benchmark windows).
 # Linear calibration (LC) is a ridge least-squares fit of what pruning loses. Olica as shipped applies it inside the
 # weights (the o_proj/down_proj refit, no extra parameters); the paper applies it as a parallel low-rank branch on
 # the FFN input. The ablation removes it (olica_no_lc), and measures the paper's branch alone and on top of the refit.
 VARIANTS = {
     "olica": ("olica", {}, "Olica as shipped on the benchmark's fixed calibration data (the default with data of "
-                          "one's own also adds the model's own text: olica_plus_self_generated): OND + low-rank Q/K + FFN scores (FFN widths per layer from a dense "
-                          "pass, layer_allocation='adaptive') + linear calibration by the o_proj/down_proj refit"),
+                          "one's own also adds the model's own text: olica_plus_self_generated): OND + low-rank Q/K + "
+                          "FFN scores (FFN widths per layer from a dense pass, layer_allocation='adaptive') + linear "
+                          "calibration by the o_proj/down_proj refit"),
     "olica_no_lc": ("olica", {"refit_damping": None, "num_calibrated_layers": 0},
                     "the same without linear calibration (no refit, no branch)"),
     "olica_branch_only": ("olica", {"refit_damping": None, "num_calibrated_layers": 6},
@@ -107,9 +109,8 @@ VARIANTS = {
                                             "alone (the generated text only informs what is cut)"),
     "olica_self_generated": ("olica", {"self_calibration": 1.0},
                              "Olica calibrated on 128 self-generated sequences only (self_calibration=1.0): no data"),
-    # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
     # Issue 15: the model's own text added to the data, not in its place; the refits fitted on the data alone.
-    "olica_plus_self_generated": ("olica", {"num_samples": 192, "self_calibration": 1 / 3, "refit_on": "data"},
+    "olica_plus_self_generated": ("olica_own_data", {},
                                   "Olica as shipped with data of one's own (self_calibration='auto'): the 128 "
                                   "benchmark windows and 64 sequences the model samples itself "
                                   "(temperature 1, from BOS, seed 0), interleaved, the o_proj/down_proj refits fitted "
@@ -122,6 +123,7 @@ VARIANTS = {
                          "inputs and the dense model's own hidden states (trajectory_weight=0.5)"),
     "olica_self_calibrated_trajectory": ("olica", {"self_calibration": 0.5, "trajectory_weight": 0.5},
                                          "olica_self_calibrated with trajectory_weight=0.5"),
+    # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
     "olica_uniform": ("olica", {"layer_allocation": "uniform"},
                       "Olica with every layer at the same FFN width (layer_allocation='uniform', the default before "
                       "the adaptive allocation)"),
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
             method, overrides, _ = VARIANTS[name]
             config = OlicaConfig(**{"ratio": ratio, "num_samples": args.num_samples,
                                     "sequence_length": args.sequence_length, **overrides})
+            if method == "olica_own_data":
+                config = config.resolve_self_calibration(own_data=True)
             model = load()
             variant_calibration, generation_s = _with_self_generated(model, tokenizer, calibration, config)
             # The dense forward is timed again right before each prune, so every ratio compares two measurements

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from common import olica_layer_settings
 from optimum_olica import olica_math as om
 from optimum_olica.olica import OlicaLayerPruner
 
@@ -105,13 +106,8 @@ class ReconstructionLayerPruner(OlicaLayerPruner):
 def reconstruction_algorithm(damping: float = 1e-2):
     """The ``layer_algorithm`` of ``prune_model``: Olica's own settings, the reconstruction selection."""
     def make(plan_config, config):
-        return ReconstructionLayerPruner(
-            plan_config, calibration_rank=config.calibration_rank_for(plan_config.hidden_size),
-            ridge_strength=config.ridge_strength, refit_damping=config.refit_damping,
-            statistics_dtype=getattr(torch, config.statistics_dtype), value_decomposition=config.value_decomposition,
-            skip_layers=tuple(config.skip_layers), selection_damping=damping,
-            trajectory_weight=config.trajectory_weight,
-        )
+        return ReconstructionLayerPruner(plan_config, **olica_layer_settings(plan_config, config),
+                                         selection_damping=damping, trajectory_weight=config.trajectory_weight)
 
     return make
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import olica_layer_settings
 from optimum_olica.olica import OlicaLayerPruner
 from optimum_olica.sources import decoder_layers
 
@@ -138,21 +139,11 @@ class TrajectoryAlgorithm:
     def __call__(self, plan_config, config):
         if self.trajectory is None:
             raise RuntimeError("TrajectoryAlgorithm.prepare(dense_model, calibration_ids) must run before pruning.")
+        settings = olica_layer_settings(plan_config, config)
         if self.dense_statistics:
-            return DenseStreamLayerPruner(
-                plan_config, calibration_rank=config.calibration_rank_for(plan_config.hidden_size),
-                ridge_strength=config.ridge_strength, refit_damping=config.refit_damping,
-                statistics_dtype=getattr(torch, config.statistics_dtype),
-                value_decomposition=config.value_decomposition, skip_layers=tuple(config.skip_layers),
-                trajectory=self.trajectory,
-            )
-        return TrajectoryLayerPruner(
-            plan_config, calibration_rank=config.calibration_rank_for(plan_config.hidden_size),
-            ridge_strength=config.ridge_strength, refit_damping=config.refit_damping,
-            statistics_dtype=getattr(torch, config.statistics_dtype), value_decomposition=config.value_decomposition,
-            skip_layers=tuple(config.skip_layers), trajectory=self.trajectory, share=self.share,
-            attention=self.attention, mlp=self.mlp,
-        )
+            return DenseStreamLayerPruner(plan_config, **settings, trajectory=self.trajectory)
+        return TrajectoryLayerPruner(plan_config, **settings, trajectory=self.trajectory, share=self.share,
+                                     attention=self.attention, mlp=self.mlp)
 
 
 __all__ = ["DenseStreamLayerPruner", "TrajectoryAlgorithm", "TrajectoryLayerPruner", "dense_trajectory"]

@@ -53,8 +53,10 @@ from optimum_olica.data import get_calibration_dataset  # noqa: E402
 from optimum_olica.default_model import default_model_path  # noqa: E402
 from optimum_olica.pruner import prune_model  # noqa: E402
 from optimum_olica.self_calibration import generate_calibration_ids, mix_calibration_ids  # noqa: E402
+from attention_allocation import AttentionAllocation  # noqa: E402
 from reconstruction import reconstruction_algorithm  # noqa: E402
 from trajectory import TrajectoryAlgorithm  # noqa: E402
+from whitened_qk import covariance_algorithm  # noqa: E402
 
 RESULTS = "allocation_screen"
 
@@ -94,6 +96,7 @@ class Variant:
     scores: Callable | None = None  # replaces olica_math.ffn_neuron_scores
     layer_algorithm: Callable | None = None  # prune_model's layer_algorithm
     generated: int = 0  # self-generated sequences mixed after the 128 benchmark windows (mix_calibration_ids)
+    attention: AttentionAllocation | None = None  # per-layer attention widths (bench/attention_allocation.py)
 
 
 VARIANTS = {
@@ -142,13 +145,37 @@ VARIANTS = {
                                   {"trajectory_weight": 0.5}),
     "trajectory_mlp": Variant("trajectory for the down_proj refit only (o_proj keeps the shipped target)",
                               layer_algorithm=TrajectoryAlgorithm(1.0, attention=False)),
+    "shared_qk_energy": Variant("log_standardized; Q/K ranks shared between layers at the same totals, by each "
+                                "activation-weighted singular value's share of its layer's energy "
+                                "(bench/attention_allocation.py)", attention=AttentionAllocation("energy", False)),
+    "shared_qk_log": Variant("log_standardized; Q/K ranks shared between layers at the same totals, the singular "
+                             "values log-standardized per layer like the FFN scores",
+                             attention=AttentionAllocation("log", False)),
+    "shared_values": Variant("log_standardized; value head widths shared between layers at the same total, the "
+                             "value neuron scores log-standardized per layer like the FFN scores",
+                             attention=AttentionAllocation(None, True)),
+    "covariance_qk": Variant("log_standardized; Q/K low rank fitted to the attention input's full covariance "
+                             "instead of its diagonal (bench/whitened_qk.py)", layer_algorithm=covariance_algorithm(0.0)),
+    "covariance_qk_half": Variant("covariance_qk with the covariance shrunk halfway toward its diagonal",
+                                  layer_algorithm=covariance_algorithm(0.5)),
+    "covariance_qk_0.75": Variant("covariance_qk with the covariance shrunk three quarters of the way toward its "
+                                  "diagonal", layer_algorithm=covariance_algorithm(0.75)),
+    "covariance_qk_0.25": Variant("covariance_qk with the covariance shrunk a quarter of the way toward its diagonal",
+                                  layer_algorithm=covariance_algorithm(0.25)),
+    "covariance_setting": Variant("covariance_qk_half through the recipe setting qk_covariance_shrinkage=0.5 (the "
+                                  "library's own statistics instead of bench/whitened_qk.py: the same figures "
+                                  "expected)", {"qk_covariance_shrinkage": 0.5}),
+    "shared_attention": Variant("shared_qk_energy and shared_values together",
+                                attention=AttentionAllocation("energy", True)),
 }
 
 
 def _recipe(variant: Variant, ratio: float) -> OlicaConfig:
     """The variant's recipe at ``ratio`` (adaptive allocation unless it says otherwise)."""
-    # trajectory_weight 0 unless the variant says otherwise: the rows measured before the field existed ran so.
-    fields = {"layer_allocation": "adaptive", "trajectory_weight": 0.0, **variant.overrides}
+    # trajectory_weight 0 and qk_covariance_shrinkage 1 unless the variant says otherwise: the rows measured before
+    # the fields existed ran so.
+    fields = {"layer_allocation": "adaptive", "trajectory_weight": 0.0, "qk_covariance_shrinkage": 1.0,
+              **variant.overrides}
     if variant.qk_factor is not None:
         fields["qk_ratio"] = min(0.95, variant.qk_factor * reference_split(ratio)[0])
     return OlicaConfig(ratio=ratio, **fields)
@@ -194,16 +221,23 @@ def main(argv: list[str] | None = None) -> dict:
             prepare = getattr(variant.layer_algorithm, "prepare", None)
             if prepare is not None:  # what the variant reads from the dense model (untimed: screening only)
                 prepare(model, variant_calibration)
+            if variant.attention is not None:  # the same (the library would read it in its allocation pass)
+                variant.attention.prepare(model, variant_calibration)
             started = time.perf_counter()
             with ExitStack() as patches:
                 for function, replacement in (("comparable_neuron_scores", variant.comparable),
                                               ("ffn_neuron_scores", variant.scores)):
                     if replacement is not None:
                         patches.enter_context(mock.patch.object(om, function, replacement))
+                if variant.attention is not None:
+                    patches.enter_context(variant.attention.patched())
                 result = prune_model(model, config, variant_calibration, progress=False,
                                      layer_algorithm=variant.layer_algorithm)
             row = {"variant": name, "ratio": ratio, "parameters": result.model.num_parameters(),
                    "widths": list(result.model.config.intermediate_sizes),
+                   **({"attention_widths": {name: list(getattr(result.model.config, name)) for name in
+                                            ("query_ranks", "key_ranks", "value_head_dims")}}
+                      if variant.attention is not None else {}),
                    "perplexity": perplexities(result.model, evaluation), "prune_s": time.perf_counter() - started,
                    "allocation_s": result.report["timings"]["allocation_s"], "commit": git_commit(),
                    "command": command_line("allocation_screen.py", argv)}
@@ -215,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
             del model, result
             if prepare is not None:
                 variant.layer_algorithm.release()
+            if variant.attention is not None:
+                variant.attention.release()
     return _save(protocol, rows, argv)
 
 

@@ -309,7 +309,8 @@ def olica_layer_settings(plan_config, config) -> dict:
     return {"calibration_rank": config.calibration_rank_for(plan_config.hidden_size),
             "ridge_strength": config.ridge_strength, "refit_damping": config.refit_damping,
             "statistics_dtype": getattr(torch, config.statistics_dtype),
-            "value_decomposition": config.value_decomposition, "skip_layers": tuple(config.skip_layers)}
+            "value_decomposition": config.value_decomposition, "skip_layers": tuple(config.skip_layers),
+            "qk_covariance_shrinkage": config.qk_covariance_shrinkage}
 
 
 def dense_forward_seconds(model, input_ids, batch_size: int) -> float:

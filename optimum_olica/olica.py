@@ -61,6 +61,8 @@ class OlicaLayerPruner:
         trajectory_weight: where the refits (and the branch) aim, in [0, 1]: from the dense layer's output on the
             pruned model's inputs (0) toward the dense model's own hidden states at this depth (1), which the
             pipeline then carries beside the pruned ones (``observe_dense_trajectory``).
+        qk_covariance_shrinkage: how far the attention input's second-moment matrix that weighs the Q/K low-rank
+            error is shrunk toward its diagonal, in [0, 1] (1: the paper's diagonal weighting, no ``X^T X`` summed).
     """
 
     name: ClassVar[str] = "olica"  # the report's and the resume fingerprint's method
@@ -74,6 +76,7 @@ class OlicaLayerPruner:
     skip_layers: tuple[int, ...] = ()
     refit_sequences: torch.Tensor | None = None
     trajectory_weight: float = 0.0
+    qk_covariance_shrinkage: float = 1.0
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -94,7 +97,8 @@ class OlicaLayerPruner:
         device = next(layer.parameters()).device
         d, heads, head_dim = self.plan_config.hidden_size, self.plan_config.num_attention_heads, attention.head_dim
         stats = _DenseStatistics(
-            attention_input=om.StreamingMoments(d, device=device, dtype=self.statistics_dtype),
+            attention_input=om.StreamingMoments(d, gram=self._weighs_correlations(layer_idx), device=device,
+                                                dtype=self.statistics_dtype),
             value_head_gram=torch.zeros(heads, head_dim, head_dim, dtype=self.statistics_dtype, device=device),
             attention_output=om.StreamingMoments(d, device=device, dtype=self.statistics_dtype),
             mlp_input=om.StreamingMoments(d, device=device, dtype=self.statistics_dtype),
@@ -192,12 +196,12 @@ class OlicaLayerPruner:
     def prune(self, layer, layer_idx: int) -> OlicaDecoderLayer:
         if layer_idx in self.skip_layers:
             return copy_dense_layer(self.plan_config, layer_idx, layer)
-        stats, config = self._stats, self.plan_config
+        config = self.plan_config
         attention, mlp = layer.self_attn, layer.mlp
-        s_attention = stats.attention_input.second_moment
         # §1a: activation-weighted low rank for Q and K (head count and head dim unchanged: RoPE-safe).
+        low_rank = self._query_key_factoring(layer_idx)
         query, key = (
-            None if rank is None else om.activation_weighted_low_rank(projection.weight, s_attention, rank)
+            None if rank is None else low_rank(projection.weight, rank)
             for projection, rank in (
                 (attention.q_proj, config.query_ranks[layer_idx]), (attention.k_proj, config.key_ranks[layer_idx])
             )
@@ -209,6 +213,20 @@ class OlicaLayerPruner:
         return assemble_pruned_layer(
             config, layer_idx, pruned_layer_state(layer, decisions), device=reference.device, dtype=reference.dtype
         )
+
+    def _weighs_correlations(self, layer_idx: int) -> bool:
+        """Whether this layer's Q/K factoring weighs the input's channel correlations (so needs its X^T X)."""
+        factored = (self.plan_config.query_ranks[layer_idx], self.plan_config.key_ranks[layer_idx]) != (None, None)
+        return factored and self.qk_covariance_shrinkage < 1.0
+
+    def _query_key_factoring(self, layer_idx: int):
+        """``(weight, rank) -> (down, up)``: §1a, its error weighed by the attention input's second moments (the
+        diagonal, or the whole matrix shrunk toward it)."""
+        moments = self._stats.attention_input
+        if not self._weighs_correlations(layer_idx):
+            return lambda weight, rank: om.activation_weighted_low_rank(weight, moments.second_moment, rank)
+        metric = om.shrink_to_diagonal(moments.gram / moments.count, self.qk_covariance_shrinkage)
+        return lambda weight, rank: om.covariance_weighted_low_rank(weight, metric, rank)
 
     def _ffn_keep(self, mlp, layer_idx: int) -> torch.Tensor:
         """§2: the FFN neurons kept, the best-scored ones."""

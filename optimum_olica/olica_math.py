@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "ffn_neuron_scores",
+    "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "covariance_weighted_low_rank",
+    "shrink_to_diagonal", "ffn_neuron_scores",
     "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
     "choose_refit_damping", "refit_output_projection", "ridge_least_squares", "solve_workspace", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
     "value_output_rotation", "exact_value_output_decomposition", "comparable_neuron_scores", "neurons_kept_per_layer",
@@ -324,6 +325,68 @@ def activation_weighted_low_rank(weight: Tensor, second_moment: Tensor, rank: in
     scale = scale.clamp_min(peak * _SCALE_FLOOR) if peak > 0 else torch.ones_like(scale)
     u, singular, vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
     return vh[:rank] / scale, u[:, :rank] * singular[:rank]
+
+
+def shrink_to_diagonal(second_moments: Tensor, shrinkage: float) -> Tensor:
+    """``(1 - shrinkage) * C + shrinkage * diag(C)``, float64: the input's correlations trusted only in part.
+
+    Args:
+        second_moments (`torch.Tensor` of shape `(dim, dim)`): ``C``, the input's mean ``x x^T``.
+        shrinkage (`float`): In [0, 1]; 1 keeps the diagonal alone (what §1a weighs by), 0 ``C`` as measured.
+    """
+    dim, other = _matrix_dims("second_moments", second_moments)
+    if dim != other:
+        raise ValueError(f"`second_moments` must be square, got shape {tuple(second_moments.shape)}.")
+    _check_real("shrinkage", shrinkage)
+    if shrinkage > 1:
+        raise ValueError(f"`shrinkage` must be in [0, 1], got {shrinkage}.")
+    matrix = second_moments.double()
+    return (1.0 - shrinkage) * matrix + shrinkage * torch.diag(torch.diagonal(matrix))
+
+
+def covariance_weighted_low_rank(weight: Tensor, second_moments: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` factors minimising ``||(W - up @ down) C^(1/2)||_F`` for a full ``C`` (§1a with correlations).
+
+    On tokens whose mean ``x x^T`` is ``C`` this is the projection's mean squared output error, which §1a's
+    diagonal weighting only bounds. With ``C = L L^T`` (Cholesky) the minimiser is the truncated SVD of ``W L``
+    (Eckart-Young), mapped back through ``L^-1``. A singular ``C`` (silent channels, fewer tokens than channels)
+    gets a jitter on its diagonal, from 1e-10 of its mean diagonal up to 1e-4, until the factor exists: the directions no
+    token visits then cost almost nothing, and the factors stay finite. An all-zero ``C`` gives the plain SVD.
+
+    Args:
+        weight (`torch.Tensor` of shape `(out, in)`): The projection weight.
+        second_moments (`torch.Tensor` of shape `(in, in)`): Symmetric positive semi-definite, e.g. the mean
+            ``x x^T`` of the input (``shrink_to_diagonal`` of it).
+        rank (`int`): Target rank, ``1 <= rank <= min(out, in)``.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor)`: float64 ``down`` `(rank, in)` and ``up`` `(out, rank)`; the layer
+        becomes ``x -> up @ (down @ x)``.
+    """
+    out_features, in_features = _matrix_dims("weight", weight)
+    _check_shape("second_moments", second_moments, (in_features, in_features))
+    _check_int("rank", rank)
+    if rank > min(out_features, in_features):
+        raise ValueError(f"`rank` must be <= {min(out_features, in_features)}, got {rank}.")
+    matrix = second_moments.double()
+    if not _all_finite(matrix):
+        raise ValueError("`second_moments` must be finite.")
+    if bool((torch.diagonal(matrix) < 0).any()):
+        raise ValueError("`second_moments` must be positive semi-definite (it has a negative diagonal entry).")
+    scale = float(torch.diagonal(matrix).mean())
+    if scale == 0:
+        matrix, scale = torch.eye(in_features, dtype=torch.float64, device=matrix.device), 1.0
+    identity = torch.eye(in_features, dtype=torch.float64, device=matrix.device)
+    jitter = 1e-10 * scale
+    lower, failed = torch.linalg.cholesky_ex(matrix + jitter * identity)
+    while int(failed) != 0:
+        if jitter > 1e-4 * scale:  # not positive semi-definite: no rounding explains that much
+            raise ValueError("`second_moments` must be positive semi-definite.")
+        jitter *= 100
+        lower, failed = torch.linalg.cholesky_ex(matrix + jitter * identity)
+    u, singular, vh = torch.linalg.svd(weight.double() @ lower, full_matrices=False)
+    down = torch.linalg.solve_triangular(lower, vh[:rank], upper=False, left=False)
+    return down, u[:, :rank] * singular[:rank]
 
 
 def value_output_rotation(

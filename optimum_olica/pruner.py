@@ -241,6 +241,7 @@ def _plan_run(
             skip_layers=skip_layers,
             refit_sequences=refit_sequences,
             trajectory_weight=config.trajectory_weight,
+            qk_covariance_shrinkage=config.qk_covariance_shrinkage,
         )
 
     algorithm = make_algorithm(plan_config)

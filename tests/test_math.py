@@ -12,6 +12,7 @@ from optimum_olica.olica_math import (
     LinearCalibrationFit,
     StreamingMoments,
     activation_weighted_low_rank,
+    covariance_weighted_low_rank,
     ffn_neuron_scores,
     fit_linear_calibration,
     keep_top_neurons,
@@ -23,6 +24,7 @@ from optimum_olica.olica_math import (
     ridge_least_squares,
     rotate_value_output,
     rotated_value_second_moment,
+    shrink_to_diagonal,
     value_neuron_scores,
     value_output_rotation,
 )
@@ -180,6 +182,82 @@ def test_activation_weighted_low_rank_full_rank_and_zero_channels():
         activation_weighted_low_rank(weight, -second_moment, 2)
     with pytest.raises(ValueError, match="`second_moment`"):
         activation_weighted_low_rank(weight, second_moment[:5], 2)
+
+
+def correlated_tokens(count: int, dim: int, seed: int) -> torch.Tensor:
+    """Tokens with strongly correlated channels of very different scales, like a layer's normalised input."""
+    g = gen(seed)
+    mixing = randn(dim, dim, generator=g) * torch.logspace(-1, 1, dim, dtype=F64)
+    return randn(count, dim, generator=g) @ mixing
+
+
+def test_covariance_weighted_low_rank_is_the_best_output_on_the_tokens():
+    tokens = correlated_tokens(400, 9, seed=7)
+    weight = randn(7, 9, seed=8)
+    rank = 3
+    down, up = covariance_weighted_low_rank(weight.float(), tokens.T @ tokens / 400, rank)
+    assert down.shape == (rank, 9) and up.shape == (7, rank) and down.dtype == F64
+    # Independent optimum: the best rank-r approximation of the outputs W X^T lies in their top-r left singular
+    # space, and is reached by a weight (the outputs' row space is X's when X has full column rank).
+    outputs = weight.float().double() @ tokens.T
+    u, _, _ = torch.linalg.svd(outputs, full_matrices=False)
+    best = u[:, :rank] @ u[:, :rank].T @ outputs
+    torch.testing.assert_close(up @ down @ tokens.T, best, rtol=1e-8, atol=1e-8)
+    # ... which the diagonal weighting of §1a does not reach on correlated channels.
+    diagonal_down, diagonal_up = activation_weighted_low_rank(weight, tokens.square().mean(dim=0), rank)
+    error = (outputs - up @ down @ tokens.T).norm()
+    assert error < (outputs - diagonal_up @ diagonal_down @ tokens.T).norm() * 0.95
+
+
+def test_covariance_weighted_low_rank_on_a_diagonal_matrix_is_the_activation_weighted_one():
+    weight = randn(6, 8, seed=9)
+    second_moment = torch.rand(8, generator=gen(10), dtype=F64) * torch.logspace(-2, 2, 8, dtype=F64)
+    down, up = covariance_weighted_low_rank(weight, torch.diag(second_moment), 3)
+    reference_down, reference_up = activation_weighted_low_rank(weight, second_moment, 3)
+    torch.testing.assert_close(up @ down, reference_up @ reference_down, rtol=1e-8, atol=1e-8)
+
+
+def test_covariance_weighted_low_rank_singular_and_bad_matrices():
+    weight = randn(5, 6, seed=11)
+    # Fewer tokens than channels, and a silent channel: C is singular; the factors stay finite and optimal on the
+    # tokens (their outputs are reproduced as well as rank 2 allows).
+    tokens = correlated_tokens(4, 6, seed=12)
+    tokens[:, 2] = 0.0
+    down, up = covariance_weighted_low_rank(weight, tokens.T @ tokens / 4, 2)
+    assert torch.isfinite(down).all() and torch.isfinite(up).all()
+    outputs = weight @ tokens.T
+    singular = torch.linalg.svdvals(outputs)
+    torch.testing.assert_close((outputs - up @ down @ tokens.T).norm(), singular[2:].norm(), rtol=1e-5, atol=1e-6)
+    # An all-zero C: the plain truncated SVD.
+    down, up = covariance_weighted_low_rank(weight, torch.zeros(6, 6, dtype=F64), 5)
+    torch.testing.assert_close(up @ down, weight, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        covariance_weighted_low_rank(weight, torch.full((6, 6), 2.0, dtype=F64) - torch.eye(6, dtype=F64), 2)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        covariance_weighted_low_rank(weight, -torch.eye(6, dtype=F64), 2)
+    with pytest.raises(ValueError, match="`second_moments`"):
+        covariance_weighted_low_rank(weight, torch.eye(5, dtype=F64), 2)
+    with pytest.raises(ValueError, match="finite"):
+        covariance_weighted_low_rank(weight, torch.full((6, 6), float("nan"), dtype=F64), 2)
+    with pytest.raises(ValueError, match="`rank`"):
+        covariance_weighted_low_rank(weight, torch.eye(6, dtype=F64), 6)
+
+
+def test_shrink_to_diagonal():
+    tokens = correlated_tokens(50, 5, seed=13)
+    matrix = tokens.T @ tokens / 50
+    torch.testing.assert_close(shrink_to_diagonal(matrix, 0.0), matrix)
+    torch.testing.assert_close(shrink_to_diagonal(matrix, 1.0), torch.diag(torch.diagonal(matrix)))
+    half = shrink_to_diagonal(matrix.float(), 0.5)
+    assert half.dtype == F64
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    torch.testing.assert_close(half[off_diagonal], matrix.float().double()[off_diagonal] / 2)
+    torch.testing.assert_close(torch.diagonal(half), torch.diagonal(matrix.float().double()))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="`shrinkage`"):
+            shrink_to_diagonal(matrix, bad)
+    with pytest.raises(ValueError, match="square"):
+        shrink_to_diagonal(matrix[:, :4], 0.5)
 
 
 # ------------------------------------------------------------------------------------------------- §1b V/O

@@ -123,6 +123,10 @@ VARIANTS = {
                          "inputs and the dense model's own hidden states (trajectory_weight=0.5)"),
     "olica_self_calibrated_trajectory": ("olica", {"self_calibration": 0.5, "trajectory_weight": 0.5},
                                          "olica_self_calibrated with trajectory_weight=0.5"),
+    # Issue 15: Q/K weighed by each input channel alone, as every olica row before qk_covariance_shrinkage was.
+    "olica_diagonal_qk": ("olica", {"qk_covariance_shrinkage": 1.0},
+                          "Olica with the paper's diagonal weighting of the Q/K low rank (qk_covariance_shrinkage=1, "
+                          "the default before 0.5)"),
     # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
     "olica_uniform": ("olica", {"layer_allocation": "uniform"},
                       "Olica with every layer at the same FFN width (layer_allocation='uniform', the default before "

@@ -307,6 +307,7 @@ class _Run:
     refit: bool
     calibrated: bool
     trajectory: bool  # the dense model's own activations carried beside the pruned ones (trajectory_weight > 0)
+    attention_gram: bool  # Q/K factored under the attention input's X^T X (qk_covariance_shrinkage < 1)
 
 
 def _layer_state(run: _Run) -> int:
@@ -326,9 +327,11 @@ def _tokens_by_hidden(s: _Shapes, tokens: int) -> int:
     return tokens * s.hidden * s.weight_bytes
 
 
-def _dense_statistics(s: _Shapes) -> int:
-    """StreamingMoments of the attention input, o_proj output, FFN input and down_proj input; the value head Gram."""
-    return (6 * s.hidden + 2 * s.ffn + s.heads * s.head_dim**2) * s.statistics_bytes
+def _dense_statistics(s: _Shapes, attention_gram: bool) -> int:
+    """StreamingMoments of the attention input (with its X^T X when Q/K weigh correlations), o_proj output, FFN input
+    and down_proj input; the value head Gram."""
+    gram = s.hidden**2 if attention_gram else 0
+    return (6 * s.hidden + 2 * s.ffn + s.heads * s.head_dim**2 + gram) * s.statistics_bytes
 
 
 def _fold_bytes(s: _Shapes, inputs: int, outputs: int) -> int:
@@ -380,20 +383,25 @@ def _calibration_fit(s: _Shapes, on_cpu: bool) -> tuple[int, tuple[int, int]]:
     return moments, (batch_device, max(batch_host, 5 * d * d * 8))
 
 
-def _decomposition_transient(s: _Shapes) -> int:
+def _decomposition_transient(s: _Shapes, attention_gram: bool) -> int:
     """The largest float64 working set of ``prune``: the pieces of the new state held so far plus the step's own
     temporaries (SVD of the weighted Q/K weights, V/O rotation, FFN scores, the assembled pruned layer). The FFN
     scores hold a block of gate/up rows in float64 and scaled (``olica_math._SCORE_BLOCK_ELEMENTS``), then one float64
-    copy of ``down_proj``."""
+    copy of ``down_proj``. Q/K factored under the input's correlations first build one (hidden x hidden) whitening
+    factor, which both factorings then hold."""
     d, q_width, kv_width = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
     score_block = min(max(2, _SCORE_BLOCK_ELEMENTS // d), s.ffn) * d
     query = 0 if s.query_rank is None else s.query_rank * (d + q_width) * 8
     key = 0 if s.key_rank is None else s.key_rank * (d + kv_width) * 8
     value_output = (s.kv_heads * s.value_dim * d + d * s.heads * s.value_dim) * 8
     svd = lambda rows: (2 * rows * d + rows * min(rows, d) + min(rows, d) * d) * 8  # noqa: E731 (copy, scaled, U, Vh)
+    # Under the input's correlations: the shrunk matrix, its jittered copy and their Cholesky factor, then the factor
+    # (shared by Q and K) beside each SVD.
+    whitening = d * d * 8 if attention_gram else 0
     steps = (
-        svd(q_width) if s.query_rank is not None else 0,
-        query + (svd(kv_width) if s.key_rank is not None else 0),
+        3 * whitening,
+        whitening + (svd(q_width) if s.query_rank is not None else 0),
+        query + whitening + (svd(kv_width) if s.key_rank is not None else 0),
         query + key + 3 * d * q_width * 8 + 2 * kv_width * d * 8,  # rotation: o and v in float64, rotated copies
         query + key + value_output + max(2 * score_block, s.ffn * d) * 8,  # FFN scores
         query + key + value_output + s.pruned_layer_parameters * s.weight_bytes,  # the pruned layer assembled
@@ -430,7 +438,7 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
     down_folds = _fold_bytes(s, s.pruned_ffn, s.hidden) if run.refit else 0
     o_update = _fold_update(s, attention_width, s.hidden, run.on_cpu)
     down_update = _fold_update(s, s.pruned_ffn, s.hidden, run.on_cpu) if run.refit else (0, 0)
-    statistics = _dense_statistics(s)
+    statistics = _dense_statistics(s, run.attention_gram)
     o_solve = _refit_solve(s, attention_width, s.hidden, run.on_cpu)
     down_solve = _refit_solve(s, s.pruned_ffn, s.hidden, run.on_cpu)
 
@@ -442,7 +450,7 @@ def _phase_moments(run: _Run) -> dict[str, list[tuple[int, int, int]]]:
         )],
         "decomposition": [(
             inputs + attention_targets + layer_targets,
-            layer + previous_pruned + statistics + _decomposition_transient(s), 0,
+            layer + previous_pruned + statistics + _decomposition_transient(s, run.attention_gram), 0,
         )],
         # The attention pass consumes the dense attention outputs as it stores the values; then the solves.
         "o_proj refit": [
@@ -527,10 +535,12 @@ def _phase_flops(s: _Shapes, run: _Run) -> dict[str, dict[str, float]]:
     return {
         "statistics": {"gemm_float32": layers * (
             2 * n * s.dense_layer_parameters + attention_scores + 2 * n * s.heads * s.head_dim**2
+            + (2 * n * d * d if run.attention_gram else 0)  # the attention input's X^T X (blocks on and above)
         )},
         "decomposition": {
             "svd_float64": layers * (svd(q_width, d) + svd(kv_width, d) + s.kv_heads * svd(s.head_dim, d)),
-            "gemm_float64": layers * 8 * s.ffn * d,
+            "gemm_float64": layers * (8 * s.ffn * d + (2 * (q_width + kv_width) * d * d if run.attention_gram else 0)),
+            **({"cholesky_float64": layers * 2 * d**3 / 3} if run.attention_gram else {}),
         },
         "o_proj refit": {
             "gemm_float32": layers * (
@@ -591,6 +601,7 @@ def plan_memory(
         shapes, streaming=streaming, on_cpu=device == "cpu", offload=offload_activations,
         refit=recipe.refit_damping is not None, calibrated=shapes.calibration_rank > 0,
         trajectory=recipe.trajectory_weight > 0 and (recipe.refit_damping is not None or shapes.calibration_rank > 0),
+        attention_gram=recipe.qk_covariance_shrinkage < 1 and (shapes.query_rank, shapes.key_rank) != (None, None),
     )
     memory, flops, disk = _phase_bytes(run), _phase_flops(shapes, run), _phase_disk(shapes, run)
     phases = []

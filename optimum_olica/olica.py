@@ -206,6 +206,7 @@ class OlicaLayerPruner:
                 (attention.q_proj, config.query_ranks[layer_idx]), (attention.k_proj, config.key_ranks[layer_idx])
             )
         )
+        del low_rank  # its (hidden x hidden) factor, before the FFN's float64 work
         decisions = LayerDecisions(query, key, *self._value_output(attention, layer_idx),
                                    ffn_keep=self._ffn_keep(mlp, layer_idx))
         self._stats = None
@@ -225,8 +226,11 @@ class OlicaLayerPruner:
         moments = self._stats.attention_input
         if not self._weighs_correlations(layer_idx):
             return lambda weight, rank: om.activation_weighted_low_rank(weight, moments.second_moment, rank)
-        metric = om.shrink_to_diagonal(moments.gram / moments.count, self.qk_covariance_shrinkage)
-        return lambda weight, rank: om.covariance_weighted_low_rank(weight, metric, rank)
+        # One factor for both projections; the shrunk matrix it factors is released on return.
+        whitening = om.whitening_factor(
+            om.shrink_to_diagonal(moments.raw_sum("gram"), self.qk_covariance_shrinkage).div_(moments.count)
+        )
+        return lambda weight, rank: om.whitened_low_rank(weight, whitening, rank)
 
     def _ffn_keep(self, mlp, layer_idx: int) -> torch.Tensor:
         """§2: the FFN neurons kept, the best-scored ones."""

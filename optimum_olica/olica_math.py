@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "covariance_weighted_low_rank",
-    "shrink_to_diagonal", "ffn_neuron_scores",
+    "LinearCalibrationFit", "StreamingMoments", "activation_weighted_low_rank", "whitened_low_rank",
+    "whitening_factor", "shrink_to_diagonal", "ffn_neuron_scores",
     "fit_linear_calibration", "keep_top_neurons", "low_rank_saves_parameters", "prune_ffn", "prune_value_output",
     "choose_refit_damping", "refit_output_projection", "ridge_least_squares", "solve_workspace", "rotate_value_output", "rotated_value_second_moment", "value_neuron_scores",
     "value_output_rotation", "exact_value_output_decomposition", "comparable_neuron_scores", "neurons_kept_per_layer",
@@ -340,34 +340,30 @@ def shrink_to_diagonal(second_moments: Tensor, shrinkage: float) -> Tensor:
     _check_real("shrinkage", shrinkage)
     if shrinkage > 1:
         raise ValueError(f"`shrinkage` must be in [0, 1], got {shrinkage}.")
-    matrix = second_moments.double()
-    return (1.0 - shrinkage) * matrix + shrinkage * torch.diag(torch.diagonal(matrix))
+    # One (dim x dim) float64 allocation: at a 70B model's width a copy is 0.5 GB of the accelerator's memory.
+    shrunk = torch.empty(dim, dim, dtype=torch.float64, device=second_moments.device)
+    torch.mul(second_moments, 1.0 - shrinkage, out=shrunk)
+    shrunk.diagonal().copy_(torch.diagonal(second_moments))
+    return shrunk
 
 
-def covariance_weighted_low_rank(weight: Tensor, second_moments: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Rank-`rank` factors minimising ``||(W - up @ down) C^(1/2)||_F`` for a full ``C`` (§1a with correlations).
+def whitening_factor(second_moments: Tensor) -> Tensor:
+    """Lower-triangular ``L`` with ``L L^T = C + jitter * I`` (Cholesky), float64: what ``whitened_low_rank`` weighs by.
 
-    On tokens whose mean ``x x^T`` is ``C`` this is the projection's mean squared output error, which §1a's
-    diagonal weighting only bounds. With ``C = L L^T`` (Cholesky) the minimiser is the truncated SVD of ``W L``
-    (Eckart-Young), mapped back through ``L^-1``. A singular ``C`` (silent channels, fewer tokens than channels)
-    gets a jitter on its diagonal, from 1e-10 of its mean diagonal up to 1e-4, until the factor exists: the directions no
-    token visits then cost almost nothing, and the factors stay finite. An all-zero ``C`` gives the plain SVD.
+    A singular ``C`` (silent channels, fewer tokens than channels) gets a jitter on its diagonal, from 1e-10 of its
+    mean diagonal up to 1e-4, until the factor exists: the directions no token visits then cost almost nothing, and
+    the factors stay finite. An all-zero ``C`` gives the identity (no weighting).
 
     Args:
-        weight (`torch.Tensor` of shape `(out, in)`): The projection weight.
-        second_moments (`torch.Tensor` of shape `(in, in)`): Symmetric positive semi-definite, e.g. the mean
-            ``x x^T`` of the input (``shrink_to_diagonal`` of it).
-        rank (`int`): Target rank, ``1 <= rank <= min(out, in)``.
+        second_moments (`torch.Tensor` of shape `(dim, dim)`): ``C``, symmetric positive semi-definite, e.g. the
+            mean ``x x^T`` of a projection's input (``shrink_to_diagonal`` of it).
 
-    Returns:
-        `tuple(torch.Tensor, torch.Tensor)`: float64 ``down`` `(rank, in)` and ``up`` `(out, rank)`; the layer
-        becomes ``x -> up @ (down @ x)``.
+    Raises:
+        `ValueError`: if ``C`` is not square, not finite, or further from positive semi-definite than rounding goes.
     """
-    out_features, in_features = _matrix_dims("weight", weight)
-    _check_shape("second_moments", second_moments, (in_features, in_features))
-    _check_int("rank", rank)
-    if rank > min(out_features, in_features):
-        raise ValueError(f"`rank` must be <= {min(out_features, in_features)}, got {rank}.")
+    dim, other = _matrix_dims("second_moments", second_moments)
+    if dim != other:
+        raise ValueError(f"`second_moments` must be square, got shape {tuple(second_moments.shape)}.")
     matrix = second_moments.double()
     if not _all_finite(matrix):
         raise ValueError("`second_moments` must be finite.")
@@ -375,15 +371,42 @@ def covariance_weighted_low_rank(weight: Tensor, second_moments: Tensor, rank: i
         raise ValueError("`second_moments` must be positive semi-definite (it has a negative diagonal entry).")
     scale = float(torch.diagonal(matrix).mean())
     if scale == 0:
-        matrix, scale = torch.eye(in_features, dtype=torch.float64, device=matrix.device), 1.0
-    identity = torch.eye(in_features, dtype=torch.float64, device=matrix.device)
-    jitter = 1e-10 * scale
-    lower, failed = torch.linalg.cholesky_ex(matrix + jitter * identity)
+        return torch.eye(dim, dtype=torch.float64, device=matrix.device)
+    jitter, shifted = 1e-10 * scale, matrix.clone()
+    shifted.diagonal().add_(jitter)
+    lower, failed = torch.linalg.cholesky_ex(shifted)
     while int(failed) != 0:
         if jitter > 1e-4 * scale:  # not positive semi-definite: no rounding explains that much
             raise ValueError("`second_moments` must be positive semi-definite.")
+        shifted.diagonal().add_(99 * jitter)
         jitter *= 100
-        lower, failed = torch.linalg.cholesky_ex(matrix + jitter * identity)
+        lower, failed = torch.linalg.cholesky_ex(shifted)
+    return lower
+
+
+def whitened_low_rank(weight: Tensor, whitening: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` factors minimising ``||(W - up @ down) L||_F``, ``L = whitening_factor(C)`` (§1a with the input's
+    correlations).
+
+    On tokens whose mean ``x x^T`` is ``C = L L^T`` this is the projection's mean squared output error, which §1a's
+    diagonal weighting only bounds. The minimiser is the truncated SVD of ``W L`` (Eckart-Young), mapped back through
+    ``L^-1``; with a diagonal ``C`` it is ``activation_weighted_low_rank``.
+
+    Args:
+        weight (`torch.Tensor` of shape `(out, in)`): The projection weight.
+        whitening (`torch.Tensor` of shape `(in, in)`): Lower triangular, invertible (``whitening_factor``).
+        rank (`int`): Target rank, ``1 <= rank <= min(out, in)``.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor)`: float64 ``down`` `(rank, in)` and ``up`` `(out, rank)`; the layer
+        becomes ``x -> up @ (down @ x)``.
+    """
+    out_features, in_features = _matrix_dims("weight", weight)
+    _check_shape("whitening", whitening, (in_features, in_features))
+    _check_int("rank", rank)
+    if rank > min(out_features, in_features):
+        raise ValueError(f"`rank` must be <= {min(out_features, in_features)}, got {rank}.")
+    lower = whitening.double()
     u, singular, vh = torch.linalg.svd(weight.double() @ lower, full_matrices=False)
     down = torch.linalg.solve_triangular(lower, vh[:rank], upper=False, left=False)
     return down, u[:, :rank] * singular[:rank]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_inspect_shows_layers_parameters_recipe_and_calibration(pruned_dir, caps
     for record in report["layers"]:
         assert f"{record['parameters']:,}" in out
     assert "austen: 8 x 32 tokens" in out
-    assert "refit_damping           0.1" in out
+    assert re.search(r"^  refit_damping +0\.1$", out, re.MULTILINE)
     assert "OlicaLlamaForCausalLM" in out
 
 

@@ -12,7 +12,6 @@ from optimum_olica.olica_math import (
     LinearCalibrationFit,
     StreamingMoments,
     activation_weighted_low_rank,
-    covariance_weighted_low_rank,
     ffn_neuron_scores,
     fit_linear_calibration,
     keep_top_neurons,
@@ -27,6 +26,8 @@ from optimum_olica.olica_math import (
     shrink_to_diagonal,
     value_neuron_scores,
     value_output_rotation,
+    whitened_low_rank,
+    whitening_factor,
 )
 from optimum_olica.olica_math import _channel_correlations
 
@@ -191,6 +192,10 @@ def correlated_tokens(count: int, dim: int, seed: int) -> torch.Tensor:
     return randn(count, dim, generator=g) @ mixing
 
 
+def covariance_weighted_low_rank(weight, second_moments, rank):
+    return whitened_low_rank(weight, whitening_factor(second_moments), rank)
+
+
 def test_covariance_weighted_low_rank_is_the_best_output_on_the_tokens():
     tokens = correlated_tokens(400, 9, seed=7)
     weight = randn(7, 9, seed=8)
@@ -235,8 +240,10 @@ def test_covariance_weighted_low_rank_singular_and_bad_matrices():
         covariance_weighted_low_rank(weight, torch.full((6, 6), 2.0, dtype=F64) - torch.eye(6, dtype=F64), 2)
     with pytest.raises(ValueError, match="positive semi-definite"):
         covariance_weighted_low_rank(weight, -torch.eye(6, dtype=F64), 2)
-    with pytest.raises(ValueError, match="`second_moments`"):
+    with pytest.raises(ValueError, match="`whitening`"):
         covariance_weighted_low_rank(weight, torch.eye(5, dtype=F64), 2)
+    with pytest.raises(ValueError, match="square"):
+        whitening_factor(torch.eye(6, dtype=F64)[:, :5])
     with pytest.raises(ValueError, match="finite"):
         covariance_weighted_low_rank(weight, torch.full((6, 6), float("nan"), dtype=F64), 2)
     with pytest.raises(ValueError, match="`rank`"):

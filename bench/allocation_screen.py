@@ -165,6 +165,15 @@ VARIANTS = {
     "covariance_setting": Variant("covariance_qk_half through the recipe setting qk_covariance_shrinkage=0.5 (the "
                                   "library's own statistics instead of bench/whitened_qk.py: the same figures "
                                   "expected)", {"qk_covariance_shrinkage": 0.5}),
+    "covariance_setting_qk_1.25": Variant("covariance_setting with Q/K cut 1.25 times as much as the reference "
+                                          "split (the FFN keeps more)", {"qk_covariance_shrinkage": 0.5},
+                                          qk_factor=1.25),
+    "covariance_setting_qk_0.75": Variant("covariance_setting with Q/K cut 0.75 times as much as the reference split "
+                                          "(the FFN takes the rest)", {"qk_covariance_shrinkage": 0.5},
+                                          qk_factor=0.75),
+    "reconstruction_shrunk_0.5": Variant("reconstruction with the down_proj input's Gram shrunk halfway toward its "
+                                         "diagonal (the prior that worked for Q/K: covariance_qk_half)",
+                                         layer_algorithm=reconstruction_algorithm(1e-2, 0.5)),
     "shared_attention": Variant("shared_qk_energy and shared_values together",
                                 attention=AttentionAllocation("energy", True)),
 }

@@ -83,6 +83,7 @@ class ReconstructionLayerPruner(OlicaLayerPruner):
     """Olica whose FFN neurons are kept by ``neurons_kept_by_reconstruction`` instead of by their §2 scores."""
 
     selection_damping: float = 1e-2
+    selection_shrinkage: float = 0.0  # the Gram shrunk this far toward its diagonal before the selection
     _intermediate_gram: om.StreamingMoments | None = None
 
     @contextmanager
@@ -99,15 +100,19 @@ class ReconstructionLayerPruner(OlicaLayerPruner):
 
     def _ffn_keep(self, mlp, layer_idx: int) -> Tensor:
         gram, self._intermediate_gram = self._intermediate_gram.raw_sum("gram"), None
+        if self.selection_shrinkage > 0:
+            gram = om.shrink_to_diagonal(gram, self.selection_shrinkage)
         return neurons_kept_by_reconstruction(mlp.down_proj.weight, gram, self.plan_config.intermediate_sizes[layer_idx],
                                               damping=self.selection_damping)
 
 
-def reconstruction_algorithm(damping: float = 1e-2):
-    """The ``layer_algorithm`` of ``prune_model``: Olica's own settings, the reconstruction selection."""
+def reconstruction_algorithm(damping: float = 1e-2, shrinkage: float = 0.0):
+    """The ``layer_algorithm`` of ``prune_model``: Olica's own settings, the reconstruction selection (its Gram shrunk
+    by ``shrinkage`` toward the diagonal)."""
     def make(plan_config, config):
         return ReconstructionLayerPruner(plan_config, **olica_layer_settings(plan_config, config),
-                                         selection_damping=damping, trajectory_weight=config.trajectory_weight)
+                                         selection_damping=damping, selection_shrinkage=shrinkage,
+                                         trajectory_weight=config.trajectory_weight)
 
     return make
 

@@ -324,3 +324,18 @@ def test_two_runs_cannot_share_a_checkpoint_dir(tmp_path):
         LayerCheckpoint(tmp_path / "resume", manifest).open()
     del first  # the first run ends (a killed process releases its lock the same way)
     assert LayerCheckpoint(tmp_path / "resume", manifest).open() is None
+
+
+def test_a_checkpoint_older_than_a_recipe_field_compares_at_what_it_ran():
+    """A field added later is absent from an older checkpoint's recipe: the checkpoint ran at what the code did before
+    the field (not at today's default where the field changed it), so only that recipe resumes it."""
+    from optimum_olica.resume import _differences
+
+    ran_then = OlicaConfig(qk_covariance_shrinkage=1.0, self_calibration=0.0, layer_allocation="uniform").to_dict()
+    older = {key: value for key, value in ran_then.items()
+             if key not in ("qk_covariance_shrinkage", "self_calibration", "layer_allocation")}
+    assert _differences({"olica_config": older}, {"olica_config": ran_then}) == []
+    today = OlicaConfig(self_calibration=0.0, layer_allocation="uniform").to_dict()
+    assert _differences({"olica_config": older}, {"olica_config": today}) == [
+        "OlicaConfig.qk_covariance_shrinkage is 0.5, the checkpoint has 1.0"
+    ]

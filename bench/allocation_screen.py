@@ -20,6 +20,13 @@ python-stdlib, windows of 128), at 20% and 33% of the parameters really removed.
   from the dense model's own activations, one dense pass per layer), ``reconstruction_trajectory``.
 - What is cut seen on more than the data: ``plus_generated_64_refit_on_data`` (the 128 windows and 64 sequences the
   model writes, interleaved; the refits on the windows alone).
+- How Q/K are factored and shared: ``shared_qk_*`` (bench/attention_allocation.py: ranks moved between layers at the
+  same totals), ``covariance_qk*`` (bench/whitened_qk.py: the low rank under the input's full second-moment matrix,
+  shrunk toward its diagonal; ``covariance_setting*`` is the library's ``qk_covariance_shrinkage``), and
+  ``reconstruction_shrunk_0.5`` (the same shrinkage for the FFN's reconstruction selection).
+
+Rows measured before ``qk_covariance_shrinkage`` existed ran with the diagonal weighting, which ``_recipe`` pins
+unless a variant sets it.
 
 Everything else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are
 measured, with the per-layer widths; a run keeps the rows already there and measures the missing ones.
@@ -151,9 +158,6 @@ VARIANTS = {
     "shared_qk_log": Variant("log_standardized; Q/K ranks shared between layers at the same totals, the singular "
                              "values log-standardized per layer like the FFN scores",
                              attention=AttentionAllocation("log", False)),
-    "shared_values": Variant("log_standardized; value head widths shared between layers at the same total, the "
-                             "value neuron scores log-standardized per layer like the FFN scores",
-                             attention=AttentionAllocation(None, True)),
     "covariance_qk": Variant("log_standardized; Q/K low rank fitted to the attention input's full covariance "
                              "instead of its diagonal (bench/whitened_qk.py)", layer_algorithm=covariance_algorithm(0.0)),
     "covariance_qk_half": Variant("covariance_qk with the covariance shrunk halfway toward its diagonal",
@@ -174,8 +178,6 @@ VARIANTS = {
     "reconstruction_shrunk_0.5": Variant("reconstruction with the down_proj input's Gram shrunk halfway toward its "
                                          "diagonal (the prior that worked for Q/K: covariance_qk_half)",
                                          layer_algorithm=reconstruction_algorithm(1e-2, 0.5)),
-    "shared_attention": Variant("shared_qk_energy and shared_values together",
-                                attention=AttentionAllocation("energy", True)),
 }
 
 

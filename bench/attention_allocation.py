@@ -10,7 +10,11 @@ any of them):
   truncation loses the largest fraction of the projection's output) or on the FFN's log-standardized scale
   (``"log"``);
 - value head widths: the §1b value neuron scores after the fast OND's rotation, log-standardized per layer like the
-  FFN scores; a layer's width is its kept neurons over its KV heads.
+  FFN scores; a layer's width is its kept neurons over its KV heads. On SmolLM2 at 20% this gave 56 channels to
+  nearly every layer (48 to 64), the uniform plan, so it was not screened.
+
+Screened (``shared_qk_energy``, ``shared_qk_log``) and not kept: the energy shares moved ranks far (Q 48 to 248)
+and lost in domain; the log scale stayed near the uniform plan and measured the same.
 
 ``prepare`` runs the dense model over the first quarter of the calibration sequences (the shipped allocation's
 share) and keeps, per layer, the singular values and value scores; ``patched`` wraps the pruner's allocation step so

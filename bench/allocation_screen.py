@@ -159,7 +159,8 @@ VARIANTS = {
                              "values log-standardized per layer like the FFN scores",
                              attention=AttentionAllocation("log", False)),
     "covariance_qk": Variant("log_standardized; Q/K low rank fitted to the attention input's full covariance "
-                             "instead of its diagonal (bench/whitened_qk.py)", layer_algorithm=covariance_algorithm(0.0)),
+                             "instead of its diagonal (bench/whitened_qk.py)",
+                             layer_algorithm=covariance_algorithm(0.0)),
     "covariance_qk_half": Variant("covariance_qk with the covariance shrunk halfway toward its diagonal",
                                   layer_algorithm=covariance_algorithm(0.5)),
     "covariance_qk_0.75": Variant("covariance_qk with the covariance shrunk three quarters of the way toward its "

@@ -108,7 +108,8 @@ def shared_value_widths(scores: list[torch.Tensor], total_width: int, head_dim: 
     counts = om.neurons_kept_per_layer(comparable, total_width * kv_heads, minimum=multiple * kv_heads)
     exact = [count / kv_heads for count in counts]
     widths = [int(width) for width in exact]
-    for layer in sorted(range(len(exact)), key=lambda i: exact[i] - widths[i], reverse=True)[:total_width - sum(widths)]:
+    largest_remainders = sorted(range(len(exact)), key=lambda i: exact[i] - widths[i], reverse=True)
+    for layer in largest_remainders[:total_width - sum(widths)]:
         widths[layer] += 1
     return aligned_widths_with_total(widths, multiple, head_dim)
 
@@ -121,7 +122,8 @@ class AttentionAllocation:
         self.spectra = None
 
     def prepare(self, model, input_ids: torch.Tensor) -> None:
-        self.spectra = attention_spectra(model, input_ids[: max(1, round(input_ids.shape[0] * pruner.ALLOCATION_SHARE))])
+        share = max(1, round(input_ids.shape[0] * pruner.ALLOCATION_SHARE))
+        self.spectra = attention_spectra(model, input_ids[:share])
 
     def release(self) -> None:
         self.spectra = None

@@ -346,8 +346,8 @@ class OlicaConfig:
                 "diagonal weighting (each input channel alone); 0 trusts the calibration text's channel "
                 "correlations fully, which minimises the error on that text and generalises worse. Default 0.5, "
                 "measured better than 1 in domain and on legal English at 20% and 33% removed, from 3% worse to 4% "
-                "better on Python source (docs/benchmarks.md). Below 1 the statistics pass also sums the attention input's "
-                "(hidden x hidden) X^T X."
+                "better on Python source (docs/benchmarks.md). Below 1 the statistics pass also sums the attention "
+                "input's (hidden x hidden) X^T X."
             )
         },
     )

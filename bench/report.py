@@ -919,10 +919,12 @@ def main(argv: list[str] | None = None) -> Path:
                   "the next section (`covariance_qk*`); `covariance_setting` there is this setting through the "
                   "library, with the same figures as the screen's own implementation. `olica_trajectory` adds "
                   "`trajectory_weight=0.5` to this factoring: better than `olica` on all three texts at both "
-                  "ratios here (with the diagonal weighting it lost on Python at 33%); its mixes with the model's "
-                  "own text and its cost were not measured with this factoring, and its pruning times in this table "
-                  "ran beside the test suite.",
+                  "ratios here (with the diagonal weighting it lost on Python at 33%); with the bundled mix "
+                  "(`olica_self_calibrated_trajectory`, 20%) it still loses out of domain (1.77x / 2.34x against "
+                  "1.69x / 2.20x), so it stays a setting for domain models. Its pruning times at 20% and 33% on "
+                  "the Austen windows ran beside the test suite; the mixed row's ran alone.",
                   "--variants olica,olica_plus_self_generated,olica_self_calibrated,olica_trajectory --ratios 0.2,0.33 "
+                  "(then --variants olica_self_calibrated_trajectory --ratios 0.2 --resume) "
                   f"--results {COVARIANCE_RESULTS}"),
               allocation_screen_section(None if quick else _load(ALLOCATION_SCREEN_RESULTS, False), quick),
               screening_section(screen, quick), gpu_section(gpu, quick),

@@ -29,6 +29,7 @@ from unittest import mock
 
 import torch
 
+from common import forward_in_batches
 from optimum_olica import olica_math as om
 from optimum_olica import pruner
 from optimum_olica.allocation import aligned_widths_with_total, per_layer_lists, PruningPlan
@@ -62,12 +63,7 @@ def attention_spectra(model, input_ids: torch.Tensor, batch_size: int = 8) -> li
 
         handles += [attention.q_proj.register_forward_pre_hook(on_input),
                     attention.o_proj.register_forward_hook(on_output)]
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start:start + batch_size], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_in_batches(model, input_ids, batch_size, handles)
     return [_layer_spectra(layer.self_attn, stats, heads, kv_heads, head_dim) for layer, stats in zip(layers, moments)]
 
 

@@ -313,12 +313,22 @@ def olica_layer_settings(plan_config, config) -> dict:
             "qk_covariance_shrinkage": config.qk_covariance_shrinkage}
 
 
-def dense_forward_seconds(model, input_ids, batch_size: int) -> float:
-    """One forward pass over the calibration set, batched as the pipeline batches it (no KV cache)."""
+def forward_in_batches(model, input_ids, batch_size: int, handles=()) -> None:
+    """One forward pass of ``model`` over ``input_ids``, ``batch_size`` sequences at a time (no KV cache, no grad);
+    the hook ``handles`` the caller registered for it are removed afterwards, whatever happens."""
     import torch
 
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def dense_forward_seconds(model, input_ids, batch_size: int) -> float:
+    """One forward pass over the calibration set, batched as the pipeline batches it (no KV cache)."""
     started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+    forward_in_batches(model, input_ids, batch_size)
     return time.perf_counter() - started

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import olica_layer_settings
+from common import forward_in_batches, olica_layer_settings
 from optimum_olica.olica import OlicaLayerPruner
 from optimum_olica.sources import decoder_layers
 
@@ -39,12 +39,7 @@ def dense_trajectory(model, input_ids: torch.Tensor, batch_size: int = 8
         handles.append(layer.register_forward_hook(
             lambda module, args, output, index=index: outputs[index].append(
                 (output[0] if isinstance(output, tuple) else output).detach().float().cpu())))
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start:start + batch_size], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_in_batches(model, input_ids, batch_size, handles)
     return [torch.cat(parts) for parts in middles], [torch.cat(parts) for parts in outputs]
 
 

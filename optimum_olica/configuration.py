@@ -439,13 +439,7 @@ class OlicaConfig:
             )
 
     def _check_linear_calibration(self) -> None:
-        self.calibration_rank_ratio = self._real(
-            "calibration_rank_ratio", self.calibration_rank_ratio, "a number in [0, 1]"
-        )
-        if not 0.0 <= self.calibration_rank_ratio <= 1.0:
-            raise OlicaConfigError(
-                f"`calibration_rank_ratio` must be in [0, 1], got {self.calibration_rank_ratio!r}."
-            )
+        self.calibration_rank_ratio = self._fraction("calibration_rank_ratio", self.calibration_rank_ratio)
         self._check_int("num_calibrated_layers", self.num_calibrated_layers, minimum=0)
         if self.num_calibrated_layers > 0 and self.calibration_rank_ratio == 0.0:
             raise OlicaConfigError(
@@ -469,9 +463,7 @@ class OlicaConfig:
                 )
 
     def _check_trajectory_weight(self) -> None:
-        self.trajectory_weight = self._real("trajectory_weight", self.trajectory_weight, "a number in [0, 1]")
-        if not 0.0 <= self.trajectory_weight <= 1.0:
-            raise OlicaConfigError(f"`trajectory_weight` must be in [0, 1], got {self.trajectory_weight!r}.")
+        self.trajectory_weight = self._fraction("trajectory_weight", self.trajectory_weight)
 
     def _check_layers_and_numerics(self) -> None:
         self.skip_layers = self._check_skip_layers(self.skip_layers)
@@ -484,14 +476,10 @@ class OlicaConfig:
                 f"`statistics_dtype` must be one of {list(allowed_dtypes)}, got {self.statistics_dtype!r}."
             )
 
-        self.qk_covariance_shrinkage = self._real(
-            "qk_covariance_shrinkage", self.qk_covariance_shrinkage, "a number in [0, 1]"
+        self.qk_covariance_shrinkage = self._fraction(
+            "qk_covariance_shrinkage", self.qk_covariance_shrinkage,
+            "1 weighs each input channel alone (the paper), 0 uses the full covariance."
         )
-        if not 0.0 <= self.qk_covariance_shrinkage <= 1.0:
-            raise OlicaConfigError(
-                f"`qk_covariance_shrinkage` must be in [0, 1], got {self.qk_covariance_shrinkage!r}: 1 weighs each "
-                "input channel alone (the paper), 0 uses the full covariance."
-            )
 
         allowed_decompositions = get_args(ValueDecomposition)
         if self.value_decomposition not in allowed_decompositions:
@@ -533,6 +521,14 @@ class OlicaConfig:
         if not _is_real(value) or (isinstance(value, int) and abs(value) > 2**1023) or not math.isfinite(value):
             raise OlicaConfigError(f"`{name}` must be {allowed}, got {value!r}.")
         return float(value)
+
+    @classmethod
+    def _fraction(cls, name: str, value: Any, meaning: str = "") -> float:
+        """Checks that `value` is a real number in [0, 1] and returns it as a float; ``meaning`` ends the error."""
+        value = cls._real(name, value, "a number in [0, 1]")
+        if not 0.0 <= value <= 1.0:
+            raise OlicaConfigError(f"`{name}` must be in [0, 1], got {value!r}" + (f": {meaning}" if meaning else "."))
+        return value
 
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -225,7 +225,8 @@ class OlicaLayerPruner:
         diagonal, or the whole matrix shrunk toward it)."""
         moments = self._stats.attention_input
         if not self._weighs_correlations(layer_idx):
-            return lambda weight, rank: om.activation_weighted_low_rank(weight, moments.second_moment, rank)
+            second_moment = moments.second_moment
+            return lambda weight, rank: om.activation_weighted_low_rank(weight, second_moment, rank)
         # One factor for both projections; the shrunk matrix it factors is released on return.
         whitening = om.whitening_factor(
             om.shrink_to_diagonal(moments.raw_sum("gram"), self.qk_covariance_shrinkage).div_(moments.count)

@@ -22,11 +22,14 @@ python-stdlib, windows of 128), at 20% and 33% of the parameters really removed.
   model writes, interleaved; the refits on the windows alone).
 - How Q/K are factored and shared: ``shared_qk_*`` (bench/attention_allocation.py: ranks moved between layers at the
   same totals), ``covariance_qk*`` (bench/whitened_qk.py: the low rank under the input's full second-moment matrix,
-  shrunk toward its diagonal; ``covariance_setting*`` is the library's ``qk_covariance_shrinkage``), and
-  ``reconstruction_shrunk_0.5`` (the same shrinkage for the FFN's reconstruction selection).
+  shrunk toward its diagonal; ``covariance_setting*`` is the library's ``qk_covariance_shrinkage``),
+  ``reconstruction_shrunk_0.5`` (the same shrinkage for the FFN's reconstruction selection) and ``score_weighted_qk*``
+  (bench/score_weighted_qk.py: each Q/K output channel weighed by what its error does to the attention scores).
+- How V/O are reduced: ``whitened_values*`` (the library's ``value_decomposition="whitened"`` at shrinkages 0.5, 0
+  and 1).
 
-Rows measured before ``qk_covariance_shrinkage`` existed ran with the diagonal weighting, which ``_recipe`` pins
-unless a variant sets it.
+Rows measured before ``qk_covariance_shrinkage`` and ``value_decomposition="whitened"`` existed ran with the diagonal
+weighting and the fast OND, which ``_recipe`` pins unless a variant sets them.
 
 Everything else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are
 measured, with the per-layer widths; a run keeps the rows already there and measures the missing ones.
@@ -64,6 +67,7 @@ from attention_allocation import AttentionAllocation  # noqa: E402
 from reconstruction import reconstruction_algorithm  # noqa: E402
 from trajectory import TrajectoryAlgorithm  # noqa: E402
 from whitened_qk import covariance_algorithm  # noqa: E402
+from score_weighted_qk import score_weighted_algorithm  # noqa: E402
 
 RESULTS = "allocation_screen"
 
@@ -105,6 +109,8 @@ class Variant:
     generated: int = 0  # self-generated sequences mixed after the 128 benchmark windows (mix_calibration_ids)
     attention: AttentionAllocation | None = None  # per-layer attention widths (bench/attention_allocation.py)
 
+
+_WHITENED = {"value_decomposition": "whitened", "value_covariance_shrinkage": 0.5}
 
 VARIANTS = {
     "uniform": Variant("one FFN width in every layer (layer_allocation='uniform')", {"layer_allocation": "uniform"}),
@@ -179,15 +185,36 @@ VARIANTS = {
     "reconstruction_shrunk_0.5": Variant("reconstruction with the down_proj input's Gram shrunk halfway toward its "
                                          "diagonal (the prior that worked for Q/K: covariance_qk_half)",
                                          layer_algorithm=reconstruction_algorithm(1e-2, 0.5)),
+    "whitened_values": Variant("covariance_setting; V/O reduced under the second moments of o_proj's input (each KV "
+                               "group's mean over its heads, shrunk halfway toward its diagonal) instead of the fast "
+                               "OND's rotation and scores (value_decomposition='whitened', the default since; first "
+                               "measured with a screening copy of it)", {"qk_covariance_shrinkage": 0.5, **_WHITENED}),
+    "whitened_values_full": Variant("whitened_values with the second moments as measured (no shrinkage)",
+                                    {**_WHITENED, "qk_covariance_shrinkage": 0.5, "value_covariance_shrinkage": 0.0}),
+    "whitened_values_diagonal": Variant("whitened_values with the diagonal of the second moments alone",
+                                        {**_WHITENED, "qk_covariance_shrinkage": 0.5,
+                                         "value_covariance_shrinkage": 1.0}),
+    "score_weighted_qk": Variant("covariance_setting; each Q output channel's error weighed by the rotary-pair "
+                                 "energy of its keys, each K channel's by its queries' (what the error does to the "
+                                 "attention scores; bench/score_weighted_qk.py)", {"qk_covariance_shrinkage": 0.5},
+                                 layer_algorithm=score_weighted_algorithm(0.0)),
+    "score_weighted_qk_half": Variant("score_weighted_qk with the weights' squares shrunk halfway toward their mean",
+                                      {"qk_covariance_shrinkage": 0.5}, layer_algorithm=score_weighted_algorithm(0.5)),
+    "score_weighted_whitened_values": Variant("score_weighted_qk and whitened_values together",
+                                              {"qk_covariance_shrinkage": 0.5, **_WHITENED},
+                                              layer_algorithm=score_weighted_algorithm(0.0)),
+    "score_weighted_half_whitened_values": Variant("score_weighted_qk_half and whitened_values together",
+                                                   {"qk_covariance_shrinkage": 0.5, **_WHITENED},
+                                                   layer_algorithm=score_weighted_algorithm(0.5)),
 }
 
 
 def _recipe(variant: Variant, ratio: float) -> OlicaConfig:
     """The variant's recipe at ``ratio`` (adaptive allocation unless it says otherwise)."""
-    # trajectory_weight 0 and qk_covariance_shrinkage 1 unless the variant says otherwise: the rows measured before
-    # the fields existed ran so.
+    # trajectory_weight 0, qk_covariance_shrinkage 1 and the fast OND unless the variant says otherwise: the rows
+    # measured before those defaults ran so.
     fields = {"layer_allocation": "adaptive", "trajectory_weight": 0.0, "qk_covariance_shrinkage": 1.0,
-              **variant.overrides}
+              "value_decomposition": "fast", **variant.overrides}
     if variant.qk_factor is not None:
         fields["qk_ratio"] = min(0.95, variant.qk_factor * reference_split(ratio)[0])
     return OlicaConfig(ratio=ratio, **fields)

@@ -310,7 +310,8 @@ def olica_layer_settings(plan_config, config) -> dict:
             "ridge_strength": config.ridge_strength, "refit_damping": config.refit_damping,
             "statistics_dtype": getattr(torch, config.statistics_dtype),
             "value_decomposition": config.value_decomposition, "skip_layers": tuple(config.skip_layers),
-            "qk_covariance_shrinkage": config.qk_covariance_shrinkage}
+            "qk_covariance_shrinkage": config.qk_covariance_shrinkage,
+            "value_covariance_shrinkage": config.value_covariance_shrinkage}
 
 
 def forward_in_batches(model, input_ids, batch_size: int, handles=()) -> None:

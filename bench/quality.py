@@ -67,7 +67,7 @@ EVAL_TEXT = ROOT / "tests" / "data" / "pride_and_prejudice_eval.txt"
 # the FFN input. The ablation removes it (olica_no_lc), and measures the paper's branch alone and on top of the refit.
 VARIANTS = {
     "olica": ("olica", {}, "Olica as shipped on the benchmark's fixed calibration data (the default with data of "
-                          "one's own also adds the model's own text: olica_plus_self_generated): OND + low-rank Q/K + "
+                          "one's own also adds the model's own text: olica_plus_self_generated): V/O reduced per KV group + low-rank Q/K + "
                           "FFN scores (FFN widths per layer from a dense pass, layer_allocation='adaptive') + linear "
                           "calibration by the o_proj/down_proj refit"),
     "olica_no_lc": ("olica", {"refit_damping": None, "num_calibrated_layers": 0},
@@ -127,6 +127,10 @@ VARIANTS = {
     "olica_diagonal_qk": ("olica", {"qk_covariance_shrinkage": 1.0},
                           "Olica with the paper's diagonal weighting of the Q/K low rank (qk_covariance_shrinkage=1, "
                           "the default before 0.5)"),
+    # Issue 15: V/O by the paper's fast OND, as every olica row before value_decomposition="whitened" was.
+    "olica_fast_values": ("olica", {"value_decomposition": "fast"},
+                          "Olica with the paper's fast OND for V/O (value_decomposition='fast', the default before "
+                          "'whitened')"),
     # Issue 15: how the FFN neurons kept are shared between layers (the default became "adaptive").
     "olica_uniform": ("olica", {"layer_allocation": "uniform"},
                       "Olica with every layer at the same FFN width (layer_allocation='uniform', the default before "

@@ -564,8 +564,11 @@ def allocation_screen_section(screen, quick: bool) -> str:
         "`shared_qk` rows share the Q/K ranks between layers at the same totals (bench/attention_allocation.py); the "
         "`covariance` rows factor Q/K under the attention input's full second-moment matrix, shrunk toward its "
         "diagonal by the named share (bench/whitened_qk.py; `covariance_setting` is the library's "
-        "`qk_covariance_shrinkage=0.5`). Every row but `covariance_setting` ran with the diagonal weighting "
-        "(`qk_covariance_shrinkage=1`), the default when the screen began. Protocol: "
+        "`qk_covariance_shrinkage=0.5`); the `score_weighted_qk` rows weigh each Q/K output channel by what its "
+        "error does to the attention scores (bench/score_weighted_qk.py); the `whitened_values` rows reduce V/O "
+        "under the second moments of `o_proj`'s input (the library's `value_decomposition=\"whitened\"`). Every row "
+        "before `covariance_setting` ran with the diagonal weighting (`qk_covariance_shrinkage=1`), the default when "
+        "the screen began, and every row before `whitened_values` with the paper's fast OND for V/O. Protocol: "
         f"SmolLM2-135M-Instruct; calibration {protocol['calibration']}; perplexity on the first "
         f"{protocol['eval_tokens']:,} tokens of each text (windows of 128), as a ratio to dense on the same tokens. "
         f"{_provenance(screen)}",

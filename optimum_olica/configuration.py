@@ -41,7 +41,7 @@ AUTO_ADDED_SELF_CALIBRATION = 0.5
 StatisticsDtype = Literal["float64", "float32"]
 Architecture = Literal["olica", "stock"]
 LayerAllocation = Literal["adaptive", "uniform"]
-ValueDecomposition = Literal["fast", "exact"]
+ValueDecomposition = Literal["whitened", "fast", "exact"]
 RefitOn = Literal["all", "data"]
 
 
@@ -326,13 +326,28 @@ class OlicaConfig:
     )
 
     value_decomposition: ValueDecomposition = field(
-        default="fast",
+        default="whitened",
         metadata={
             "help": (
-                "How V/O are cut per KV group: 'fast' (default; the fast orthogonal neuron decomposition: an "
+                "How V/O are cut per KV group: 'whitened' (default; the value directions kept are those that carry "
+                "the most of o_proj's output on the calibration tokens, weighing the second-moment matrix of "
+                "o_proj's input, i.e. the values after the attention mixed them, shrunk toward its diagonal by "
+                "value_covariance_shrinkage), 'fast' (the paper's fast orthogonal neuron decomposition: an "
                 "orthogonal rotation from the SVD of the weighted o_proj columns, then the lowest-scored value "
                 "neurons dropped) or 'exact' (the truncated SVD of the activation-weighted value-to-output product "
-                "D_x V^T O^T D_out itself, which the fast one approximates; compared in docs/benchmarks.md)."
+                "D_x V^T O^T D_out itself, which the fast one approximates). Compared in docs/benchmarks.md."
+            )
+        },
+    )
+
+    value_covariance_shrinkage: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "With value_decomposition='whitened', how far the second-moment matrix of o_proj's input (each KV "
+                "group's mean over its heads, head_dim x head_dim) is shrunk toward its diagonal, in [0, 1]: 1 "
+                "weighs each value channel alone, 0 trusts the calibration text's correlations fully. Default 0.5, "
+                "measured best of 0, 0.5 and 1 out of domain (docs/benchmarks.md). Ignored by 'fast' and 'exact'."
             )
         },
     )
@@ -479,6 +494,11 @@ class OlicaConfig:
         self.qk_covariance_shrinkage = self._fraction(
             "qk_covariance_shrinkage", self.qk_covariance_shrinkage,
             "1 weighs each input channel alone (the paper), 0 uses the full covariance."
+        )
+
+        self.value_covariance_shrinkage = self._fraction(
+            "value_covariance_shrinkage", self.value_covariance_shrinkage,
+            "1 weighs each value channel alone, 0 uses the full covariance."
         )
 
         allowed_decompositions = get_args(ValueDecomposition)

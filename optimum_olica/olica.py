@@ -52,8 +52,10 @@ class OlicaLayerPruner:
             projection by two-fold cross-validation, which may also decline the refit), a number, or None (no refit).
         storage_device: where per-batch tensors kept between passes live (None: where they are computed).
         statistics_dtype: accumulation dtype of the activation statistics.
-        value_decomposition: ``"fast"`` (the fast OND: rotate, score, drop) or ``"exact"`` (truncated SVD of each
-            group's activation-weighted V/O product, ``olica_math.exact_value_output_decomposition``).
+        value_decomposition: ``"whitened"`` (``olica_math.whitened_value_output``: the value directions that
+            carry the most of ``o_proj``'s output, under its input's second moments), ``"fast"`` (the paper's fast
+            OND: rotate, score, drop) or ``"exact"`` (truncated SVD of each group's activation-weighted V/O
+            product, ``olica_math.exact_value_output_decomposition``).
         skip_layers: layers left dense: their weights are copied bit for bit (no rotation, no refit, no statistics).
         refit_sequences: bool per calibration sequence, in calibration order: the sequences the refits and the
             calibration branch fit on (``refit_on="data"``: the data of a self-generated mix); None: all of them.
@@ -63,6 +65,8 @@ class OlicaLayerPruner:
             pipeline then carries beside the pruned ones (``observe_dense_trajectory``).
         qk_covariance_shrinkage: how far the attention input's second-moment matrix that weighs the Q/K low-rank
             error is shrunk toward its diagonal, in [0, 1] (1: the paper's diagonal weighting, no ``X^T X`` summed).
+        value_covariance_shrinkage: the same for the second moments of ``o_proj``'s input that weigh the
+            ``"whitened"`` V/O reduction.
     """
 
     name: ClassVar[str] = "olica"  # the report's and the resume fingerprint's method
@@ -72,11 +76,12 @@ class OlicaLayerPruner:
     refit_damping: float | str | None = "auto"
     storage_device: torch.device | None = None
     statistics_dtype: torch.dtype = torch.float64
-    value_decomposition: str = "fast"
+    value_decomposition: str = "whitened"
     skip_layers: tuple[int, ...] = ()
     refit_sequences: torch.Tensor | None = None
     trajectory_weight: float = 0.0
     qk_covariance_shrinkage: float = 1.0
+    value_covariance_shrinkage: float = 0.5
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -239,12 +244,19 @@ class OlicaLayerPruner:
         return om.keep_top_neurons(scores, self.plan_config.intermediate_sizes[layer_idx])
 
     def _value_output(self, attention, layer_idx: int):
-        """§1b: each KV group's value neurons rotated by importance (fast OND), the weakest dropped; or the exact
+        """§1b: each KV group's value directions that carry the most output under o_proj's input correlations
+        (whitened); or its value neurons rotated by importance, the weakest dropped (fast OND); or the exact
         decomposition the fast OND approximates. Returns the new (v_proj weight, v_proj bias, o_proj weight)."""
         stats, config = self._stats, self.plan_config
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
         v_proj, o_proj = attention.v_proj, attention.o_proj
         s_attention = stats.attention_input.second_moment
+        if self.value_decomposition == "whitened":
+            return om.whitened_value_output(
+                v_proj.weight, v_proj.bias, o_proj.weight, stats.value_head_gram.double() / max(stats.value_tokens, 1),
+                stats.attention_output.second_moment, heads, kv_heads, head_dim, config.value_head_dims[layer_idx],
+                self.value_covariance_shrinkage,
+            )
         if self.value_decomposition == "exact":
             return om.exact_value_output_decomposition(
                 v_proj.weight, v_proj.bias, o_proj.weight, s_attention, stats.attention_output.second_moment,

@@ -1045,6 +1045,66 @@ def fit_linear_calibration(
     )
 
 
+def whitened_value_output(
+    v_weight: Tensor, v_bias: Tensor | None, o_weight: Tensor, head_second_moments: Tensor,
+    output_second_moment: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, value_dim: int,
+    shrinkage: float,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """V/O of each KV group reduced to `value_dim` channels under the second moments of `o_proj`'s input (§1b with
+    the values' correlations, ``value_decomposition="whitened"``).
+
+    Dropping value directions costs ``sum_i ||Z_i (O_i^T - A B_i^T) D_out||^2`` on the tokens, with ``Z_i`` head
+    ``i``'s slice of `o_proj`'s input (the values once the attention has mixed them), ``A`` `(head_dim, value_dim)`
+    the group's new value map and ``B_i`` its heads' new output columns. With the group's mean ``E[z z^T]`` over its
+    heads in place of each head's own, shrunk by `shrinkage` toward its diagonal (``shrink_to_diagonal``), and
+    ``L = whitening_factor`` of it, the minimiser comes from the truncated SVD ``U_r S_r W_r^T`` of
+    ``L^T [O_1^T D_out, ..., O_G^T D_out]``: the group's values become ``U_r^T L^-1 V_g`` (its bias too) and each
+    head's output columns ``O_i L U_r``. With ``E[z z^T] = I`` it is the fast OND's rotation keeping its top singular
+    directions; otherwise the map is not orthogonal.
+
+    Args:
+        v_weight, v_bias, o_weight (`torch.Tensor`), num_heads, num_kv_heads, head_dim (`int`): See the module
+            docstring (geometry before pruning).
+        head_second_moments (`torch.Tensor` of shape `(num_heads, head_dim, head_dim)`): ``E[z_i z_i^T]`` per head.
+        output_second_moment (`torch.Tensor` of shape `(hidden,)`): ``s_out``, of `o_proj`'s OUTPUT.
+        value_dim (`int`): Value channels kept per group, ``1 <= value_dim <= head_dim``.
+        shrinkage (`float`): In [0, 1]; 1 weighs each value channel alone, 0 trusts the measured correlations.
+
+    Returns:
+        `tuple`: float64 ``(v_weight, v_bias, o_weight)`` of shapes `(num_kv_heads * value_dim, hidden)`,
+        `(num_kv_heads * value_dim,)` or None, `(hidden, num_heads * value_dim)`.
+    """
+    group_size, hidden = _value_output_dims(v_weight, v_bias, o_weight, num_heads, num_kv_heads, head_dim)
+    _check_shape("head_second_moments", head_second_moments, (num_heads, head_dim, head_dim))
+    _check_shape("output_second_moment", output_second_moment, (hidden,))
+    _check_int("value_dim", value_dim)
+    if value_dim > head_dim:
+        raise ValueError(f"`value_dim` must be <= head_dim ({head_dim}), got {value_dim}.")
+    sqrt_out = _sqrt_moment("output_second_moment", output_second_moment)
+    values = v_weight.double().reshape(num_kv_heads, head_dim, hidden)
+    biases = None if v_bias is None else v_bias.double().reshape(num_kv_heads, head_dim)
+    # (hidden, h*d_h) -> (hidden, g, G, d_h): O_i per head of each group.
+    outputs = o_weight.double().reshape(hidden, num_kv_heads, group_size, head_dim)
+    group_moments = head_second_moments.double().reshape(num_kv_heads, group_size, head_dim, head_dim).mean(dim=1)
+    new_values, new_biases, new_outputs = [], [], []
+    for group in range(num_kv_heads):
+        lower = whitening_factor(shrink_to_diagonal(group_moments[group], shrinkage))
+        # [O_1^T D_out, ..., O_G^T D_out]: (hidden, G, d_h) -> (d_h, G, hidden) -> (d_h, G*hidden)
+        scaled = (outputs[:, group] * sqrt_out[:, None, None]).permute(2, 1, 0).reshape(head_dim, -1)
+        if scaled.shape[-1] < head_dim:  # zero columns keep the thin SVD's U square (tiny test models)
+            scaled = torch.nn.functional.pad(scaled, (0, head_dim - scaled.shape[-1]))
+        kept = torch.linalg.svd(lower.T @ scaled, full_matrices=False).U[:, :value_dim]  # U_r, (d_h, d_v)
+        # U_r^T L^-1 is the transpose of L^-T U_r, one triangular solve.
+        value_map = torch.linalg.solve_triangular(lower.T, kept, upper=True).T  # (d_v, d_h)
+        new_values.append(value_map @ values[group])
+        if biases is not None:
+            new_biases.append(value_map @ biases[group])
+        new_outputs.append(outputs[:, group] @ (lower @ kept))  # (hidden, G, d_v)
+    bias = None if biases is None else torch.cat(new_biases)
+    output_weight = torch.stack(new_outputs, dim=1).reshape(hidden, num_heads * value_dim)
+    return torch.cat(new_values), bias, output_weight
+
+
 def exact_value_output_decomposition(
     v_weight: Tensor, v_bias: Tensor | None, o_weight: Tensor, input_second_moment: Tensor,
     output_second_moment: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, value_dim: int,

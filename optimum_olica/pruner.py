@@ -242,6 +242,7 @@ def _plan_run(
             refit_sequences=refit_sequences,
             trajectory_weight=config.trajectory_weight,
             qk_covariance_shrinkage=config.qk_covariance_shrinkage,
+            value_covariance_shrinkage=config.value_covariance_shrinkage,
         )
 
     algorithm = make_algorithm(plan_config)

@@ -166,7 +166,8 @@ RECIPE_WITH_RUN_SETTINGS = """{
 def test_recipe_saved_with_run_settings_still_loads(tmp_path, caplog):
     """The run settings in a file of an earlier version are dropped, without a warning: they never changed weights."""
     (tmp_path / CONFIG_NAME).write_text(RECIPE_WITH_RUN_SETTINGS)
-    expected = OlicaConfig(ratio=0.25, num_calibrated_layers=1, skip_layers=[2], self_calibration=0.0)
+    expected = OlicaConfig(ratio=0.25, num_calibrated_layers=1, skip_layers=[2], self_calibration=0.0,
+                           value_decomposition="fast")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with caplog.at_level("INFO", logger="optimum_olica.configuration"):

@@ -141,7 +141,7 @@ def test_bad_value_dim_is_refused():
 
 
 def test_config_option_is_validated_and_round_trips(tmp_path):
-    assert OlicaConfig().value_decomposition == "fast"
+    assert OlicaConfig().value_decomposition == "whitened"
     config = OlicaConfig(value_decomposition="exact")
     config.save_pretrained(tmp_path)
     assert OlicaConfig.from_pretrained(tmp_path).value_decomposition == "exact"

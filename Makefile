@@ -40,7 +40,8 @@ MIN_CONSTRAINTS := tests/min-constraints.txt
 MIN_TESTS := tests/test_oracle.py tests/test_transformers_features.py tests/test_modeling.py tests/test_loading.py \
 	tests/test_configuration.py tests/test_dependency_bounds.py tests/test_pipeline.py tests/test_streaming.py \
 	tests/test_data.py tests/test_cli.py tests/test_export.py tests/test_self_calibration.py tests/test_layer_allocation.py \
-	tests/test_dense_trajectory.py tests/test_qk_covariance.py
+	tests/test_dense_trajectory.py tests/test_qk_covariance.py tests/test_whitened_values.py \
+	tests/test_score_weighting.py
 
 $(MIN_STAMP): pyproject.toml Makefile $(MIN_CONSTRAINTS)
 	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)

@@ -23,13 +23,15 @@ python-stdlib, windows of 128), at 20% and 33% of the parameters really removed.
 - How Q/K are factored and shared: ``shared_qk_*`` (bench/attention_allocation.py: ranks moved between layers at the
   same totals), ``covariance_qk*`` (bench/whitened_qk.py: the low rank under the input's full second-moment matrix,
   shrunk toward its diagonal; ``covariance_setting*`` is the library's ``qk_covariance_shrinkage``),
-  ``reconstruction_shrunk_0.5`` (the same shrinkage for the FFN's reconstruction selection) and ``score_weighted_qk*``
-  (bench/score_weighted_qk.py: each Q/K output channel weighed by what its error does to the attention scores).
+  ``reconstruction_shrunk_0.5`` (the same shrinkage for the FFN's reconstruction selection) and ``score_weighted*``
+  (the library's ``qk_score_weighting``: each Q/K output channel weighed by what its error does to the attention
+  scores).
 - How V/O are reduced: ``whitened_values*`` (the library's ``value_decomposition="whitened"`` at shrinkages 0.5, 0
   and 1).
 
-Rows measured before ``qk_covariance_shrinkage`` and ``value_decomposition="whitened"`` existed ran with the diagonal
-weighting and the fast OND, which ``_recipe`` pins unless a variant sets them.
+Rows measured before ``qk_covariance_shrinkage``, ``value_decomposition="whitened"`` and ``qk_score_weighting``
+existed ran with the diagonal weighting, the fast OND and every Q/K output alike, which ``_recipe`` pins unless a
+variant sets them.
 
 Everything else is the shipped pipeline. Rows are written to bench/results/allocation_screen.json as they are
 measured, with the per-layer widths; a run keeps the rows already there and measures the missing ones.
@@ -67,7 +69,6 @@ from attention_allocation import AttentionAllocation  # noqa: E402
 from reconstruction import reconstruction_algorithm  # noqa: E402
 from trajectory import TrajectoryAlgorithm  # noqa: E402
 from whitened_qk import covariance_algorithm  # noqa: E402
-from score_weighted_qk import score_weighted_algorithm  # noqa: E402
 
 RESULTS = "allocation_screen"
 
@@ -196,25 +197,34 @@ VARIANTS = {
                                          "value_covariance_shrinkage": 1.0}),
     "score_weighted_qk": Variant("covariance_setting; each Q output channel's error weighed by the rotary-pair "
                                  "energy of its keys, each K channel's by its queries' (what the error does to the "
-                                 "attention scores; bench/score_weighted_qk.py)", {"qk_covariance_shrinkage": 0.5},
-                                 layer_algorithm=score_weighted_algorithm(0.0)),
-    "score_weighted_qk_half": Variant("score_weighted_qk with the weights' squares shrunk halfway toward their mean",
-                                      {"qk_covariance_shrinkage": 0.5}, layer_algorithm=score_weighted_algorithm(0.5)),
+                                 "attention scores: qk_score_weighting=1; first measured with a screening copy of "
+                                 "it)", {"qk_covariance_shrinkage": 0.5, "qk_score_weighting": 1.0}),
     "score_weighted_whitened_values": Variant("score_weighted_qk and whitened_values together",
-                                              {"qk_covariance_shrinkage": 0.5, **_WHITENED},
-                                              layer_algorithm=score_weighted_algorithm(0.0)),
-    "score_weighted_half_whitened_values": Variant("score_weighted_qk_half and whitened_values together",
-                                                   {"qk_covariance_shrinkage": 0.5, **_WHITENED},
-                                                   layer_algorithm=score_weighted_algorithm(0.5)),
+                                              {"qk_covariance_shrinkage": 0.5, **_WHITENED,
+                                               "qk_score_weighting": 1.0}),
+    "score_weighted_half_whitened_values": Variant("score_weighted_whitened_values with the weights' squares shrunk "
+                                                   "halfway toward their mean (qk_score_weighting=0.5)",
+                                                   {"qk_covariance_shrinkage": 0.5, **_WHITENED,
+                                                    "qk_score_weighting": 0.5}),
+    "score_weighted_quarter_whitened_values": Variant("score_weighted_whitened_values with the weights' squares "
+                                                      "shrunk three quarters of the way toward their mean "
+                                                      "(qk_score_weighting=0.25)",
+                                                      {"qk_covariance_shrinkage": 0.5, **_WHITENED,
+                                                       "qk_score_weighting": 0.25}),
+    "score_weighted_setting": Variant("score_weighted_quarter_whitened_values through the library's settings "
+                                      "(value_decomposition='whitened', qk_score_weighting=0.25, the defaults since; "
+                                      "the Q/K energies from hooks on the projections instead of the screening "
+                                      "copy's products with the input's second moments: the same figures expected)",
+                                      {"qk_covariance_shrinkage": 0.5, **_WHITENED, "qk_score_weighting": 0.25}),
 }
 
 
 def _recipe(variant: Variant, ratio: float) -> OlicaConfig:
     """The variant's recipe at ``ratio`` (adaptive allocation unless it says otherwise)."""
-    # trajectory_weight 0, qk_covariance_shrinkage 1 and the fast OND unless the variant says otherwise: the rows
-    # measured before those defaults ran so.
+    # trajectory_weight 0, qk_covariance_shrinkage 1, the fast OND and no score weighting unless the variant says
+    # otherwise: the rows measured before those defaults ran so.
     fields = {"layer_allocation": "adaptive", "trajectory_weight": 0.0, "qk_covariance_shrinkage": 1.0,
-              "value_decomposition": "fast", **variant.overrides}
+              "value_decomposition": "fast", "qk_score_weighting": 0.0, **variant.overrides}
     if variant.qk_factor is not None:
         fields["qk_ratio"] = min(0.95, variant.qk_factor * reference_split(ratio)[0])
     return OlicaConfig(ratio=ratio, **fields)

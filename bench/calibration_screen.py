@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
         recipe, arrangement, overrides, _ = VARIANTS[name]
         model = load()
         calibration, generation_s = _calibration(recipe, arrangement, model, tokenizer, austen, generated_cache)
-        # trajectory_weight 0, qk_covariance_shrinkage 1 and the fast OND unless the variant says otherwise: the
-        # rows measured before those defaults ran so.
+        # trajectory_weight 0, qk_covariance_shrinkage 1, the fast OND and no score weighting unless the variant
+        # says otherwise: the rows measured before those defaults ran so.
         config = OlicaConfig(ratio=args.ratio, num_samples=calibration.shape[0], sequence_length=128,
                              **{"trajectory_weight": 0.0, "qk_covariance_shrinkage": 1.0,
-                                "value_decomposition": "fast", **overrides})
+                                "value_decomposition": "fast", "qk_score_weighting": 0.0, **overrides})
         forward_s = dense_forward_seconds(model, calibration, 32)
         started = time.perf_counter()
         with _refit_on_data_only() if arrangement == "interleave_refit_on_data" else contextlib.nullcontext():

@@ -311,7 +311,8 @@ def olica_layer_settings(plan_config, config) -> dict:
             "statistics_dtype": getattr(torch, config.statistics_dtype),
             "value_decomposition": config.value_decomposition, "skip_layers": tuple(config.skip_layers),
             "qk_covariance_shrinkage": config.qk_covariance_shrinkage,
-            "value_covariance_shrinkage": config.value_covariance_shrinkage}
+            "value_covariance_shrinkage": config.value_covariance_shrinkage,
+            "qk_score_weighting": config.qk_score_weighting}
 
 
 def forward_in_batches(model, input_ids, batch_size: int, handles=()) -> None:

@@ -325,6 +325,22 @@ class OlicaConfig:
         },
     )
 
+    qk_score_weighting: float = field(
+        default=0.25,
+        metadata={
+            "help": (
+                "How far each Q/K output's low-rank error is weighed by what it does to the attention scores, in "
+                "[0, 1]: the scores read queries and keys only through q^T R k, so an error in a query channel "
+                "costs as much as the keys carry in that rotary pair, and a key channel's as much as its group's "
+                "queries. 0 weighs every output alike (the paper); 1 by the scores alone; in between, the squared "
+                "weights blended with their mean. Default 0.25, measured better than 0 on all three texts at 20% "
+                "removed and 7% better on Python at 33%, within 0.2% elsewhere (0.5 and 1 lose more in domain at "
+                "33%; docs/benchmarks.md). Above 0 the statistics pass also sums the second moments of the query "
+                "and key channels."
+            )
+        },
+    )
+
     value_decomposition: ValueDecomposition = field(
         default="whitened",
         metadata={
@@ -496,6 +512,10 @@ class OlicaConfig:
             "1 weighs each input channel alone (the paper), 0 uses the full covariance."
         )
 
+        self.qk_score_weighting = self._fraction(
+            "qk_score_weighting", self.qk_score_weighting,
+            "0 weighs every Q/K output alike (the paper), 1 by the attention scores alone."
+        )
         self.value_covariance_shrinkage = self._fraction(
             "value_covariance_shrinkage", self.value_covariance_shrinkage,
             "1 weighs each value channel alone, 0 uses the full covariance."

@@ -29,6 +29,9 @@ class _DenseStatistics:
     mlp_input: om.StreamingMoments
     intermediate: om.StreamingMoments
     value_tokens: int = 0
+    # Query and key channels, out of their projections and (Qwen3) out of the per-head norms where RoPE reads them;
+    # only when qk_score_weighting weighs the Q/K low rank by them.
+    rotary_moments: dict[str, om.StreamingMoments] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +70,8 @@ class OlicaLayerPruner:
             error is shrunk toward its diagonal, in [0, 1] (1: the paper's diagonal weighting, no ``X^T X`` summed).
         value_covariance_shrinkage: the same for the second moments of ``o_proj``'s input that weigh the
             ``"whitened"`` V/O reduction.
+        qk_score_weighting: how far each Q/K output's low-rank error is weighed by what it does to the attention
+            scores, in [0, 1] (``olica_math.attention_score_weights``'s ``emphasis``; 0: every output alike).
     """
 
     name: ClassVar[str] = "olica"  # the report's and the resume fingerprint's method
@@ -82,6 +87,7 @@ class OlicaLayerPruner:
     trajectory_weight: float = 0.0
     qk_covariance_shrinkage: float = 1.0
     value_covariance_shrinkage: float = 0.5
+    qk_score_weighting: float = 0.0
     candidates: list[CalibrationCandidate] = field(default_factory=list)
     _stats: _DenseStatistics | None = None
     _dense_attention_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -110,6 +116,8 @@ class OlicaLayerPruner:
             intermediate=om.StreamingMoments(mlp.down_proj.in_features, device=device, dtype=self.statistics_dtype),
         )
 
+        handles = self._observe_rotary_inputs(attention, layer_idx, stats.rotary_moments, device)
+
         def on_attention_input(module, args):
             stats.attention_input.update(args[0])
 
@@ -132,7 +140,7 @@ class OlicaLayerPruner:
             output = output[0] if isinstance(output, tuple) else output
             self._dense_layer_outputs.append(self._store(output))
 
-        handles = [
+        handles += [
             attention.q_proj.register_forward_pre_hook(on_attention_input),
             attention.o_proj.register_forward_hook(on_value_output),
             mlp.gate_proj.register_forward_pre_hook(on_mlp_input),
@@ -152,6 +160,22 @@ class OlicaLayerPruner:
             for handle in handles:
                 handle.remove()
         self._stats = stats
+
+    def _observe_rotary_inputs(self, attention, layer_idx: int, moments: dict, device) -> list:
+        """Hooks summing the second moments of the query and key channels (the projections' outputs, and the
+        per-head norms' where there are norms) into ``moments``, when the Q/K low rank is weighed by them."""
+        if not self._weighs_scores(layer_idx):
+            return []
+        handles = []
+        for name in ("q_proj", "k_proj", "q_norm", "k_norm"):
+            module = getattr(attention, name, None)
+            if module is None:
+                continue
+            width = getattr(attention, name.replace("norm", "proj")).out_features
+            moments[name] = om.StreamingMoments(width, device=device, dtype=self.statistics_dtype)
+            handles.append(module.register_forward_hook(
+                lambda module, args, output, sums=moments[name]: sums.update(output.reshape(-1, sums.dim))))
+        return handles
 
     @property
     def wants_dense_trajectory(self) -> bool:
@@ -205,10 +229,12 @@ class OlicaLayerPruner:
         attention, mlp = layer.self_attn, layer.mlp
         # §1a: activation-weighted low rank for Q and K (head count and head dim unchanged: RoPE-safe).
         low_rank = self._query_key_factoring(layer_idx)
+        query_weights, key_weights = self._score_weights(attention, layer_idx)
         query, key = (
-            None if rank is None else low_rank(projection.weight, rank)
-            for projection, rank in (
-                (attention.q_proj, config.query_ranks[layer_idx]), (attention.k_proj, config.key_ranks[layer_idx])
+            None if rank is None else low_rank(projection.weight, rank, weights)
+            for projection, rank, weights in (
+                (attention.q_proj, config.query_ranks[layer_idx], query_weights),
+                (attention.k_proj, config.key_ranks[layer_idx], key_weights),
             )
         )
         del low_rank  # its (hidden x hidden) factor, before the FFN's float64 work
@@ -225,18 +251,40 @@ class OlicaLayerPruner:
         factored = (self.plan_config.query_ranks[layer_idx], self.plan_config.key_ranks[layer_idx]) != (None, None)
         return factored and self.qk_covariance_shrinkage < 1.0
 
+    def _weighs_scores(self, layer_idx: int) -> bool:
+        """Whether this layer's Q/K factoring weighs each output by what its error does to the attention scores."""
+        factored = (self.plan_config.query_ranks[layer_idx], self.plan_config.key_ranks[layer_idx]) != (None, None)
+        return factored and self.qk_score_weighting > 0.0
+
     def _query_key_factoring(self, layer_idx: int):
-        """``(weight, rank) -> (down, up)``: §1a, its error weighed by the attention input's second moments (the
-        diagonal, or the whole matrix shrunk toward it)."""
+        """``(weight, rank, output_weights) -> (down, up)``: §1a, its error weighed by the attention input's second
+        moments (the diagonal, or the whole matrix shrunk toward it)."""
         moments = self._stats.attention_input
         if not self._weighs_correlations(layer_idx):
             second_moment = moments.second_moment
-            return lambda weight, rank: om.activation_weighted_low_rank(weight, second_moment, rank)
+            return lambda weight, rank, outputs: om.activation_weighted_low_rank(weight, second_moment, rank, outputs)
         # One factor for both projections; the shrunk matrix it factors is released on return.
         whitening = om.whitening_factor(
             om.shrink_to_diagonal(moments.raw_sum("gram"), self.qk_covariance_shrinkage).div_(moments.count)
         )
-        return lambda weight, rank: om.whitened_low_rank(weight, whitening, rank)
+        return lambda weight, rank, outputs: om.whitened_low_rank(weight, whitening, rank, outputs)
+
+    def _score_weights(self, attention, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The Q and K output weights of ``attention_score_weights`` (None, None when they are not used)."""
+        moments = self._stats.rotary_moments
+        if not self._weighs_scores(layer_idx):
+            return None, None
+        energies = {name: sums.second_moment for name, sums in moments.items()}
+        normed = "q_norm" in energies
+        # Through a per-head norm a projection error reaches RoPE scaled by the norm's mean gain on that channel.
+        gains = [(energies[norm] / energies[proj].clamp_min(1e-300)).sqrt() if normed else None
+                 for norm, proj in (("q_norm", "q_proj"), ("k_norm", "k_proj"))]
+        config = self.plan_config
+        return om.attention_score_weights(
+            energies["q_norm" if normed else "q_proj"], energies["k_norm" if normed else "k_proj"],
+            config.num_attention_heads, config.num_key_value_heads, attention.head_dim, self.qk_score_weighting,
+            *gains,
+        )
 
     def _ffn_keep(self, mlp, layer_idx: int) -> torch.Tensor:
         """§2: the FFN neurons kept, the best-scored ones."""

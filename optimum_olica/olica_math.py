@@ -298,8 +298,10 @@ def low_rank_saves_parameters(in_features: int, out_features: int, rank: int) ->
     return rank * (in_features + out_features) < in_features * out_features
 
 
-def activation_weighted_low_rank(weight: Tensor, second_moment: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Rank-`rank` factors minimising ``||(W - up @ down) D||_F``, ``D = diag(sqrt(s))`` (method §1a).
+def activation_weighted_low_rank(weight: Tensor, second_moment: Tensor, rank: int, output_weights: Tensor | None = None
+                                 ) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` factors minimising ``||diag(w) (W - up @ down) D||_F``, ``D = diag(sqrt(s))`` (method §1a; ``w``
+    the `output_weights`, all ones when None).
 
     ``sqrt(s)`` is floored at 1e-8 times its largest entry: silent channels barely enter the objective, so their
     columns of ``down`` are unconstrained and ``D^-1`` would be infinite (or huge for denormals). With the floor
@@ -310,6 +312,8 @@ def activation_weighted_low_rank(weight: Tensor, second_moment: Tensor, rank: in
         weight (`torch.Tensor` of shape `(out, in)`): The projection weight.
         second_moment (`torch.Tensor` of shape `(in,)`): Mean squared input per channel.
         rank (`int`): Target rank, ``1 <= rank <= min(out, in)``.
+        output_weights (`torch.Tensor` of shape `(out,)`, *optional*): How much an error in each output counts
+            (``attention_score_weights``), >= 0.
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: float64 ``down`` `(rank, in)` and ``up`` `(out, rank)`; the layer
@@ -323,8 +327,84 @@ def activation_weighted_low_rank(weight: Tensor, second_moment: Tensor, rank: in
     scale = _sqrt_moment("second_moment", second_moment)
     peak = scale.max()
     scale = scale.clamp_min(peak * _SCALE_FLOOR) if peak > 0 else torch.ones_like(scale)
-    u, singular, vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
-    return vh[:rank] / scale, u[:, :rank] * singular[:rank]
+    scaled = weight.double() * scale
+    if output_weights is None:
+        u, singular, vh = torch.linalg.svd(scaled, full_matrices=False)
+        return vh[:rank] / scale, u[:, :rank] * singular[:rank]
+    kept = _top_right_singular_vectors(scaled, output_weights, rank)
+    return kept / scale, scaled @ kept.T
+
+
+def _top_right_singular_vectors(matrix: Tensor, output_weights: Tensor, rank: int) -> Tensor:
+    """`(rank, in)`: the top right singular vectors of ``diag(w) A``, the row space the best rank-`rank`
+    approximation of ``A`` under output weights ``w`` keeps (the best ``up`` is then ``A V_r^T``, which needs no
+    division by a weight, so zero weights are fine)."""
+    _check_shape("output_weights", output_weights, (matrix.shape[0],))
+    weights = output_weights.double()
+    if not _all_finite(weights) or bool((weights < 0).any()):
+        raise ValueError("`output_weights` must be finite and >= 0.")
+    return torch.linalg.svd(weights[:, None] * matrix, full_matrices=False).Vh[:rank]
+
+
+def rotary_pair_mean(second_moment: Tensor, head_dim: int) -> Tensor:
+    """Each channel's second moment averaged with the one RoPE turns it with (channels ``j`` and ``j + head_dim/2``
+    of the same head, the ``rotate_half`` layout of transformers' Llama, Mistral and Qwen).
+
+    Over the positions of a sequence the pair turns by angles that cover the circle, so an error in one channel of
+    a pair meets, on average, the pair's mean energy in each of its two channels.
+
+    Args:
+        second_moment (`torch.Tensor` of shape `(heads * head_dim,)`): Mean square of each channel.
+        head_dim (`int`): Even.
+    """
+    _check_int("head_dim", head_dim)
+    if head_dim % 2 or second_moment.ndim != 1 or second_moment.numel() % head_dim:
+        raise ValueError(f"`second_moment` must hold whole heads of an even head_dim ({head_dim}), "
+                         f"got shape {tuple(second_moment.shape)}.")
+    halves = second_moment.double().reshape(-1, 2, head_dim // 2)
+    return halves.mean(dim=1, keepdim=True).expand_as(halves).reshape(-1)
+
+
+def attention_score_weights(
+    query_energy: Tensor, key_energy: Tensor, num_heads: int, num_kv_heads: int, head_dim: int, emphasis: float,
+    query_gain: Tensor | None = None, key_gain: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Output weights for the Q and K low rank: what an error in each channel does to the attention scores.
+
+    The scores read the queries and keys only as ``q^T R k``: an error ``e`` in query channel ``j`` costs about
+    ``E[(e R k)_j^2]``, the energy of the keys' rotary pair (``rotary_pair_mean``) times ``e_j^2``, and a key error
+    costs the queries' energy, summed over the heads of its group. With RMSNorm on each head (Qwen3), what reaches
+    RoPE is the normed vector and an error in the projection reaches it scaled by the norm's gain. The squared
+    weights are blended with their mean, ``emphasis * w^2 + (1 - emphasis) * mean(w^2)``: 0 weighs every output
+    alike (the paper's §1a), 1 by the scores alone.
+
+    Args:
+        query_energy, key_energy (`torch.Tensor` of shapes `(num_heads * head_dim,)`, `(num_kv_heads * head_dim,)`):
+            Mean square of each query and key channel where RoPE reads them (after the per-head norm, if any).
+        num_heads, num_kv_heads, head_dim (`int`): Attention geometry.
+        emphasis (`float`): In [0, 1].
+        query_gain, key_gain (`torch.Tensor`, *optional*): Same shapes: how much a projection error is scaled on its
+            way to RoPE (the per-head norm's; None: 1).
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor)`: float64 weights of the query and key outputs, >= 0.
+    """
+    group_size = _group_size(num_heads, num_kv_heads, head_dim)
+    _check_shape("query_energy", query_energy, (num_heads * head_dim,))
+    _check_shape("key_energy", key_energy, (num_kv_heads * head_dim,))
+    _check_real("emphasis", emphasis)
+    if emphasis > 1:
+        raise ValueError(f"`emphasis` must be in [0, 1], got {emphasis}.")
+    key_pairs = rotary_pair_mean(key_energy, head_dim).reshape(num_kv_heads, 1, head_dim)
+    query_pairs = rotary_pair_mean(query_energy, head_dim).reshape(num_kv_heads, group_size, head_dim)
+    squares = [key_pairs.expand(num_kv_heads, group_size, head_dim).reshape(-1), query_pairs.sum(dim=1).reshape(-1)]
+    weights = []
+    for square, gain in zip(squares, (query_gain, key_gain)):
+        if gain is not None:
+            _check_shape("gain", gain, square.shape)
+            square = square * gain.double().square()
+        weights.append((emphasis * square + (1 - emphasis) * square.mean()).clamp_min(0).sqrt())
+    return weights[0], weights[1]
 
 
 def shrink_to_diagonal(second_moments: Tensor, shrinkage: float) -> Tensor:
@@ -384,9 +464,10 @@ def whitening_factor(second_moments: Tensor) -> Tensor:
     return lower
 
 
-def whitened_low_rank(weight: Tensor, whitening: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Rank-`rank` factors minimising ``||(W - up @ down) L||_F``, ``L = whitening_factor(C)`` (§1a with the input's
-    correlations).
+def whitened_low_rank(weight: Tensor, whitening: Tensor, rank: int, output_weights: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` factors minimising ``||diag(w) (W - up @ down) L||_F``, ``L = whitening_factor(C)`` (§1a with the
+    input's correlations; ``w`` the `output_weights`, all ones when None).
 
     On tokens whose mean ``x x^T`` is ``C = L L^T`` this is the projection's mean squared output error, which §1a's
     diagonal weighting only bounds. The minimiser is the truncated SVD of ``W L`` (Eckart-Young), mapped back through
@@ -396,6 +477,8 @@ def whitened_low_rank(weight: Tensor, whitening: Tensor, rank: int) -> tuple[Ten
         weight (`torch.Tensor` of shape `(out, in)`): The projection weight.
         whitening (`torch.Tensor` of shape `(in, in)`): Lower triangular, invertible (``whitening_factor``).
         rank (`int`): Target rank, ``1 <= rank <= min(out, in)``.
+        output_weights (`torch.Tensor` of shape `(out,)`, *optional*): How much an error in each output counts
+            (``attention_score_weights``), >= 0.
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: float64 ``down`` `(rank, in)` and ``up`` `(out, rank)`; the layer
@@ -407,9 +490,12 @@ def whitened_low_rank(weight: Tensor, whitening: Tensor, rank: int) -> tuple[Ten
     if rank > min(out_features, in_features):
         raise ValueError(f"`rank` must be <= {min(out_features, in_features)}, got {rank}.")
     lower = whitening.double()
-    u, singular, vh = torch.linalg.svd(weight.double() @ lower, full_matrices=False)
-    down = torch.linalg.solve_triangular(lower, vh[:rank], upper=False, left=False)
-    return down, u[:, :rank] * singular[:rank]
+    whitened = weight.double() @ lower
+    if output_weights is None:
+        u, singular, vh = torch.linalg.svd(whitened, full_matrices=False)
+        return torch.linalg.solve_triangular(lower, vh[:rank], upper=False, left=False), u[:, :rank] * singular[:rank]
+    kept = _top_right_singular_vectors(whitened, output_weights, rank)
+    return torch.linalg.solve_triangular(lower, kept, upper=False, left=False), whitened @ kept.T
 
 
 def value_output_rotation(

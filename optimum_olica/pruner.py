@@ -243,6 +243,7 @@ def _plan_run(
             trajectory_weight=config.trajectory_weight,
             qk_covariance_shrinkage=config.qk_covariance_shrinkage,
             value_covariance_shrinkage=config.value_covariance_shrinkage,
+            qk_score_weighting=config.qk_score_weighting,
         )
 
     algorithm = make_algorithm(plan_config)

@@ -140,7 +140,8 @@ _WHAT = {
 
 # What a run ran with before the field existed, where that is not the field's default today (the default changed
 # the behaviour when the field was added): a checkpoint without the field is compared with this value.
-_BEFORE_THE_FIELD = {"layer_allocation": "uniform", "self_calibration": 0.0, "qk_covariance_shrinkage": 1.0}
+_BEFORE_THE_FIELD = {"layer_allocation": "uniform", "self_calibration": 0.0, "qk_covariance_shrinkage": 1.0,
+                     "qk_score_weighting": 0.0}
 
 
 def _recipe_defaults() -> dict:

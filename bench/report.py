@@ -44,6 +44,9 @@ OWN_DATA_RESULTS = "quality_own_data"
 # bench/quality.py --variants olica,olica_plus_self_generated --results quality_covariance: Q/K factored under the
 # attention input's correlations shrunk halfway to the diagonal (qk_covariance_shrinkage=0.5, the default since).
 COVARIANCE_RESULTS = "quality_covariance"
+# bench/quality.py --variants olica,olica_plus_self_generated,olica_self_calibrated --results quality_attention: V/O
+# reduced under o_proj's input correlations and Q/K weighed by the attention scores (the defaults since).
+ATTENTION_RESULTS = "quality_attention"
 # bench/allocation_screen.py: the ways of sharing the FFN between layers, on the screening protocol.
 ALLOCATION_SCREEN_RESULTS = "allocation_screen"
 VARIANT_ORDER = ("olica", "olica_no_lc", "olica_branch_only", "olica_refit_and_branch", "olica_exact", "magnitude")
@@ -816,7 +819,8 @@ def main(argv: list[str] | None = None) -> Path:
     allocation = None if quick else _load(ALLOCATION_RESULTS, False)
     trajectory = None if quick else _load(TRAJECTORY_RESULTS, False)
     covariance = None if quick else _load(COVARIANCE_RESULTS, False)
-    headline = covariance or allocation or domains
+    attention = None if quick else _load(ATTENTION_RESULTS, False)
+    headline = attention or covariance or allocation or domains
     summary = summary_rows(cost, memory, speed, speed_large, quality, gpu, headline)
     screen = None if quick else _load(SCREEN_RESULTS, False)
     lines = [
@@ -929,6 +933,21 @@ def main(argv: list[str] | None = None) -> Path:
                   "--variants olica,olica_plus_self_generated,olica_self_calibrated,olica_trajectory --ratios 0.2,0.33 "
                   "(then --variants olica_self_calibrated_trajectory --ratios 0.2 --resume) "
                   f"--results {COVARIANCE_RESULTS}"),
+              domains_section(
+                  attention, quick,
+                  "V/O and Q/K fitted to what the attention reads (issue 15)",
+                  "Two changes to the attention's cuts, the defaults since this measurement (see "
+                  "[Method](method.md)): `value_decomposition=\"whitened\"` keeps, in each KV group, the value "
+                  "directions that carry the most of `o_proj`'s output under the second moments of `o_proj`'s input "
+                  "(the values once the attention has mixed them), where the paper's fast OND rotates by the output "
+                  "weights alone and drops channels by score; `qk_score_weighting=0.25` weighs each Q/K output's "
+                  "low-rank error by what it does to the attention scores (the other side's energy in its rotary "
+                  "pair), a quarter of the way from weighing every output alike. Same protocol and parameter counts "
+                  "as the tables above; the rows before these changes are those of [Q/K factored under the input's "
+                  "correlations](#qk-factored-under-the-inputs-correlations-issue-15). The screened settings are in "
+                  "the next section (`whitened_values*`, `score_weighted*`).",
+                  "--variants olica,olica_plus_self_generated,olica_self_calibrated --ratios 0.2,0.33 "
+                  f"--results {ATTENTION_RESULTS}"),
               allocation_screen_section(None if quick else _load(ALLOCATION_SCREEN_RESULTS, False), quick),
               screening_section(screen, quick), gpu_section(gpu, quick),
               closing_note(cost, memory, speed, speed_large, quality, gpu, headline, screen)]

@@ -1,14 +1,14 @@
 """Screening of calibration-data and refit-damping variants on three domains (issue 15, part 2).
 
 A cheaper protocol than bench/quality.py, to pick the one or two variants worth its full run: the same model and the
-same benchmark calibration (128 windows of 128 tokens of the bundled Austen text, seed 0), 20% of the parameters
-really removed, but perplexity on only the first 8,192 tokens of each text (Pride and Prejudice in domain; licenses
+same benchmark calibration (128 windows of 128 tokens of the bundled Austen text, seed 0), 20% (``--ratio``, or 33%)
+of the parameters really removed, but perplexity on only the first 8,192 tokens of each text (Pride and Prejudice in domain; licenses
 and python-stdlib out of domain, evaluation only), windows of 128, and one thread (the machine is shared).
 Self-generated calibration (`optimum_olica.self_calibration`) is sampled once per (count, temperature) with seed 0 and
 its generation time is recorded apart from the pruning time.
 
-Every variant is one row of bench/results/calibration_screen.json, written as soon as it is measured, with the command
-that measured it; a run keeps the rows already there (same protocol) and measures only the missing variants.
+Every variant and ratio is one row of bench/results/calibration_screen.json, written as soon as it is measured, with
+the command that measured it; a run keeps the rows already there (same protocol) and measures only the missing ones.
 
     python bench/calibration_screen.py --variants austen,self_generated,mixed_interleaved
 """
@@ -82,6 +82,12 @@ VARIANTS = {
 }
 
 
+# The variants first measured before layer_allocation existed (one FFN width in every layer): they keep it, so a row at
+# another ratio measures the same variant.
+_ONE_FFN_WIDTH = ("austen", "self_generated", "mixed_interleaved", "mixed_concatenated", "mixed_interleaved_256",
+                  "damping_1", "damping_10", "no_refit", "self_generated_t07")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="austen,self_generated,mixed_interleaved",
@@ -101,33 +107,31 @@ def main(argv: list[str] | None = None) -> dict:
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-    protocol = {"ratio": args.ratio, "eval_tokens": args.eval_tokens, "calibration": "benchmark Austen 128 x 128, "
+    protocol = {"eval_tokens": args.eval_tokens, "calibration": "benchmark Austen 128 x 128, "
                 "seed 0; self-generated: seed 0, from BOS", "threads": args.threads}
-    results_file = results_path(RESULTS, False)
-    previous = json.loads(results_file.read_text()) if results_file.exists() else None
-    rows = previous["rows"] if previous and previous.get("protocol") == protocol else []
+    rows = _previous_rows(protocol)
     generated_cache: dict[tuple[int, float], tuple[torch.Tensor, float]] = {}
     if not any(row["variant"] == "dense" for row in rows):
         dense = load()
         rows.insert(0, {"variant": "dense", "perplexity": perplexities(dense, evaluation), "commit": git_commit()})
     for name in variants:
-        if any(row["variant"] == name for row in rows):
-            print(f"{name}: kept from the previous run", flush=True)
+        if any(row["variant"] == name and row.get("ratio") == args.ratio for row in rows):
+            print(f"{name} @ {args.ratio}: kept from the previous run", flush=True)
             continue
         recipe, arrangement, overrides, _ = VARIANTS[name]
         model = load()
         calibration, generation_s = _calibration(recipe, arrangement, model, tokenizer, austen, generated_cache)
-        # trajectory_weight 0, qk_covariance_shrinkage 1, the fast OND and no score weighting unless the variant
-        # says otherwise: the rows measured before those defaults ran so.
+        # The defaults of the day the screen began unless the variant says otherwise: its rows ran so.
+        pinned = {"trajectory_weight": 0.0, "qk_covariance_shrinkage": 1.0, "value_decomposition": "fast",
+                  "qk_score_weighting": 0.0, "layer_allocation": "uniform" if name in _ONE_FFN_WIDTH else "adaptive"}
         config = OlicaConfig(ratio=args.ratio, num_samples=calibration.shape[0], sequence_length=128,
-                             **{"trajectory_weight": 0.0, "qk_covariance_shrinkage": 1.0,
-                                "value_decomposition": "fast", "qk_score_weighting": 0.0, **overrides})
+                             **{**pinned, **overrides})
         forward_s = dense_forward_seconds(model, calibration, 32)
         started = time.perf_counter()
         with _refit_on_data_only() if arrangement == "interleave_refit_on_data" else contextlib.nullcontext():
             result = prune_model(model, config, calibration, progress=False)
         prune_s = time.perf_counter() - started
-        row = {"variant": name, "num_sequences": calibration.shape[0], "overrides": overrides,
+        row = {"variant": name, "ratio": args.ratio, "num_sequences": calibration.shape[0], "overrides": overrides,
                "parameters": result.model.num_parameters(), "perplexity": perplexities(result.model, evaluation),
                "prune_s": prune_s, "dense_forward_s": forward_s, "generation_s": generation_s,
                "refit_dampings": _dampings(result.report), "commit": git_commit(),
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         _save(protocol, rows, argv)
         dense_row = rows[0]["perplexity"]
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f} ({v / dense_row[k]:.2f}x)" for k, v in row["perplexity"].items())
+        print(f"{name} @ {args.ratio}: " + ", ".join(f"{k} {v:.2f} ({v / dense_row[k]:.2f}x)" for k, v in row["perplexity"].items())
               + f"; prune {prune_s:.0f} s, generation {generation_s:.0f} s", flush=True)
         del model, result
     return _save(protocol, rows, argv)
@@ -194,6 +198,21 @@ def _dampings(report: dict) -> dict[str, list]:
     layers = report.get("layers") or []
     return {key: [layer.get(key) for layer in layers] for key in ("o_proj_refit_damping", "down_proj_refit_damping")
             if layers and key in layers[0]}
+
+
+def _previous_rows(protocol: dict) -> list[dict]:
+    """The rows of the results file measured on ``protocol`` (files from before the 33% runs held one ratio in
+    their protocol: their rows get it), or none."""
+    results_file = results_path(RESULTS, False)
+    if not results_file.exists():
+        return []
+    previous = json.loads(results_file.read_text())
+    previous_protocol, rows = dict(previous.get("protocol", {})), previous.get("rows", [])
+    ratio = previous_protocol.pop("ratio", None)
+    for row in rows:
+        if row["variant"] != "dense":
+            row.setdefault("ratio", ratio)
+    return rows if previous_protocol == protocol else []
 
 
 def _save(protocol: dict, rows: list[dict], argv) -> dict:

@@ -510,26 +510,25 @@ def screening_section(screen, quick: bool) -> str:
     protocol = screen["protocol"]
     lines += [
         f"A cheaper protocol than the tables above, to choose what gets their full run: SmolLM2-135M-Instruct, "
-        f"{100 * protocol['ratio']:.0f}% of the parameters really removed; calibration {protocol['calibration']}; "
+        f"20% or 33% of the parameters really removed; calibration {protocol['calibration']}; "
         f"perplexity on the first {protocol['eval_tokens']:,} tokens of each text (windows of 128), "
         f"{protocol['threads']} thread. Each cell is a ratio to the dense model on the same tokens. Nothing was tuned "
         f"to the legal or code text. The seconds are wall times on a machine shared with other work: they compare "
         f"poorly from row to row. {_provenance(screen)}",
         "",
-        "| variant | sequences | recipe overrides | Pride and Prejudice | licenses | python-stdlib | prune (s) | "
-        "generation (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | target | sequences | recipe overrides | Pride and Prejudice | licenses | python-stdlib | "
+        "prune (s) | generation (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     dense = next(row for row in screen["rows"] if row["variant"] == "dense")["perplexity"]
-    lines.append("| dense | - | - | " + " | ".join(f"ppl {_format_perplexity(v)}" for v in dense.values())
+    lines.append("| dense | - | - | - | " + " | ".join(f"ppl {_format_perplexity(v)}" for v in dense.values())
                  + " | - | - |")
-    for row in screen["rows"]:
-        if row["variant"] == "dense":
-            continue
+    pruned = [row for row in screen["rows"] if row["variant"] != "dense"]
+    for row in sorted(pruned, key=lambda row: row["ratio"]):
         overrides = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "-"
         cells = " | ".join(f"{row['perplexity'][name] / value:.2f}x" for name, value in dense.items())
-        lines.append(f"| {row['variant']} | {row['num_sequences']} | {overrides} | {cells} | {row['prune_s']:.0f} | "
-                     f"{row['generation_s']:.0f} |")
+        lines.append(f"| {row['variant']} | {100 * row['ratio']:.0f}% | {row['num_sequences']} | {overrides} | "
+                     f"{cells} | {row['prune_s']:.0f} | {row['generation_s']:.0f} |")
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {variant['description']}." for name, variant in screen["variants"].items()]
     # The script keeps the rows it finds, so the table may come from several runs: each row names its own.

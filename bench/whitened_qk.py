@@ -59,7 +59,9 @@ class CovarianceLayerPruner(OlicaLayerPruner):
             return super().prune(layer, layer_idx)
         second_moments = moments.gram / moments.count
 
-        def factors(weight, diagonal, rank):
+        def factors(weight, diagonal, rank, output_weights=None):
+            if output_weights is not None:
+                raise ValueError("bench/whitened_qk.py predates qk_score_weighting: run it with qk_score_weighting=0.")
             return covariance_low_rank(weight, second_moments, rank, self.shrinkage)
 
         with mock.patch.object(om, "activation_weighted_low_rank", factors):

@@ -246,15 +246,16 @@ class OlicaLayerPruner:
             config, layer_idx, pruned_layer_state(layer, decisions), device=reference.device, dtype=reference.dtype
         )
 
+    def _factors_query_or_key(self, layer_idx: int) -> bool:
+        return (self.plan_config.query_ranks[layer_idx], self.plan_config.key_ranks[layer_idx]) != (None, None)
+
     def _weighs_correlations(self, layer_idx: int) -> bool:
         """Whether this layer's Q/K factoring weighs the input's channel correlations (so needs its X^T X)."""
-        factored = (self.plan_config.query_ranks[layer_idx], self.plan_config.key_ranks[layer_idx]) != (None, None)
-        return factored and self.qk_covariance_shrinkage < 1.0
+        return self._factors_query_or_key(layer_idx) and self.qk_covariance_shrinkage < 1.0
 
     def _weighs_scores(self, layer_idx: int) -> bool:
         """Whether this layer's Q/K factoring weighs each output by what its error does to the attention scores."""
-        factored = (self.plan_config.query_ranks[layer_idx], self.plan_config.key_ranks[layer_idx]) != (None, None)
-        return factored and self.qk_score_weighting > 0.0
+        return self._factors_query_or_key(layer_idx) and self.qk_score_weighting > 0.0
 
     def _query_key_factoring(self, layer_idx: int):
         """``(weight, rank, output_weights) -> (down, up)``: §1a, its error weighed by the attention input's second

@@ -514,7 +514,9 @@ def screening_section(screen, quick: bool) -> str:
         f"perplexity on the first {protocol['eval_tokens']:,} tokens of each text (windows of 128), "
         f"{protocol['threads']} thread. Each cell is a ratio to the dense model on the same tokens. Nothing was tuned "
         f"to the legal or code text. The seconds are wall times on a machine shared with other work: they compare "
-        f"poorly from row to row. {_provenance(screen)}",
+        f"poorly from row to row. Every row runs with the defaults of the day the screen began (the paper's Q/K and "
+        f"V/O weighting, no trajectory, one FFN width for the variants measured before the adaptive allocation); "
+        f"the 33% rows were measured later than the 20% ones, so compare rows within one ratio. {_provenance(screen)}",
         "",
         "| variant | target | sequences | recipe overrides | Pride and Prejudice | licenses | python-stdlib | "
         "prune (s) | generation (s) |",

@@ -685,20 +685,25 @@ def gpu_section(gpu, quick: bool) -> str:
 
 
 def _screening_verdicts(screen) -> str:
-    """One sentence per screened variant against the benchmark calibration: where it helped and where it lost."""
-    rows = {row["variant"]: row["perplexity"] for row in screen["rows"]}
-    reference = rows.get("austen")
-    if reference is None:
-        return ""
+    """One sentence per screened variant against the benchmark calibration at the same ratio."""
     verdicts = []
-    for name, values in rows.items():
-        if name in ("dense", "austen"):
+    ratios = sorted({row["ratio"] for row in screen["rows"] if "ratio" in row})
+    for ratio in ratios:
+        rows = {row["variant"]: row["perplexity"] for row in screen["rows"] if row.get("ratio") == ratio}
+        reference = rows.get("austen")
+        if reference is None:
             continue
-        better = [text for text in values if values[text] < reference[text]]
-        worse = [text for text in values if values[text] >= reference[text]]
-        verdicts.append(f"`{name}` " + (f"better on {', '.join(better)}" if better else "better nowhere")
-                        + (f", not better on {', '.join(worse)}" if worse else ""))
-    return ("Screened against the benchmark calibration (bench/calibration_screen.py, same tokens): "
+        for name, values in rows.items():
+            if name == "austen":
+                continue
+            better = [text for text in values if values[text] < reference[text]]
+            worse = [text for text in values if values[text] >= reference[text]]
+            verdicts.append(f"`{name}` at {100 * ratio:.0f}% "
+                            + (f"better on {', '.join(better)}" if better else "better nowhere")
+                            + (f", not better on {', '.join(worse)}" if worse else ""))
+    if not verdicts:
+        return ""
+    return ("Screened against the benchmark calibration (bench/calibration_screen.py, same tokens, same ratio): "
             + "; ".join(verdicts) + ".")
 
 

@@ -300,11 +300,11 @@ class OlicaLayerPruner:
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
         v_proj, o_proj = attention.v_proj, attention.o_proj
         s_attention = stats.attention_input.second_moment
+        head_second_moments = stats.value_head_gram.double() / max(stats.value_tokens, 1)
         if self.value_decomposition == "whitened":
             return om.whitened_value_output(
-                v_proj.weight, v_proj.bias, o_proj.weight, stats.value_head_gram.double() / max(stats.value_tokens, 1),
-                stats.attention_output.second_moment, heads, kv_heads, head_dim, config.value_head_dims[layer_idx],
-                self.value_covariance_shrinkage,
+                v_proj.weight, v_proj.bias, o_proj.weight, head_second_moments, stats.attention_output.second_moment,
+                heads, kv_heads, head_dim, config.value_head_dims[layer_idx], self.value_covariance_shrinkage,
             )
         if self.value_decomposition == "exact":
             return om.exact_value_output_decomposition(
@@ -316,9 +316,7 @@ class OlicaLayerPruner:
         v_weight, v_bias, o_weight = om.rotate_value_output(
             v_proj.weight, v_proj.bias, o_proj.weight, rotations, heads, kv_heads, head_dim
         )
-        value_second_moment = om.rotated_value_second_moment(
-            stats.value_head_gram.double() / max(stats.value_tokens, 1), rotations, heads, kv_heads
-        )
+        value_second_moment = om.rotated_value_second_moment(head_second_moments, rotations, heads, kv_heads)
         value_scores = om.value_neuron_scores(
             v_weight, o_weight, s_attention, value_second_moment, heads, kv_heads, head_dim
         )

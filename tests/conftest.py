@@ -120,6 +120,31 @@ def pruned_smollm2(tmp_path_factory):
     return directory
 
 
+def forward_capturing(model, ids, hooks) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``ids`` with ``hooks`` ({name: (module, kind)}, kind 'input', 'output' or 'replace') and
+    return what each captured (a module's first input, or its output). A 'replace' hook takes the module's input
+    from the tensor given instead of the one the model computed."""
+    captured, handles = {}, []
+    for name, (module, kind, *replacement) in hooks.items():
+        if kind == "input":
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: captured.__setitem__(name, a[0])))
+        elif kind == "output":
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, name=name: captured.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, tensor=replacement[0]: (
+                    ((tensor, *a[1:]), k) if a else (a, {**k, "hidden_states": tensor})),
+                with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 # Lines other packages print at import, which our CLI's messages are checked without. optimum-cli imports every
 # installed optimum subpackage's commands, and optimum-quanto 0.2.7 still imports `optimum.commands.
 # BaseOptimumCLICommand`, gone in optimum 2.x. transformers imports torchao whenever it is installed; the CPU wheel

@@ -218,21 +218,24 @@ def test_report_renders_a_gpu_run_next_to_the_memory_plan(tmp_path, monkeypatch)
 
 def test_screening_section_shows_every_variant_as_ratios_to_dense_with_its_command():
     record = _fake_results(quick=False)["quality"]
-    screen = {**record, "protocol": {"ratio": 0.2, "eval_tokens": 8192, "calibration": "c", "threads": 1},
+    screen = {**record, "protocol": {"eval_tokens": 8192, "calibration": "c", "threads": 1},
               "variants": {"mixed": {"description": "half and half", "calibration": [], "arrangement": "interleave",
                                      "overrides": {}}},
               "rows": [{"variant": "dense", "perplexity": {"pride_and_prejudice": 10.0, "licenses": 20.0,
                                                            "python-stdlib": 4.0}, "command": "python bench/s.py a"},
-                       {"variant": "mixed", "num_sequences": 128, "overrides": {"refit_damping": 1.0},
+                       {"variant": "mixed", "ratio": 0.2, "num_sequences": 128, "overrides": {"refit_damping": 1.0},
                         "perplexity": {"pride_and_prejudice": 12.0, "licenses": 30.0, "python-stdlib": 5.0},
                         "prune_s": 100.4, "generation_s": 70.6, "command": "python bench/s.py b"}]}
     text = report.screening_section(screen, quick=False)
-    assert "| dense | - | - | ppl 10.00 | ppl 20.00 | ppl 4.00 | - | - |" in text
-    assert "| mixed | 128 | refit_damping=1.0 | 1.20x | 1.50x | 1.25x | 100 | 71 |" in text
+    assert "| dense | - | - | - | ppl 10.00 | ppl 20.00 | ppl 4.00 | - | - |" in text
+    assert "| mixed | 20% | 128 | refit_damping=1.0 | 1.20x | 1.50x | 1.25x | 100 | 71 |" in text
     assert "- `mixed`: half and half." in text
     assert "- `python bench/s.py a`\n- `python bench/s.py b`" in text
     assert report.screening_section(None, quick=False).startswith("## Calibration variants screened")
     screen["rows"].insert(1, {**screen["rows"][1], "variant": "austen",
                               "perplexity": {"pride_and_prejudice": 11.0, "licenses": 40.0, "python-stdlib": 5.0}})
+    screen["rows"].append({**screen["rows"][2], "ratio": 0.33, "perplexity": {"pride_and_prejudice": 1.0,
+                                                                            "licenses": 1.0, "python-stdlib": 1.0}})
+    # The 33% row has no Austen row at its ratio: it must not be compared with the 20% one.
     assert report._screening_verdicts(screen).endswith(
-        "`mixed` better on licenses, not better on pride_and_prejudice, python-stdlib.")
+        "`mixed` at 20% better on licenses, not better on pride_and_prejudice, python-stdlib.")

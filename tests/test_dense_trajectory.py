@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import forward_capturing, make_tiny_model
 
 from optimum_olica import OlicaConfig, prune_model
 from optimum_olica.errors import OlicaConfigError
@@ -15,31 +15,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 LAYER = 1  # the first layer whose inputs differ between the dense and the pruned model
 DAMPING = 1e-7  # relative: the pull towards the unrefitted weights (which the test cannot see) is negligible
-
-
-def _captured(model, ids, hooks) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``ids`` with ``hooks`` ({name: (module, kind)}, kind 'input', 'output' or 'replace') and
-    return what each captured, as float64 (tokens, features). A 'replace' hook takes the module's input from the
-    tensor given instead of the one the model computed."""
-    captured, handles = {}, []
-    for name, (module, kind, *replacement) in hooks.items():
-        if kind == "input":
-            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: captured.__setitem__(name, a[0])))
-        elif kind == "output":
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, name=name: captured.__setitem__(name, out[0] if isinstance(out, tuple) else out)))
-        else:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a, k, tensor=replacement[0]: (
-                    ((tensor, *a[1:]), k) if a else (a, {**k, "hidden_states": tensor})),
-                with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 def _least_squares(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,16 +37,16 @@ def test_the_refits_aim_between_the_dense_layer_and_the_dense_models_own_states(
                                      progress=False).model
 
     layer = pruned.model.layers[LAYER]
-    seen = _captured(pruned, ids, {
+    seen = forward_capturing(pruned, ids, {
         "input": (layer, "input"), "middle": (layer.post_attention_layernorm, "input"),
         "attention_features": (layer.self_attn.o_proj, "input"), "ffn_features": (layer.mlp.down_proj, "input"),
     })
     dense = make_tiny_model(family)
     dense_layer = dense.model.layers[LAYER]
     own = dense_layer.post_attention_layernorm, dense_layer
-    trajectory = _captured(dense, ids, {"middle": (own[0], "input"), "output": (own[1], "output")})
+    trajectory = forward_capturing(dense, ids, {"middle": (own[0], "input"), "output": (own[1], "output")})
     # The dense layer on the pruned model's input: the model's own forward with that one input replaced.
-    on_pruned_input = _captured(dense, ids, {"replace": (dense_layer, "replace", seen["input"]),
+    on_pruned_input = forward_capturing(dense, ids, {"replace": (dense_layer, "replace", seen["input"]),
                                              "attention": (dense_layer.self_attn, "output"),
                                              "output": (dense_layer, "output")})
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import forward_capturing, make_tiny_model
 
 from optimum_olica import OlicaConfig, olica_math as om, prune_model
 from optimum_olica.errors import OlicaConfigError
@@ -100,15 +100,8 @@ def test_full_width_keeps_every_head_product_and_bad_shapes_are_refused():
 def _layer0_moments(model, ids):
     """``E[z_i z_i^T]`` per head of layer 0's o_proj input and the mean square of its output, from a plain forward
     of the stock model (layer 0 reads the embeddings, the same for the dense and the pruned model)."""
-    attention, seen = model.model.layers[0].self_attn, {}
-    hooks = [attention.o_proj.register_forward_pre_hook(lambda module, args: seen.setdefault("z", args[0])),
-             attention.o_proj.register_forward_hook(lambda module, args, out: seen.setdefault("out", out))]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    attention = model.model.layers[0].self_attn
+    seen = forward_capturing(model, ids, {"z": (attention.o_proj, "input"), "out": (attention.o_proj, "output")})
     heads, head_dim = model.config.num_attention_heads, attention.head_dim
     z = seen["z"].double().reshape(-1, heads, head_dim).transpose(0, 1)
     return z.transpose(1, 2) @ z / z.shape[1], seen["out"].double().reshape(-1, model.config.hidden_size).square().mean(0)

@@ -951,11 +951,12 @@ def main(argv: list[str] | None = None) -> Path:
                   "pair), a quarter of the way from weighing every output alike. Same protocol and parameter counts "
                   "as the tables above; the rows before these changes are those of [Q/K factored under the input's "
                   "correlations](#qk-factored-under-the-inputs-correlations-issue-15). The screened settings are in "
-                  "the next section (`whitened_values*`, `score_weighted*`). The `olica_trajectory` rows add "
+                  "the next section (`whitened_values*`, `score_weighted*`). The `*_trajectory` rows add "
                   "`trajectory_weight=0.5` to these defaults: an option for domain models, not the default, since it "
-                  "costs one more dense pass per layer.",
+                  "costs one more dense pass per layer and loses out of domain with the self-generated mix.",
                   "--variants olica,olica_plus_self_generated,olica_self_calibrated --ratios 0.2,0.33 "
-                  f"(then --variants olica_trajectory --resume) --results {ATTENTION_RESULTS}"),
+                  "(then --variants olica_trajectory --resume, and --variants olica_self_calibrated_trajectory "
+                  f"--ratios 0.2 --resume) --results {ATTENTION_RESULTS}"),
               allocation_screen_section(None if quick else _load(ALLOCATION_SCREEN_RESULTS, False), quick),
               screening_section(screen, quick), gpu_section(gpu, quick),
               closing_note(cost, memory, speed, speed_large, quality, gpu, headline, screen)]

@@ -47,8 +47,8 @@ def test_the_refits_aim_between_the_dense_layer_and_the_dense_models_own_states(
     trajectory = forward_capturing(dense, ids, {"middle": (own[0], "input"), "output": (own[1], "output")})
     # The dense layer on the pruned model's input: the model's own forward with that one input replaced.
     on_pruned_input = forward_capturing(dense, ids, {"replace": (dense_layer, "replace", seen["input"]),
-                                             "attention": (dense_layer.self_attn, "output"),
-                                             "output": (dense_layer, "output")})
+                                                     "attention": (dense_layer.self_attn, "output"),
+                                                     "output": (dense_layer, "output")})
 
     def bias(projection):
         return 0.0 if projection.bias is None else projection.bias.double()

@@ -8,7 +8,7 @@ import torch
 from optimum_olica import olica_math as om
 from optimum_olica.configuration import OlicaConfig
 
-from conftest import make_tiny_model
+from conftest import forward_capturing, make_tiny_model
 
 
 def _random_attention(num_heads, num_kv_heads, head_dim, hidden, seed=0, bias=False):
@@ -152,15 +152,8 @@ def test_config_option_is_validated_and_round_trips(tmp_path):
 def _layer0_attention_second_moments(model, input_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """``s_x`` (mean square of q_proj's input) and ``s_out`` (of o_proj's output) of layer 0 over every calibration
     token, measured by this test's own hooks on the stock model."""
-    attention, seen = model.model.layers[0].self_attn, {}
-    hooks = [
-        attention.q_proj.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0])),
-        attention.o_proj.register_forward_hook(lambda module, args, output: seen.setdefault("out", output)),
-    ]
-    with torch.no_grad():
-        model(input_ids=input_ids)
-    for hook in hooks:
-        hook.remove()
+    attention = model.model.layers[0].self_attn
+    seen = forward_capturing(model, input_ids, {"x": (attention.q_proj, "input"), "out": (attention.o_proj, "output")})
     hidden = model.config.hidden_size
     return tuple(seen[key].double().reshape(-1, hidden).square().mean(dim=0) for key in ("x", "out"))
 

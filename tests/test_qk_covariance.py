@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import forward_capturing, make_tiny_model
 
 from optimum_olica import OlicaConfig, prune_model
 from optimum_olica.errors import OlicaConfigError
@@ -17,14 +17,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _projection_inputs(model, ids, module) -> torch.Tensor:
     """What ``module`` reads in a plain forward of ``model`` over ``ids``, as float64 (tokens, features)."""
-    seen = []
-    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat(seen).reshape(-1, seen[0].shape[-1]).double()
+    inputs = forward_capturing(model, ids, {"inputs": (module, "input")})["inputs"]
+    return inputs.reshape(-1, inputs.shape[-1]).double()
 
 
 def _best_low_rank(weight: torch.Tensor, tokens: torch.Tensor, rank: int, shrinkage: float,
@@ -44,15 +38,10 @@ def _best_low_rank(weight: torch.Tensor, tokens: torch.Tensor, rank: int, shrink
 
 def _module_outputs(model, ids, module) -> torch.Tensor:
     """What ``module`` returns in a plain forward of ``model`` over ``ids``, as float64 (tokens, features)."""
-    seen = []
-    handle = module.register_forward_hook(lambda m, args, output: seen.append(output))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat([out.reshape(-1, out.shape[-2] * out.shape[-1]) if out.ndim == 4 else out.reshape(-1, out.shape[-1])
-                      for out in seen]).double()
+    out = forward_capturing(model, ids, {"outputs": (module, "output")})["outputs"]
+    if out.ndim == 4:  # a per-head norm's output: (batch, tokens, heads, head_dim)
+        out = out.flatten(-2)
+    return out.reshape(-1, out.shape[-1]).double()
 
 
 def _score_weights(model, ids, attention, emphasis: float):
